@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh clone (Debian/Ubuntu, Python >= 3.10):
+#   make train   set up, then train the default experiment (LeNet-5 on Fashion-MNIST)
+#   make test    set up, then run the test suite
+# Extra arguments go through ARGS, e.g. make train ARGS="model=alexnet_lite data=cifar10".
+# Set-up creates .venv (cnnlab installed editable, with its dev tools) and, where apt is there,
+# installs Debian's dataset-fashion-mnist package. Use the tools directly afterwards with
+# `source .venv/bin/activate`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: train test setup data lint
+train: setup
+	$(BIN)/cnnlab-train $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+data:
+	@if [ -d $(FMNIST) ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "installing Debian's dataset-fashion-mnist into $(FMNIST)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else echo "note: no apt-get; Fashion-MNIST will come through TFDS (needs internet once)"; fi

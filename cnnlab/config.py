@@ -1,0 +1,144 @@
+"""Typed configuration schema: one dataclass per Hydra config group.
+
+Hydra composes YAML from `conf/` on top of these dataclasses (registered in a ConfigStore by the
+entry points), the entry point converts the result once with `OmegaConf.to_object`, and from then
+on the library only sees these plain dataclasses. Functions take the part they need
+(`ModelConfig`, `DataConfig`, ...), never the whole tree.
+
+Fields typed `Any` accept an int/str or a per-layer list; OmegaConf cannot express such unions, so
+`cnnlab.validate` checks them instead.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from cnnlab.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet5"  # a key of cnnlab.models.MODELS
+    # Number of filters = depth of each conv layer's output volume. An int scales the architecture's
+    # widths so that the first conv layer has `depth` filters; a list gives every conv layer's width.
+    depth: Any = 6
+    conv_layers: Optional[int] = None  # number of conv layers; None = the architecture's own count
+    kernel_size: Any = 5  # conv kernel side; int or per-layer list
+    stride: Any = 1  # conv stride; int or per-layer list
+    padding: Any = "same"  # "same", "valid" or pixels per side; one value or a per-layer list
+    activation: str = "relu"  # relu | tanh
+    pool: str = "max"  # max | avg
+    pool_size: int = 2  # pooling window side
+    pool_stride: int = 2  # pooling stride (== pool_size: non-overlapping, < pool_size: overlapping)
+    dense: list[int] = field(default_factory=lambda: [120, 84])  # hidden fully connected widths
+    dropout: float = 0.0  # dropout rate before each hidden dense layer, in [0, 1)
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0  # random crop after zero-padding each side by this many pixels; 0 = off
+    flip: bool = False  # random horizontal flip
+
+
+@dataclass
+class DataConfig:
+    # fashion_mnist | mnist | cifar10 (TFDS names), idx (a folder of MNIST-format files) or
+    # image_folder (train/<class>/*.png|jpg and test/<class>/..., a folder or a .zip)
+    name: str = "fashion_mnist"
+    path: Optional[str] = None  # a local copy; required for idx and image_folder
+    tfds_data_dir: Optional[str] = None  # where TFDS keeps its datasets; None = TFDS's default
+    val_fraction: float = 0.1  # share of train held out for validation (model selection)
+    split_seed: int = 0  # fixes which examples are held out, independently of the training seed
+    train_limit: Optional[int] = None  # use only the first N training examples (quick runs, tests)
+    test_limit: Optional[int] = None  # use only the first N test examples
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    b1: float = 0.9  # adamw only
+    b2: float = 0.999  # adamw only
+    eps: float = 1e-8  # adamw only
+    weight_decay: float = 0.0  # decoupled decay on weight matrices and kernels (not biases)
+    schedule: str = "cosine"  # constant | cosine | warmup_cosine
+    warmup_epochs: float = 0.0  # warmup_cosine only
+    end_lr_factor: float = 0.0  # cosine schedules decay to lr * end_lr_factor
+    grad_clip_norm: Optional[float] = None  # clip the global gradient norm; None = no clipping
+
+
+@dataclass
+class LossConfig:
+    # cross_entropy: softmax cross-entropy; squared_error: 0.5 * sum((target - softmax)^2), the
+    # "total error" of the classic formulation
+    name: str = "cross_entropy"
+    label_smoothing: float = 0.0  # in [0, 1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    log_every_steps: int = 100  # metrics record, progress line and W&B point every N steps
+    eval_every_epochs: int = 1  # validation accuracy every N epochs (and always after the last)
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"  # online | offline | disabled (W&B); local files are always written
+    project: str = "cnnlab"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    init_timeout: float = 15.0  # seconds before an unreachable W&B server falls back to offline
+    num_sample_predictions: int = 32  # rows of the W&B table of test images and predictions
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0  # root of every PRNG key: init, dropout, augmentation, data order
+    name: str = "default"  # experiment name, used for run directories and W&B run names
+
+
+def from_omegaconf(node) -> Config:
+    """Convert Hydra's composed `DictConfig` into a `Config`, once, at the entry point.
+
+    Hydra lets `+key=value` add keys the schema does not have; here such a key (usually a typo)
+    is a ConfigError naming the closest valid key, as is any required value left unset (`???`).
+    """
+    from omegaconf import OmegaConf
+
+    _check_keys(node, Config, "")
+    missing = sorted(OmegaConf.missing_keys(node))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required but unset; set it with {missing[0]}=...")
+    return OmegaConf.to_object(node)
+
+
+def _check_keys(node, schema, prefix: str) -> None:
+    import difflib
+    from dataclasses import fields, is_dataclass
+
+    from omegaconf import DictConfig
+
+    known = {f.name: f for f in fields(schema)}
+    for key in node.keys():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            valid = ", ".join(sorted(known))
+            raise ConfigError(f"unknown config key {prefix}{key}{hint} (valid here: {valid})")
+        field_type = known[key].type
+        child = node._get_node(key)
+        if is_dataclass(field_type) and isinstance(child, DictConfig):
+            _check_keys(child, field_type, f"{prefix}{key}.")
+

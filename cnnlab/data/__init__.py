@@ -1,0 +1,147 @@
+"""Datasets as uint8 numpy arrays: `load_dataset(DataConfig) -> Dataset` with train/val/test splits.
+
+`DATASETS` maps each legal `data.name` to the function that reads its (train, test, class names);
+`load_dataset` then holds out the validation split, applies the limits and computes the per-channel
+mean/std of the training images, which the training step uses to normalize inside jit.
+Glossary: N examples, H, W spatial, C channels (1 grayscale, 3 RGB), K classes.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnlab.config import DataConfig
+from cnnlab.data.idx import load_idx_split
+from cnnlab.data.image_folder import load_image_folder
+from cnnlab.data.splits import Split, hold_out, limit
+from cnnlab.data.tfds_source import load_tfds
+from cnnlab.errors import ConfigError, DataError
+
+__all__ = ["DATASETS", "Dataset", "Split", "load_dataset"]
+
+# Debian's dataset-fashion-mnist package; read directly, because TFDS's checksums refuse Debian's
+# recompressed files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+DIGITS = tuple(str(d) for d in range(10))
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    name: str  # the data.name it was loaded as
+    train: Split  # after the validation hold-out and data.train_limit
+    val: Split  # data.val_fraction of the original train split; empty when it is 0
+    test: Split
+    class_names: tuple[str, ...]  # [K], label k is class_names[k]
+    mean: np.ndarray  # [C] float32, per-channel mean of the train images, pixel scale 0..255
+    std: np.ndarray  # [C] float32, per-channel standard deviation, same scale
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:  # (H, W, C)
+        return tuple(self.train.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _path(cfg: DataConfig, example: str) -> Path:
+    """`cfg.path`, which must be set (`example` shows what it should point to) and exist."""
+    if not cfg.path:
+        raise ConfigError(
+            f"data.path is required for data.name={cfg.name}: set data.path={example}"
+        )
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.path={cfg.path} does not exist: point it to {example}")
+    return path
+
+
+def _idx_folder(folder: Path, class_names: tuple[str, ...]) -> tuple[Split, Split, tuple[str, ...]]:
+    return load_idx_split(folder, "train"), load_idx_split(folder, "test"), class_names
+
+
+def _fashion_mnist(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
+    if cfg.path:
+        return _idx_folder(_path(cfg, "/folder/with/idx/files"), FASHION_MNIST_CLASSES)
+    if DEBIAN_FASHION_MNIST.is_dir():
+        return _idx_folder(DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES)
+    return load_tfds("fashion_mnist", cfg.tfds_data_dir)
+
+
+def _mnist(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
+    if cfg.path:
+        return _idx_folder(_path(cfg, "/folder/with/idx/files"), DIGITS)
+    return load_tfds("mnist", cfg.tfds_data_dir)
+
+
+def _cifar10(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
+    if cfg.path:
+        return load_image_folder(_path(cfg, "/path/to/cifar10 (an image folder or .zip)"))
+    return load_tfds("cifar10", cfg.tfds_data_dir)
+
+
+def _idx(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
+    folder = _path(cfg, "/folder/with/idx/files")
+    train, test = load_idx_split(folder, "train"), load_idx_split(folder, "test")
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    return train, test, tuple(str(k) for k in range(num_classes))
+
+
+def _image_folder(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
+    return load_image_folder(
+        _path(cfg, "/folder/or/archive.zip with train/<class>/ and test/<class>/")
+    )
+
+
+DATASETS = {
+    "fashion_mnist": _fashion_mnist,
+    "mnist": _mnist,
+    "cifar10": _cifar10,
+    "idx": _idx,
+    "image_folder": _image_folder,
+}
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Reads `cfg.name`'s data; same cfg -> identical arrays."""
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"data.name={cfg.name} is unknown; choose one of {', '.join(DATASETS)}")
+    full_train, test, class_names = DATASETS[cfg.name](cfg)
+    for split_name, split in (("train", full_train), ("test", test)):
+        low, high = split.labels.min(initial=0), split.labels.max(initial=0)
+        if low < 0 or high >= len(class_names):
+            raise DataError(
+                f"data.name={cfg.name}: {split_name} labels span {low}..{high}, "
+                f"outside the {len(class_names)} classes {class_names}"
+            )
+    train, val = hold_out(full_train, cfg.val_fraction, cfg.split_seed)
+    train = limit(train, cfg.train_limit, "data.train_limit")
+    if not len(train):
+        raise ConfigError(
+            f"data.val_fraction={cfg.val_fraction} leaves no training examples; lower it"
+        )
+    mean, std = _channel_stats(train.images)
+    return Dataset(
+        cfg.name, train, val, limit(test, cfg.test_limit, "data.test_limit"), class_names, mean, std
+    )
+
+
+def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std [C] of uint8 images [N, H, W, C], from exact integer sums."""
+    channels = images.shape[-1]
+    rows = images.reshape(len(images), -1)  # [N, H*W*C]; summing rows is fast, channels strided not
+    total, squares = np.zeros(rows.shape[1], np.uint64), np.zeros(rows.shape[1], np.uint64)
+    for start in range(0, len(rows), 2048):
+        chunk = rows[start : start + 2048].astype(np.uint32)  # [2048, H*W*C]
+        total += chunk.sum(axis=0, dtype=np.uint64)
+        squares += (chunk * chunk).sum(axis=0, dtype=np.uint64)
+    count = rows.size // channels
+    mean = total.reshape(-1, channels).sum(axis=0) / count  # [C]
+    std = np.sqrt(squares.reshape(-1, channels).sum(axis=0) / count - mean**2)  # [C]
+    # A constant channel would divide by zero; one pixel level is the smallest meaningful spread.
+    return mean.astype(np.float32), np.maximum(std, 1.0).astype(np.float32)

@@ -1,0 +1,55 @@
+"""`Split` (images and labels of one split) and the validation hold-out and size limits.
+
+Glossary: N examples, H, W spatial, C channels (1 grayscale, 3 RGB).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnlab.errors import ConfigError
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    images: np.ndarray  # [N, H, W, C] uint8, pixel scale 0..255
+    labels: np.ndarray  # [N] int32, class indices
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images must be [N, H, W, C] uint8, got {self.images.shape} {self.images.dtype}"
+            )
+        if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(
+                f"labels must be [N] int32, got {self.labels.shape} {self.labels.dtype}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: np.ndarray | slice) -> "Split":
+        return Split(self.images[indices], self.labels[indices])
+
+
+def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Splits `train` into (train, val) with `fraction` of the examples, picked by `seed`, in val.
+
+    Both keep the original order of their examples; fraction=0 gives an empty val split.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(
+            f"data.val_fraction={fraction} must be in [0, 1): set e.g. data.val_fraction=0.1"
+        )
+    num_val = round(len(train) * fraction)
+    order = np.random.default_rng(seed).permutation(len(train))  # [N]
+    return train.take(np.sort(order[num_val:])), train.take(np.sort(order[:num_val]))
+
+
+def limit(split: Split, n: int | None, key: str) -> Split:
+    """The first `n` examples of `split` (all of them when `n` is None); `key` names the setting."""
+    if n is None:
+        return split
+    if n < 1:
+        raise ConfigError(f"{key}={n} must be a positive number of examples or null (no limit)")
+    return split.take(slice(0, n))

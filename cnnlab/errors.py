@@ -1,0 +1,21 @@
+"""The one exception type for mistakes a user can make (bad config, missing data, corrupt files).
+
+Entry points catch `CnnlabError`, print its message as a single line and exit non-zero; anything
+else is a bug in cnnlab and keeps its traceback.
+"""
+
+
+class CnnlabError(Exception):
+    """A user-facing error whose message is one self-contained line: what is wrong and how to fix it."""
+
+
+class ConfigError(CnnlabError):
+    """The configuration asks for something impossible or unknown."""
+
+
+class GeometryError(ConfigError):
+    """A layer's feature map would be empty (or its window would not fit) for this depth/stride/padding/kernel."""
+
+
+class DataError(CnnlabError):
+    """A dataset cannot be found, downloaded or decoded."""

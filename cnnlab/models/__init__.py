@@ -1,0 +1,146 @@
+"""Model registry and the one place where a `ModelConfig` becomes per-layer hyper-parameters.
+
+`resolve` turns the config's scalars-or-lists (depth, kernel_size, stride, padding) into one value
+per conv layer and checks their ranges; `cnnlab.geometry` walks the result to compute shapes, and
+`build_model` passes the same values to the Flax module, so the table and the network agree.
+"""
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+
+from cnnlab.config import ModelConfig
+from cnnlab.errors import ConfigError
+from cnnlab.models.alexnet_lite import AlexNetLite
+from cnnlab.models.layers import ACTIVATIONS, POOLS
+from cnnlab.models.lenet5 import LeNet5
+
+MODELS = {"lenet5": LeNet5, "alexnet_lite": AlexNetLite}
+
+
+class Conv(NamedTuple):
+    features: int  # filters = depth of the output volume
+    kernel: int
+    stride: int
+    padding: str | int  # "same", "valid" or pixels per side
+    pool: bool  # followed by a pooling layer
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    convs: tuple[Conv, ...]
+    dense: tuple[int, ...]
+    activation: str
+    pool: str
+    pool_size: int
+    pool_stride: int
+    dropout: float
+
+    @property
+    def num_conv(self) -> int:
+        return len(self.convs)
+
+    @property
+    def kernels(self) -> tuple[int, ...]:
+        return tuple(c.kernel for c in self.convs)
+
+
+def _choice(key: str, value: Any, options) -> Any:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not known; choose one of: {', '.join(options)}")
+    return value
+
+
+def _per_layer(key: str, value: Any, n: int, check) -> tuple:
+    """Broadcast a scalar to n layers, or check a list has n entries; validate each entry."""
+    values = list(value) if isinstance(value, list | tuple) else [value] * n
+    if len(values) != n:
+        raise ConfigError(
+            f"model.{key} has {len(values)} entries but there are {n} conv layers "
+            f"(model.conv_layers={n}); give {n} values or a single one"
+        )
+    for v in values:
+        if not check(v):
+            raise ConfigError(f"model.{key}={value!r} is invalid: {check.__doc__}")
+    return tuple(values)
+
+
+def _positive_int(v) -> bool:
+    """each value must be a whole number >= 1"""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _padding(v) -> bool:
+    """use "same", "valid" or a whole number of pixels >= 0"""
+    return v in ("same", "valid") or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+
+
+def _num_conv(cfg: ModelConfig, base: tuple[int, ...]) -> int:
+    if cfg.conv_layers is not None:
+        if not _positive_int(cfg.conv_layers):
+            raise ConfigError(f"model.conv_layers={cfg.conv_layers!r} must be a whole number >= 1")
+        return cfg.conv_layers
+    for key in ("depth", "kernel_size", "stride", "padding"):
+        if isinstance(value := getattr(cfg, key), list | tuple):
+            return len(value)  # a per-layer list sets the count when conv_layers is unset
+    return len(base)
+
+
+def _widths(depth: Any, base: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """An int depth scales the base widths so that conv1 has `depth` filters; a list is literal."""
+    if isinstance(depth, list | tuple):
+        return _per_layer("depth", depth, n, _positive_int)
+    if not _positive_int(depth):
+        raise ConfigError(
+            f"model.depth={depth!r} must be a whole number of filters >= 1 or a list of them"
+        )
+    ratios = [w / base[0] for w in base] + [base[-1] / base[0]] * max(n - len(base), 0)
+    return tuple(max(1, round(depth * r)) for r in ratios[:n])
+
+
+def resolve(cfg: ModelConfig) -> Architecture:
+    """Per-layer hyper-parameters of the configured model; raises ConfigError on bad values."""
+    module = MODELS[_choice("model.name", cfg.name, MODELS)]
+    n = _num_conv(cfg, module.BASE_WIDTHS)
+    widths = _widths(cfg.depth, module.BASE_WIDTHS, n)
+    kernels = _per_layer("kernel_size", cfg.kernel_size, n, _positive_int)
+    strides = _per_layer("stride", cfg.stride, n, _positive_int)
+    paddings = _per_layer("padding", cfg.padding, n, _padding)
+    for key in ("pool_size", "pool_stride"):
+        if not _positive_int(getattr(cfg, key)):
+            raise ConfigError(f"model.{key}={getattr(cfg, key)!r} must be a whole number >= 1")
+    if not all(_positive_int(d) for d in cfg.dense):
+        raise ConfigError(f"model.dense={list(cfg.dense)} must list widths >= 1 (or be empty)")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.dropout} must be in [0, 1)")
+    pools = module.pools(n)
+    return Architecture(
+        name=cfg.name,
+        convs=tuple(map(Conv, widths, kernels, strides, paddings, pools)),
+        dense=tuple(cfg.dense),
+        activation=_choice("model.activation", cfg.activation, ACTIVATIONS),
+        pool=_choice("model.pool", cfg.pool, POOLS),
+        pool_size=cfg.pool_size,
+        pool_stride=cfg.pool_stride,
+        dropout=cfg.dropout,
+    )
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The Flax module for this config (validate the geometry first with cnnlab.geometry)."""
+    arch = resolve(cfg)
+    return MODELS[arch.name](
+        features=tuple(c.features for c in arch.convs),
+        kernel_size=arch.kernels,
+        strides=tuple(c.stride for c in arch.convs),
+        padding=tuple(c.padding for c in arch.convs),
+        dense=arch.dense,
+        num_classes=num_classes,
+        activation=arch.activation,
+        pool=arch.pool,
+        pool_size=arch.pool_size,
+        pool_stride=arch.pool_stride,
+        dropout=arch.dropout,
+    )

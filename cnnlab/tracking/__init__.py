@@ -1,0 +1,59 @@
+"""Where a run's results go: local files always, Weights & Biases when enabled.
+
+The training code only sees the `Tracker` interface; `Trackers` fans out to several.
+"""
+
+from typing import Protocol
+
+import numpy as np
+
+from cnnlab.geometry import Layer
+
+
+class Tracker(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_layers(self, rows: list[Layer]) -> None: ...
+
+    def log_predictions(
+        self, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: tuple
+    ) -> None:
+        """Test images [N, H, W, C] uint8, labels [N] and softmax outputs [N, K]."""
+
+    def finish(self, summary: dict) -> None: ...
+
+
+class Trackers:
+    """Several trackers behind one interface; `finish` reaches every one even if another fails."""
+
+    def __init__(self, *trackers: Tracker):
+        self.trackers = [t for t in trackers if t is not None]
+
+    def log(self, metrics, step):
+        for t in self.trackers:
+            t.log(metrics, step)
+
+    def log_layers(self, rows):
+        for t in self.trackers:
+            t.log_layers(rows)
+
+    def log_predictions(self, images, labels, probs, class_names):
+        for t in self.trackers:
+            t.log_predictions(images, labels, probs, class_names)
+
+    def finish(self, summary):
+        errors = []
+        for t in self.trackers:
+            try:
+                t.finish(summary)
+            except Exception as e:  # finish the others, then re-raise the first failure
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """[K, K] counts, rows = true class, columns = predicted class."""
+    return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )

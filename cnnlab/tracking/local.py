@@ -1,0 +1,50 @@
+"""The run directory's own record, written whatever the W&B setting.
+
+- `metrics.jsonl`: one JSON object per log step, `{"step": ..., "time": ..., "train/loss": ...}`,
+  flushed as it is written, so a killed run keeps every record up to its last log step;
+- `layers.txt`: the per-layer table;
+- `confusion_matrix.csv`: test confusion counts, rows true class, columns predicted;
+- `summary.json`: the final summary, written atomically.
+"""
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cnnlab.geometry import Layer, format_table
+from cnnlab.tracking import confusion_matrix
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class LocalTracker:
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.metrics.flush()
+
+    def log_layers(self, rows: list[Layer]) -> None:
+        (self.run_dir / "layers.txt").write_text(format_table(rows) + "\n")
+
+    def log_predictions(self, images, labels, probs, class_names) -> None:
+        counts = confusion_matrix(labels, np.argmax(probs, -1), len(class_names))
+        with open(self.run_dir / "confusion_matrix.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["true \\ predicted", *class_names])
+            writer.writerows([name, *row] for name, row in zip(class_names, counts.tolist()))
+
+    def finish(self, summary: dict) -> None:
+        self.metrics.close()
+        write_json(self.run_dir / "summary.json", summary)

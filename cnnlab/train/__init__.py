@@ -1,0 +1,1 @@
+"""Training: losses, optimizers, the jitted steps, the loop and the whole run."""

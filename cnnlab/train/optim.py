@@ -1,0 +1,56 @@
+"""Optimizers and learning-rate schedules from `OptimizerConfig`, all built from optax parts."""
+
+import jax
+import optax
+
+from cnnlab.config import OptimizerConfig
+
+
+def _sgd(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    # optax.sgd has no weight decay: decay is added to the gradient before momentum (the L2
+    # formulation of PyTorch's SGD), on kernels only.
+    return optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay, mask=_kernels),
+        optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
+    )
+
+
+def _adamw(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    return optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_kernels)
+
+
+OPTIMIZERS = {"sgd": _sgd, "adamw": _adamw}
+
+
+def _constant(cfg: OptimizerConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    return optax.constant_schedule(cfg.lr)
+
+
+def _cosine(cfg: OptimizerConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    return optax.cosine_decay_schedule(cfg.lr, total_steps, alpha=cfg.end_lr_factor)
+
+
+def _warmup_cosine(cfg: OptimizerConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=cfg.lr * cfg.end_lr_factor
+    )
+
+
+SCHEDULES = {"constant": _constant, "cosine": _cosine, "warmup_cosine": _warmup_cosine}
+
+
+def _kernels(params):
+    """Weight decay mask: conv kernels and dense matrices, not biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def build_optimizer(
+    cfg: OptimizerConfig, steps_per_epoch: int, epochs: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax transformation (with optional global-norm clipping) and its schedule."""
+    schedule = SCHEDULES[cfg.schedule](cfg, steps_per_epoch * epochs, steps_per_epoch)
+    tx = OPTIMIZERS[cfg.name](cfg, schedule)
+    if cfg.grad_clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    return tx, schedule

@@ -1,0 +1,58 @@
+"""`cnnlab-inspect [overrides]`: print the per-layer table of a configuration without training.
+
+Takes the same overrides as cnnlab-train, e.g.
+    cnnlab-inspect model=alexnet_lite data=cifar10 model.stride=2
+and prints each layer's output H x W x C, parameters, multiply-adds and receptive field, or the
+one-line reason why the geometry is impossible (exit code 2).
+"""
+
+import argparse
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnlab import geometry
+from cnnlab.config import from_omegaconf
+from cnnlab.data import INPUT_SHAPES, load_dataset
+from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.validate import validate
+from experiments.hydra_conf import conf_dir, exit_on_user_error, register_schema
+
+
+def table(overrides: list[str]) -> str:
+    register_schema()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        try:
+            node = compose(config_name="config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(str(e).splitlines()[0]) from e
+    cfg = from_omegaconf(node)
+    validate(cfg)
+    if cfg.data.name in INPUT_SHAPES:
+        shape, num_classes = INPUT_SHAPES[cfg.data.name]
+    else:  # a user's own data: its shape is known only by reading it
+        data = load_dataset(cfg.data)
+        shape, num_classes = data.image_shape, data.num_classes
+    rows = geometry.layers(cfg.model, shape, num_classes)
+    size = "x".join(map(str, shape))
+    title = f"{cfg.model.name} on {cfg.data.name} ({size} input, {num_classes} classes)"
+    totals = geometry.summarize(rows)
+    footer = f"forward FLOPs per image: {totals['flops']:,} (2 per multiply-add)"
+    return f"{geometry.format_table(rows, title)}\n{footer}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="cnnlab-inspect", description=__doc__.split("\n\n")[0].split(": ", 1)[1]
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for cnnlab-train")
+    args = parser.parse_args()
+    try:
+        print(table(args.overrides))
+    except CnnlabError as e:
+        exit_on_user_error(e)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""`cnnlab-train [overrides]`: train one configuration, or a sweep with `-m`.
+
+Each job writes its run directory (Hydra's `hydra.run.dir`, or `hydra.sweep.dir/<job number>`):
+config.yaml, dataset.json, layers.txt, metrics.jsonl, confusion_matrix.csv, summary.json,
+checkpoint/ and, unless W&B is disabled, wandb/.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab.config import from_omegaconf
+from cnnlab.errors import CnnlabError
+from cnnlab.tracking import Trackers
+from cnnlab.tracking.local import LocalTracker
+from cnnlab.tracking.wandb_run import WandbTracker
+from cnnlab.train.run import run
+from experiments.hydra_conf import conf_dir, exit_on_user_error, register_schema
+
+
+def train(node: DictConfig) -> float | None:
+    """One Hydra job. Returns the validation accuracy (the objective for sweepers)."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        cfg = from_omegaconf(node)
+        config = OmegaConf.to_container(node, resolve=True)
+        wandb = None
+        if cfg.logger.mode != "disabled":
+            name = str(run_dir.relative_to(run_dir.parents[1]))
+            wandb = WandbTracker(cfg.logger, run_dir, config, name)
+        summary = run(cfg, run_dir, Trackers(LocalTracker(run_dir), wandb))
+    except CnnlabError as e:
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # one bad point must not stop the sweep
+            print(f"cnnlab: error in job {hydra_cfg.job.num}: {e}", file=sys.stderr)
+            return None
+        exit_on_user_error(e)
+    line = f"{summary['status']}: test accuracy {summary.get('test/accuracy', float('nan')):.4f}"
+    print(f"cnnlab: {line}, {summary['wall_seconds']:.0f}s, run directory {run_dir}")
+    return summary.get("val/best_accuracy")
+
+
+def main() -> None:
+    register_schema()
+    app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    app(train)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Shapes and pinned parameter counts of the model variants, checked against the geometry table."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cnnlab import geometry
+from cnnlab.config import ModelConfig
+from cnnlab.models import build_model, resolve
+
+LENET5 = ModelConfig()  # the dataclass defaults are LeNet-5's, with padding "same"
+LENET5_FMNIST = dataclasses.replace(LENET5, padding=[2, 0])
+ALEXNET_LITE = ModelConfig(
+    name="alexnet_lite", depth=24, kernel_size=[5, 5, 3, 3, 3], padding="same",
+    pool_size=3, pool_stride=2, dense=[512, 512], dropout=0.5,
+)  # fmt: skip
+
+
+def real_params(cfg: ModelConfig, shape, num_classes=10):
+    model = build_model(cfg, num_classes)
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+
+
+def count(tree) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize(
+    "cfg, shape, expected",
+    [
+        (dataclasses.replace(LENET5, padding="valid"), (32, 32, 1), 61_706),  # LeCun et al. 1998
+        (LENET5_FMNIST, (28, 28, 1), 61_706),  # 28x28 padded by 2 in conv1 is the same network
+        (dataclasses.replace(LENET5, padding="valid"), (28, 28, 1), 44_426),
+        (LENET5, (28, 28, 1), 107_786),  # "same" everywhere: 7x7x16 = 784 inputs to C5
+        (dataclasses.replace(LENET5_FMNIST, depth=12), (28, 28, 1), 2 * 156 + 12 * 25 * 32 + 32
+         + 400 * 2 * 120 + 120 + 10_164 + 850),
+        (ALEXNET_LITE, (32, 32, 3), 797_290),
+        (dataclasses.replace(ALEXNET_LITE, depth=96), (32, 32, 3), 5_167_498),  # AlexNet widths
+    ],
+)  # fmt: skip
+def test_parameter_counts_are_pinned(cfg, shape, expected):
+    assert count(real_params(cfg, shape)) == expected
+    assert geometry.summarize(geometry.layers(cfg, shape, 10))["params"] == expected
+
+
+def test_depth_scales_widths_in_the_architecture_proportions():
+    assert [c.features for c in resolve(LENET5).convs] == [6, 16]
+    assert [c.features for c in resolve(dataclasses.replace(LENET5, depth=12)).convs] == [12, 32]
+    assert [c.features for c in resolve(dataclasses.replace(LENET5, depth=3)).convs] == [3, 8]
+    assert [c.features for c in resolve(ALEXNET_LITE).convs] == [24, 64, 96, 96, 64]
+    alexnet = dataclasses.replace(ALEXNET_LITE, depth=96)
+    assert [c.features for c in resolve(alexnet).convs] == [96, 256, 384, 384, 256]
+
+
+def test_per_layer_lists_and_conv_layers():
+    cfg = dataclasses.replace(LENET5, depth=[4, 8, 16], padding="same")
+    arch = resolve(cfg)
+    assert [c.features for c in arch.convs] == [4, 8, 16] and arch.num_conv == 3
+    cfg = dataclasses.replace(LENET5, conv_layers=3, padding="same", stride=[1, 1, 2])
+    assert [(c.features, c.stride) for c in resolve(cfg).convs] == [(6, 1), (16, 1), (16, 2)]
+    # AlexNet-lite pools after conv1, conv2 and the last conv, whatever the count
+    assert [c.pool for c in resolve(ALEXNET_LITE).convs] == [True, True, False, False, True]
+    six = dataclasses.replace(ALEXNET_LITE, conv_layers=6, kernel_size=3)
+    assert [c.pool for c in resolve(six).convs] == [True, True, False, False, False, True]
+
+
+VARIANTS = [
+    (LENET5_FMNIST, (28, 28, 1)),
+    (dataclasses.replace(LENET5, padding="valid", stride=[1, 2]), (32, 32, 1)),
+    (dataclasses.replace(LENET5, depth=[3, 5, 7], padding=[2, 1, "same"], kernel_size=3),
+     (28, 28, 1)),
+    (dataclasses.replace(LENET5, activation="tanh", pool="avg", padding=[1, 0]), (30, 26, 3)),
+    (ALEXNET_LITE, (32, 32, 3)),
+    (dataclasses.replace(ALEXNET_LITE, stride=[2, 1, 1, 1, 1], padding=[0, 1, 1, 1, 1], kernel_size=3),
+     (32, 32, 3)),
+    (dataclasses.replace(ALEXNET_LITE, conv_layers=3, kernel_size=3, depth=8), (28, 28, 1)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg, shape", VARIANTS)
+def test_geometry_table_matches_the_real_network(cfg, shape):
+    """Every conv output shape and every layer's parameter count in the table is the model's."""
+    rows = {r.name: r for r in geometry.layers(cfg, shape, 10)}
+    model = build_model(cfg, 10)
+    x = jnp.zeros((2, *shape))
+    variables = model.init(jax.random.key(0), x)
+    logits, state = model.apply(variables, x, capture_intermediates=True)
+    chex.assert_shape(logits, (2, 10))
+    for name, params in variables["params"].items():
+        assert count(params) == rows[name].params, name
+        (out,) = state["intermediates"][name]["__call__"]
+        assert out.shape[1:] == rows[name].out_shape, name
+
+
+def test_dropout_is_active_only_in_training():
+    model = build_model(ALEXNET_LITE, 10)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    eval_a, eval_b = model.apply(variables, x), model.apply(variables, x)
+    chex.assert_trees_all_equal(eval_a, eval_b)
+    train_a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    train_b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
+    assert not jnp.allclose(train_a, train_b)
