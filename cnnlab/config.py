@@ -10,7 +10,7 @@ Fields typed `Any` accept an int/str or a per-layer list; OmegaConf cannot expre
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from cnnlab.errors import ConfigError
 
@@ -19,9 +19,9 @@ from cnnlab.errors import ConfigError
 class ModelConfig:
     name: str = "lenet5"  # a key of cnnlab.models.MODELS
     # Number of filters = depth of each conv layer's output volume. An int scales the architecture's
-    # widths so that the first conv layer has `depth` filters; a list gives every conv layer's width.
+    # widths so that the first conv layer has `depth` filters; a list gives each conv layer's width.
     depth: Any = 6
-    conv_layers: Optional[int] = None  # number of conv layers; None = the architecture's own count
+    conv_layers: int | None = None  # number of conv layers; None = the architecture's own count
     kernel_size: Any = 5  # conv kernel side; int or per-layer list
     stride: Any = 1  # conv stride; int or per-layer list
     padding: Any = "same"  # "same", "valid" or pixels per side; one value or a per-layer list
@@ -44,12 +44,12 @@ class DataConfig:
     # fashion_mnist | mnist | cifar10 (TFDS names), idx (a folder of MNIST-format files) or
     # image_folder (train/<class>/*.png|jpg and test/<class>/..., a folder or a .zip)
     name: str = "fashion_mnist"
-    path: Optional[str] = None  # a local copy; required for idx and image_folder
-    tfds_data_dir: Optional[str] = None  # where TFDS keeps its datasets; None = TFDS's default
+    path: str | None = None  # a local copy; required for idx and image_folder
+    tfds_data_dir: str | None = None  # where TFDS keeps its datasets; None = TFDS's default
     val_fraction: float = 0.1  # share of train held out for validation (model selection)
     split_seed: int = 0  # fixes which examples are held out, independently of the training seed
-    train_limit: Optional[int] = None  # use only the first N training examples (quick runs, tests)
-    test_limit: Optional[int] = None  # use only the first N test examples
+    train_limit: int | None = None  # use only the first N training examples (quick runs, tests)
+    test_limit: int | None = None  # use only the first N test examples
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -66,7 +66,7 @@ class OptimizerConfig:
     schedule: str = "cosine"  # constant | cosine | warmup_cosine
     warmup_epochs: float = 0.0  # warmup_cosine only
     end_lr_factor: float = 0.0  # cosine schedules decay to lr * end_lr_factor
-    grad_clip_norm: Optional[float] = None  # clip the global gradient norm; None = no clipping
+    grad_clip_norm: float | None = None  # clip the global gradient norm; None = no clipping
 
 
 @dataclass
@@ -90,8 +90,8 @@ class TrainConfig:
 class LoggerConfig:
     mode: str = "offline"  # online | offline | disabled (W&B); local files are always written
     project: str = "cnnlab"
-    entity: Optional[str] = None
-    group: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
     init_timeout: float = 15.0  # seconds before an unreachable W&B server falls back to offline
     num_sample_predictions: int = 32  # rows of the W&B table of test images and predictions
@@ -131,7 +131,7 @@ def _check_keys(node, schema, prefix: str) -> None:
     from omegaconf import DictConfig
 
     known = {f.name: f for f in fields(schema)}
-    for key in node.keys():
+    for key in node:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
@@ -141,4 +141,3 @@ def _check_keys(node, schema, prefix: str) -> None:
         child = node._get_node(key)
         if is_dataclass(field_type) and isinstance(child, DictConfig):
             _check_keys(child, field_type, f"{prefix}{key}.")
-

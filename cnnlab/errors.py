@@ -6,7 +6,7 @@ else is a bug in cnnlab and keeps its traceback.
 
 
 class CnnlabError(Exception):
-    """A user-facing error whose message is one self-contained line: what is wrong and how to fix it."""
+    """A user-facing error whose message is one line: what is wrong and how to fix it."""
 
 
 class ConfigError(CnnlabError):
@@ -14,7 +14,7 @@ class ConfigError(CnnlabError):
 
 
 class GeometryError(ConfigError):
-    """A layer's feature map would be empty (or its window would not fit) for this depth/stride/padding/kernel."""
+    """A layer's window does not fit its input: the feature map would be empty."""
 
 
 class DataError(CnnlabError):

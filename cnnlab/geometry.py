@@ -121,29 +121,21 @@ def _walk(arch: Architecture, input_shape, num_classes) -> list[Layer] | str:
 
 
 def _suggest_fix(cfg: ModelConfig, input_shape, num_classes) -> str:
-    """The first simple override that makes every layer fit, checked by walking the network again."""
-    n = resolve(cfg).num_conv
-    candidates = [("model.padding=same", {"padding": "same"}), ("model.stride=1", {"stride": 1})]
-    candidates += [
-        (f"model.kernel_size={k}", {"kernel_size": k})
-        for k in range(max(resolve(cfg).kernels) - 1, 0, -1)
-    ]
-    candidates += [
-        (f"model.padding=same model.stride=1 model.kernel_size={k}", {"padding": "same", "stride": 1, "kernel_size": k})
-        for k in (5, 3)
-    ]  # fmt: skip
-    candidates.append(
-        ("model.pool_size=2 model.pool_stride=2", {"pool_size": 2, "pool_stride": 2})
-    )
+    """The first simple override that makes every layer fit, verified by walking the network."""
+    arch = resolve(cfg)
+    changes = [{"padding": "same"}, {"stride": 1}]
+    changes += [{"kernel_size": k} for k in range(max(arch.kernels) - 1, 0, -1)]
+    changes += [{"padding": "same", "stride": 1, "kernel_size": k} for k in (5, 3)]
+    changes += [{"pool_size": 2, "pool_stride": 2}]
     if isinstance(cfg.depth, int):
-        candidates += [(f"model.conv_layers={m}", {"conv_layers": m}) for m in range(n - 1, 0, -1)]
-    for text, change in candidates:
+        changes += [{"conv_layers": m} for m in range(arch.num_conv - 1, 0, -1)]
+    for change in changes:
         try:
-            arch = resolve(dataclasses.replace(cfg, **change))
+            candidate = resolve(dataclasses.replace(cfg, **change))
         except ConfigError:
             continue
-        if not isinstance(_walk(arch, input_shape, num_classes), str):
-            return text
+        if not isinstance(_walk(candidate, input_shape, num_classes), str):
+            return " ".join(f"model.{key}={value}" for key, value in change.items())
     return "use larger input images or fewer downsampling layers"
 
 
@@ -169,7 +161,7 @@ def format_table(rows: list[Layer], title: str = "") -> str:
     def line(row):
         cells = [
             cell.rjust(width) if i in (3, 4) else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths))
+            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
         ]
         return "  ".join(cells).rstrip()
 

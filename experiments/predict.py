@@ -42,7 +42,9 @@ def predict(run_dir: Path, images: list[Path]) -> list[list[tuple[str, float]]]:
         if not (run_dir / name).is_file():
             raise CnnlabError(f"{run_dir} is not a cnnlab run directory (no {name})")
     model_cfg = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(run_dir / "config.yaml").model)
+        OmegaConf.merge(
+            OmegaConf.structured(ModelConfig), OmegaConf.load(run_dir / "config.yaml").model
+        )
     )
     meta = json.loads((run_dir / "dataset.json").read_text())
     shape, names = tuple(meta["image_shape"]), meta["class_names"]
@@ -52,7 +54,7 @@ def predict(run_dir: Path, images: list[Path]) -> list[list[tuple[str, float]]]:
     batch = np.stack([load_image(p, shape) for p in images])  # [N, H, W, C]
     x = normalize(batch, np.float32(meta["mean"]), np.float32(meta["std"]))
     probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, x)))  # [N, K]
-    return [sorted(zip(names, map(float, p)), key=lambda t: -t[1]) for p in probs]
+    return [sorted(zip(names, map(float, p), strict=False), key=lambda t: -t[1]) for p in probs]
 
 
 def main() -> None:
@@ -65,7 +67,7 @@ def main() -> None:
         results = predict(args.run_dir, args.images)
     except CnnlabError as e:
         exit_on_user_error(e)
-    for path, ranked in zip(args.images, results):
+    for path, ranked in zip(args.images, results, strict=False):
         print(path)
         for name, p in ranked[: args.top or None]:
             print(f"  {p:8.4f}  {name}")

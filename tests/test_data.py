@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cnnlab.config import DataConfig
-from cnnlab.data import DATASETS, DEBIAN_FASHION_MNIST, load_dataset
+from cnnlab.data import DATASETS, DEBIAN_FASHION_MNIST, INPUT_SHAPES, load_dataset
 from cnnlab.data.idx import read_idx
 from cnnlab.data.splits import Split
 from cnnlab.data.tfds_source import load_tfds
@@ -37,9 +37,9 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 def rows(*splits: Split) -> np.ndarray:
     """Each example (pixels and label) as one sortable row, in a canonical order."""
-    keys = [np.concatenate([s.images.reshape(len(s), -1), s.labels[:, None].astype(np.uint8)], 1)
-            for s in splits]  # fmt: skip
-    keys = np.ascontiguousarray(np.concatenate(keys))  # [N, H*W*C + 1]
+    images = np.concatenate([s.images.reshape(len(s), -1) for s in splits])  # [N, H*W*C]
+    labels = np.concatenate([s.labels for s in splits]).astype(np.uint8)  # [N]
+    keys = np.ascontiguousarray(np.concatenate([images, labels[:, None]], axis=1))  # [N, H*W*C + 1]
     return np.sort(keys.view(np.dtype((np.void, keys.shape[1])))[:, 0])
 
 
@@ -157,7 +157,7 @@ def fashion():
 @needs_fashion
 def test_fashion_mnist_shapes_and_stats(fashion):
     assert (len(fashion.train), len(fashion.val), len(fashion.test)) == (54_000, 6_000, 10_000)
-    assert fashion.image_shape == (28, 28, 1) and fashion.num_classes == 10
+    assert (fashion.image_shape, fashion.num_classes) == INPUT_SHAPES["fashion_mnist"]
     assert fashion.class_names[0] == "T-shirt/top" and fashion.class_names[9] == "Ankle boot"
     for split in (fashion.train, fashion.val, fashion.test):
         assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
@@ -248,7 +248,9 @@ def test_corrupt_image_names_the_file(tmp_path, content):
 def test_mismatched_image_size_or_mode_names_the_file(tmp_path):
     paths = write_tree(tmp_path)
     Image.new("RGB", (5, 4)).save(paths[7])
-    with pytest.raises(DataError, match=re.escape(f"{paths[7]}: image is 5x4 RGB but ") + ".* 6x4 RGB"):
+    with pytest.raises(
+        DataError, match=re.escape(f"{paths[7]}: image is 5x4 RGB but ") + ".* 6x4 RGB"
+    ):
         load_dataset(folder_cfg(tmp_path))
     Image.new("RGB", (6, 4)).save(paths[7])
     Image.new("L", (6, 4)).save(paths[2])
@@ -300,7 +302,7 @@ def test_cifar10_zip_decodes_once_then_loads_from_cache():
     cached = load_dataset(cfg)
     cached_s = time.monotonic() - start
     assert (len(data.train), len(data.test)) == (50_000, 10_000)
-    assert data.image_shape == (32, 32, 3) and data.num_classes == 10
+    assert (data.image_shape, data.num_classes) == INPUT_SHAPES["cifar10"] == ((32, 32, 3), 10)
     assert data.class_names[:2] == ("airplane", "automobile") and data.class_names[-1] == "truck"
     assert np.bincount(data.train.labels).tolist() == [5000] * 10
     assert np.bincount(data.test.labels[:2000], minlength=10).min() > 100  # classes are mixed
@@ -318,7 +320,8 @@ def test_tfds_source_through_mock_data(name, shape):
     with tfds.testing.mock_data(num_examples=10):
         data = load_dataset(DataConfig(name=name, val_fraction=0.2))
     assert (len(data.train), len(data.val), len(data.test)) == (8, 2, 10)
-    assert data.image_shape == shape and data.class_names == tuple("0123456789")
+    assert (data.image_shape, data.num_classes) == INPUT_SHAPES[name] == (shape, 10)
+    assert data.class_names == tuple("0123456789")
     assert data.train.images.dtype == np.uint8 and data.train.labels.dtype == np.int32
     assert data.train.labels.max() < 10 and data.mean.shape == (shape[-1],)
 

@@ -120,7 +120,8 @@ VALID = [
     (ALEXNET_LITE, dict(conv_layers=7, kernel_size=3), CIFAR),
     (ALEXNET_LITE, dict(pool="avg", activation="tanh", pool_size=2), CIFAR),
     (ALEXNET_LITE, dict(padding=1, kernel_size=3, stride=[1, 1, 1, 1, 2]), (64, 48, 3)),
-    (ALEXNET_LITE, dict(kernel_size=[11, 5, 3, 3, 3], stride=[4, 1, 1, 1, 1], padding=[2, 2, 1, 1, 1]),
+    (ALEXNET_LITE,
+     dict(kernel_size=[11, 5, 3, 3, 3], stride=[4, 1, 1, 1, 1], padding=[2, 2, 1, 1, 1]),
      (227, 227, 3)),  # the original AlexNet stem
 ]  # fmt: skip
 

@@ -18,7 +18,7 @@ from cnnlab.data.splits import Split, hold_out, limit
 from cnnlab.data.tfds_source import load_tfds
 from cnnlab.errors import ConfigError, DataError
 
-__all__ = ["DATASETS", "Dataset", "Split", "load_dataset"]
+__all__ = ["DATASETS", "INPUT_SHAPES", "Dataset", "Split", "load_dataset"]
 
 # Debian's dataset-fashion-mnist package; read directly, because TFDS's checksums refuse Debian's
 # recompressed files.
@@ -104,6 +104,14 @@ DATASETS = {
     "cifar10": _cifar10,
     "idx": _idx,
     "image_folder": _image_folder,
+}
+
+# Input shape (H, W, C) and class count of the named datasets, known without reading them, so that
+# geometry is checked before any data is loaded.
+INPUT_SHAPES = {
+    "fashion_mnist": ((28, 28, 1), 10),
+    "mnist": ((28, 28, 1), 10),
+    "cifar10": ((32, 32, 3), 10),
 }
 
 

@@ -50,7 +50,7 @@ def load_image_folder(path: Path) -> tuple[Split, Split, tuple[str, ...]]:
     elif path.is_dir():
         names = sorted(
             Path(root, f).relative_to(path).as_posix()
-            for root, _, files in os.walk(path)
+            for root, _, files in os.walk(path, followlinks=True)
             for f in files
         )
         images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]

@@ -3,6 +3,9 @@
 Glossary: N examples, H, W spatial, C channels.
 """
 
+import socket
+import urllib.parse
+
 import numpy as np
 
 from cnnlab.data.splits import Split
@@ -25,10 +28,8 @@ def load_tfds(name: str, data_dir: str | None) -> tuple[Split, Split, tuple[str,
     import tensorflow_datasets as tfds  # heavy; only the TFDS datasets need it
 
     try:
-        train, test = tfds.data_source(name, split=["train", "test"], data_dir=data_dir)
-    except (
-        Exception
-    ) as e:  # TFDS fails in many ways offline (DownloadError, ImportError, OSError, ...)
+        train, test = _open(tfds, name, data_dir)
+    except Exception as e:  # TFDS fails offline in many ways (DownloadError, ImportError, ...)
         cause = (str(e).strip().splitlines() or [""])[0][:200]
         where = data_dir or "TFDS's default data dir"
         raise DataError(
@@ -37,6 +38,23 @@ def load_tfds(name: str, data_dir: str | None) -> tuple[Split, Split, tuple[str,
         ) from e
     class_names = tuple(train.dataset_info.features["label"].names)
     return _to_split(train), _to_split(test), class_names
+
+
+def _open(tfds, name: str, data_dir: str | None) -> list:
+    """The train and test data sources, prepared first if they are not yet."""
+    try:  # already prepared (or faked by tfds.testing.mock_data)
+        return tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
+    except Exception:
+        pass
+    # TFDS retries a failed download for about 3.5 minutes; fail in seconds when offline.
+    for url in tfds.builder(name, data_dir=data_dir).url_infos or {}:
+        parts = urllib.parse.urlsplit(url)
+        address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        try:
+            socket.create_connection(address, timeout=5).close()
+        except OSError as e:
+            raise OSError(f"cannot reach {address[0]}:{address[1]} to download it ({e})") from e
+    return tfds.data_source(name, split=["train", "test"], data_dir=data_dir)
 
 
 def _to_split(source) -> Split:

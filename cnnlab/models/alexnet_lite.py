@@ -45,8 +45,10 @@ class AlexNetLite(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # [B, H, W, C] -> [B, K]
         act, pool = ACTIVATIONS[self.activation], POOLS[self.pool]
         window, stride = (self.pool_size,) * 2, (self.pool_stride,) * 2
-        layers = zip(self.features, self.kernel_size, self.strides, self.padding)
-        for i, ((width, k, s, p), pooled) in enumerate(zip(layers, self.pools(len(self.features)))):
+        layers = zip(self.features, self.kernel_size, self.strides, self.padding, strict=False)
+        for i, ((width, k, s, p), pooled) in enumerate(
+            zip(layers, self.pools(len(self.features)), strict=False)
+        ):
             x = nn.Conv(width, (k, k), (s, s), padding=flax_padding(p), name=f"conv{i + 1}")(x)
             x = act(x)
             if pooled:

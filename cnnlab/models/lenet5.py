@@ -42,7 +42,7 @@ class LeNet5(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # [B, H, W, C] -> [B, K]
         act, pool = ACTIVATIONS[self.activation], POOLS[self.pool]
         window, stride = (self.pool_size,) * 2, (self.pool_stride,) * 2
-        layers = zip(self.features, self.kernel_size, self.strides, self.padding)
+        layers = zip(self.features, self.kernel_size, self.strides, self.padding, strict=False)
         for i, (width, k, s, p) in enumerate(layers, start=1):
             x = nn.Conv(width, (k, k), (s, s), padding=flax_padding(p), name=f"conv{i}")(x)
             x = pool(act(x), window, stride)  # [B, H', W', width]

@@ -29,7 +29,8 @@ def write_json(path: Path, obj) -> None:
 class LocalTracker:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        # open for the whole run, closed by finish(); append, so a resumed run keeps its history
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.metrics.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
@@ -43,7 +44,9 @@ class LocalTracker:
         with open(self.run_dir / "confusion_matrix.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["true \\ predicted", *class_names])
-            writer.writerows([name, *row] for name, row in zip(class_names, counts.tolist()))
+            writer.writerows(
+                [name, *row] for name, row in zip(class_names, counts.tolist(), strict=False)
+            )
 
     def finish(self, summary: dict) -> None:
         self.metrics.close()

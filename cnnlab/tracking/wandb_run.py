@@ -73,7 +73,10 @@ class WandbTracker:
         if mode == "online":
             base = _base_url()
             if not has_api_key(base):
-                _warn("no W&B API key (set WANDB_API_KEY or run `wandb login`); logging offline")
+                _warn(
+                    "no W&B API key (set WANDB_API_KEY or run `wandb login`); logging offline, "
+                    "upload later with `wandb sync <run dir>/wandb/offline-run-*`"
+                )
                 mode = "offline"
             elif not reachable(base, min(cfg.init_timeout, 10.0)):
                 _warn(f"W&B server {base} is unreachable; logging offline")
@@ -87,7 +90,7 @@ class WandbTracker:
             config=config,
             dir=str(run_dir),
             reinit="finish_previous",
-            settings=wandb.Settings(init_timeout=cfg.init_timeout, quiet=True),
+            settings=wandb.Settings(init_timeout=cfg.init_timeout),
         )
         try:
             self.run = wandb.init(mode=mode, **init)
@@ -96,8 +99,6 @@ class WandbTracker:
                 raise
             _warn(f"W&B did not start online ({type(e).__name__}: {e}); logging offline")
             self.run = wandb.init(mode="offline", **init)
-        if self.run.settings.mode == "offline" or mode == "offline":
-            print(f"cnnlab: W&B offline run in {self.run.dir}; upload with `wandb sync`")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -106,7 +107,7 @@ class WandbTracker:
         columns = ["layer", "type", "output", "params", "mult_adds", "receptive_field"]
         data = [
             [r.name, f"{r.kind} {r.detail}".strip(), r.shape_text, r.params, r.macs,
-             "all" if r.receptive_field is None else r.receptive_field]
+             "all" if r.receptive_field is None else f"{r.receptive_field}x{r.receptive_field}"]
             for r in rows
         ]  # fmt: skip
         self.run.log({"model/layers": self.wandb.Table(columns=columns, data=data)}, step=0)

@@ -44,7 +44,7 @@ class FitResult:
 
 
 def evaluate(eval_step, params, images, labels, batch_size: int) -> EvalResult:
-    """Loss, accuracy and probabilities over a whole device-resident split, in fixed-size batches."""
+    """Loss, accuracy and probabilities over a device-resident split, in fixed-size batches."""
     n = int(labels.shape[0])
     loss_sum, correct, probs = 0.0, 0, []
     outputs = []
@@ -52,7 +52,7 @@ def evaluate(eval_step, params, images, labels, batch_size: int) -> EvalResult:
         idx = np.arange(start, start + batch_size)
         mask = idx < n
         outputs.append(eval_step(params, images, labels, np.minimum(idx, n - 1), mask))
-    for out, start in zip(jax.device_get(outputs), range(0, n, batch_size)):
+    for out, start in zip(jax.device_get(outputs), range(0, n, batch_size), strict=False):
         loss_sum += float(out["loss_sum"])
         correct += int(out["correct"])
         probs.append(out["probs"][: n - start])
@@ -113,7 +113,9 @@ def fit(
                 ev = evaluate(eval_step, state.params, *val, cfg.eval_batch_size)
                 if not ev.accuracy <= result.best_val_accuracy:  # also replaces the initial NaN
                     result.best_val_accuracy, result.best_epoch = ev.accuracy, epoch
-                log({"val/loss": ev.loss, "val/accuracy": ev.accuracy, "epoch": epoch}, step)
+                record = {"val/loss": ev.loss, "val/accuracy": ev.accuracy, "epoch": epoch}
+                log(record, step)
+                progress.report(step, epoch, record)
             result.epochs = epoch
     finally:
         progress.close()

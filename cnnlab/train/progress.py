@@ -12,27 +12,28 @@ class Progress:
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.total = total_steps
         self.start = time.perf_counter()
-        self.bar = (
-            tqdm(total=total_steps, unit="step", file=self.stream, dynamic_ncols=True)
-            if self.interactive
-            else None
-        )
+        self.bar = None
+        if self.interactive:
+            self.bar = tqdm(total=total_steps, unit="step", file=self.stream, dynamic_ncols=True)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
 
     def report(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
-        """Show the latest logged metrics: in the bar, or as one line."""
-        shown = {k.split("/", 1)[-1] if k.startswith("train/") else k: v for k, v in metrics.items()}
+        """Train metrics go into the bar (or a line); validation results always get a line."""
+        shown = {k.removeprefix("train/"): v for k, v in metrics.items() if k != "epoch"}
         text = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
-        if self.bar is not None:
+        if self.bar is not None and not any(k.startswith("val/") for k in metrics):
             self.bar.set_description(f"epoch {epoch}")
             self.bar.set_postfix_str(text, refresh=False)
+            return
+        elapsed = time.perf_counter() - self.start
+        line = f"epoch {epoch} step {step}/{self.total} {text} [{elapsed:.0f}s]"
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
         else:
-            elapsed = time.perf_counter() - self.start
-            print(f"epoch {epoch} step {step}/{self.total} {text} [{elapsed:.0f}s]", file=self.stream)
-            self.stream.flush()
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -68,7 +68,9 @@ def run(cfg: Config, run_dir: Path, tracker: Tracker, progress: Progress | None 
             summary["error"] = result.message
         else:
             summary.update({"test/accuracy": test.accuracy, "test/loss": test.loss})
-            tracker.log_predictions(data.test.images, data.test.labels, test.probs, data.class_names)
+            tracker.log_predictions(
+                data.test.images, data.test.labels, test.probs, data.class_names
+            )
             checkpoint.save_params(run_dir / "checkpoint", result.state.params)
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user")
@@ -99,7 +101,10 @@ def _train(cfg: Config, data: Dataset, tracker: Tracker, progress: Progress | No
     )  # fmt: skip
     test = None
     if result.status == "ok":
-        test = evaluate(eval_step, result.state.params, *device(data.test), cfg.train.eval_batch_size)
-        tracker.log({"test/loss": test.loss, "test/accuracy": test.accuracy}, int(result.state.step))
+        test = evaluate(
+            eval_step, result.state.params, *device(data.test), cfg.train.eval_batch_size
+        )
+        tracker.log(
+            {"test/loss": test.loss, "test/accuracy": test.accuracy}, int(result.state.step)
+        )
     return result, test
-

@@ -1,0 +1,42 @@
+"""Shared fixtures: real data locations and small, fast configurations."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnnlab.config import Config, DataConfig, LoggerConfig, ModelConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+CIFAR10_ZIP = REPO.parent / "shared" / "data" / "cifar10-jpeg.zip"
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist (make setup does)"
+)
+needs_cifar10 = pytest.mark.skipif(not CIFAR10_ZIP.is_file(), reason=f"no {CIFAR10_ZIP}")
+
+
+def small_config(**changes) -> Config:
+    """LeNet-5 on 2,000 Fashion-MNIST images for one epoch, W&B off: a run of a few seconds."""
+    cfg = Config(
+        model=ModelConfig(padding=[2, 0]),
+        data=DataConfig(train_limit=2000, test_limit=1000),
+        train=TrainConfig(epochs=1, batch_size=64, log_every_steps=10),
+        logger=LoggerConfig(mode="disabled"),
+    )
+    return dataclasses.replace(cfg, **changes)
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a cnnlab entry point (`train`, `inspect_model`, `predict`) as a user would."""
+    module, *rest = args
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    environment.update(WANDB_SILENT="true", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", *rest],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip

@@ -1,0 +1,139 @@
+"""The command-line tools as a user runs them: a real end-to-end run on Fashion-MNIST with its
+run directory and W&B offline files, prediction from the checkpoint, and short config errors."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.data import load_dataset
+from tests.conftest import cli, needs_fashion_mnist, small_config
+
+SMALL = [
+    "data.train_limit=3000", "data.test_limit=1000", "train.epochs=1", "train.batch_size=64",
+    "train.log_every_steps=10",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real run through cnnlab-train, W&B online without an API key (-> offline)."""
+    run_dir = tmp_path_factory.mktemp("run") / "fmnist"
+    done = cli("train", *SMALL, "logger.mode=online", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir, done
+
+
+@needs_fashion_mnist
+def test_run_directory_holds_config_metrics_summary_and_checkpoint(trained):
+    run_dir, done = trained
+    for name in ("config.yaml", "dataset.json", "layers.txt", "confusion_matrix.csv"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert (run_dir / "checkpoint").is_dir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok"
+    assert summary["params"] == 61_706 and summary["flops"] == 833_040
+    assert 0.6 < summary["test/accuracy"] <= 1 and np.isfinite(summary["test/loss"])
+    assert summary["wall_seconds"] > 0 and summary["steps"] == 2700 // 64
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 42]
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
+    assert any("val/accuracy" in r for r in records) and any("test/accuracy" in r for r in records)
+    matrix = (run_dir / "confusion_matrix.csv").read_text().splitlines()
+    assert len(matrix) == 11 and matrix[0].split(",")[1] == "T-shirt/top"
+    assert sum(int(v) for row in matrix[1:] for v in row.split(",")[1:]) == 1000
+    assert "test accuracy" in done.stdout
+
+
+@needs_fashion_mnist
+def test_wandb_without_api_key_falls_back_to_an_offline_run(trained):
+    run_dir, done = trained
+    assert "no W&B API key" in done.stderr
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    assert list(offline.glob("run-*.wandb"))
+    summary = json.loads((offline / "files" / "wandb-summary.json").read_text())
+    assert summary["status"] == "ok" and 0.6 < summary["test/accuracy"] <= 1
+    assert summary["test/predictions"]["_type"] == "table-file"
+    assert summary["model/layers"]["_type"] == "table-file"
+    config = (offline / "files" / "config.yaml").read_text()
+    assert "train_limit" in config and "3000" in config
+
+
+@needs_fashion_mnist
+def test_unreachable_wandb_server_falls_back_quickly(tmp_path):
+    start = time.monotonic()
+    done = cli(
+        "train", "data.train_limit=200", "data.test_limit=100", "train.epochs=1",
+        "logger.mode=online", f"hydra.run.dir={tmp_path}",
+        env={"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "unreachable; logging offline" in done.stderr
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert time.monotonic() - start < 60  # the whole run; wandb alone would block ~100 s
+
+
+@needs_fashion_mnist
+def test_predict_prints_probabilities_from_the_checkpoint(trained, tmp_path):
+    run_dir, _ = trained
+    test = load_dataset(small_config().data).test
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(test.images[i, :, :, 0]).save(paths[-1])
+    done = cli("predict", str(run_dir), *map(str, paths))
+    assert done.returncode == 0, done.stderr
+    blocks = done.stdout.strip().split(".png\n")
+    assert len(blocks) == 3
+    probs = [float(line.split()[0]) for line in blocks[1].splitlines()[:10]]
+    assert len(probs) == 10 and sum(probs) == pytest.approx(1, abs=1e-3)
+    assert probs == sorted(probs, reverse=True)
+    bad = cli("predict", str(run_dir), str(tmp_path / "missing.png"))
+    assert bad.returncode != 0 and "cannot read image" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_inspect_prints_the_table_without_training():
+    done = cli("inspect_model", "model=alexnet_lite", "data=cifar10", "model.stride=2")
+    assert done.returncode == 0, done.stderr
+    assert "alexnet_lite on cifar10 (32x32x3 input, 10 classes)" in done.stdout
+    assert "16 x 16 x 24" in done.stdout and "receptive field" in done.stdout
+    impossible = cli("inspect_model", "model.padding=valid", "model.stride=2")
+    assert impossible.returncode == 2
+    assert impossible.stderr.startswith("cnnlab: error: pool2 (max pool 2x2, stride 2)")
+    assert "fix: model." in impossible.stderr and len(impossible.stderr.splitlines()) == 1
+
+
+BAD = [
+    (["model.depth=-1"], "model.depth"),
+    (["model.depth=0"], "model.depth"),
+    (["model.stride=0"], "model.stride"),
+    (["model.padding=full"], "model.padding"),
+    (["model.dropout=1.0"], "model.dropout"),
+    (["model.kernel_size=40", "model.padding=valid"], "conv1"),
+    (["model.name=resnet"], "model.name"),
+    (["data.name=imagenet"], "data.name"),
+    (["optimizer.name=lion"], "optimizer.name"),
+    (["optimizer.lr=-1"], "optimizer.lr"),
+    (["train.epochs=0"], "train.epochs"),
+    (["train.epochs=ten"], "train.epochs"),
+    (["+model.dpeth=3"], "did you mean model.depth"),
+    (["+trian.epochs=3"], "did you mean train"),
+    (["model.depht=3"], "depht"),
+    (["data=image_folder"], "data.path"),
+    (["model=resnet"], "model/resnet"),
+    (["logger.mode=loud"], "logger.mode"),
+]
+
+
+@pytest.mark.parametrize("overrides, named", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_config_is_one_short_error_without_traceback(overrides, named):
+    done = cli("train", *overrides, "logger.mode=disabled", "hydra.run.dir=/tmp/cnnlab-bad-cfg")
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert named in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 5, done.stderr

@@ -1,0 +1,165 @@
+"""The training step and loop on real data: losses, optimizers, augmentation, determinism."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnnlab.config import AugmentConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cnnlab.data import load_dataset
+from cnnlab.models import build_model
+from cnnlab.tracking import Trackers
+from cnnlab.tracking.local import LocalTracker
+from cnnlab.train.loop import epoch_order
+from cnnlab.train.losses import LOSSES, squared_error
+from cnnlab.train.optim import OPTIMIZERS, build_optimizer
+from cnnlab.train.run import run
+from cnnlab.train.step import augment, create_state, make_train_step
+from tests.conftest import needs_fashion_mnist, small_config
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_dataset(small_config().data)
+
+
+def test_squared_error_is_the_classic_total_error():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    labels = jnp.array([0, 2])
+    p = np.asarray(jax.nn.softmax(logits))
+    target = np.eye(3)[[0, 2]]
+    expected = 0.5 * ((target - p) ** 2).sum(-1)
+    np.testing.assert_allclose(squared_error(logits, labels, 0.0), expected, rtol=1e-6)
+
+
+def test_label_smoothing_raises_the_loss_of_a_confident_correct_prediction():
+    logits, labels = jnp.array([[10.0, -10.0]]), jnp.array([0])
+    for loss in LOSSES.values():
+        assert loss(logits, labels, 0.2)[0] > loss(logits, labels, 0.0)[0]
+
+
+def test_schedules():
+    cfg = OptimizerConfig(lr=0.1, schedule="warmup_cosine", warmup_epochs=1, end_lr_factor=0.1)
+    _, schedule = build_optimizer(cfg, steps_per_epoch=10, epochs=5)
+    assert schedule(0) == 0.0 and schedule(10) == pytest.approx(0.1)
+    assert schedule(50) == pytest.approx(0.01)
+    _, cosine = build_optimizer(dataclasses.replace(cfg, schedule="cosine"), 10, 5)
+    assert cosine(0) == pytest.approx(0.1) and cosine(50) == pytest.approx(0.01)
+    _, constant = build_optimizer(dataclasses.replace(cfg, schedule="constant"), 10, 5)
+    assert constant(0) == constant(49) == pytest.approx(0.1)
+
+
+def test_weight_decay_skips_biases():
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    for name in OPTIMIZERS:
+        cfg = OptimizerConfig(name=name, lr=0.1, weight_decay=0.5, schedule="constant", momentum=0)
+        tx, _ = build_optimizer(cfg, 1, 1)
+        updates, _ = tx.update(zero, tx.init(params), params)
+        assert float(jnp.abs(updates["kernel"]).sum()) > 0, name
+        assert float(jnp.abs(updates["bias"]).sum()) == 0, name
+
+
+def test_gradient_clipping_bounds_the_update():
+    cfg = OptimizerConfig(lr=1.0, momentum=0.0, schedule="constant", grad_clip_norm=1.0)
+    tx, _ = build_optimizer(cfg, 1, 1)
+    params = {"w": jnp.zeros(4)}
+    updates, _ = tx.update({"w": jnp.full(4, 100.0)}, tx.init(params), params)
+    assert float(optax.global_norm(updates)) == pytest.approx(1.0)
+
+
+def test_augmentation_crops_and_flips_per_example():
+    images = jnp.arange(2 * 4 * 4, dtype=jnp.uint8).reshape(2, 4, 4, 1)
+    flipped = augment(images, jax.random.key(0), AugmentConfig(flip=True))
+    for original, out in zip(images, flipped, strict=False):
+        assert jnp.array_equal(out, original) or jnp.array_equal(out, original[:, ::-1])
+    cropped = augment(images, jax.random.key(1), AugmentConfig(crop_padding=2))
+    chex.assert_shape(cropped, images.shape)
+    chex.assert_type(cropped, jnp.uint8)
+    many = augment(jnp.ones((64, 4, 4, 1), jnp.uint8), jax.random.key(2), AugmentConfig(2, True))
+    assert int((many == 0).sum()) > 0  # some crops show the zero padding
+    again = augment(jnp.ones((64, 4, 4, 1), jnp.uint8), jax.random.key(2), AugmentConfig(2, True))
+    assert jnp.array_equal(many, again)
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize(
+    "model, loss, optimizer",
+    [
+        (ModelConfig(padding=[2, 0]), "cross_entropy", OptimizerConfig(schedule="constant")),
+        (ModelConfig(padding=[2, 0], activation="tanh", pool="avg"), "squared_error",
+         OptimizerConfig(name="adamw", lr=3e-3, schedule="constant")),
+        (ModelConfig(name="alexnet_lite", depth=8, kernel_size=[5, 5, 3, 3, 3], pool_size=3,
+                     dense=[64, 64], dropout=0.1), "cross_entropy",
+         OptimizerConfig(name="adamw", lr=1e-3, schedule="constant")),
+    ],
+)  # fmt: skip
+def test_a_few_steps_on_one_batch_lower_the_loss(fmnist, model, loss, optimizer):
+    tx, _ = build_optimizer(optimizer, 1, 1)
+    state = create_state(build_model(model, 10), tx, fmnist.image_shape, jax.random.key(0))
+    step = make_train_step(LOSSES[loss], 0.0, fmnist.mean, fmnist.std, AugmentConfig())
+    images, labels = jnp.asarray(fmnist.train.images), jnp.asarray(fmnist.train.labels)
+    idx = np.arange(64)
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, images, labels, idx, jax.random.key(1))
+        losses.append(float(metrics["train/loss"]))
+    assert int(state.step) == 40
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    a, b = epoch_order(0, 1, 100), epoch_order(0, 1, 100)
+    np.testing.assert_array_equal(a, b)
+    assert sorted(a.tolist()) == list(range(100))
+    assert not np.array_equal(a, epoch_order(0, 2, 100))
+    assert not np.array_equal(a, epoch_order(1, 1, 100))
+
+
+def _run(tmp_path, name, **changes):
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    summary = run(small_config(**changes), run_dir, Trackers(LocalTracker(run_dir)))
+    return run_dir, summary
+
+
+def _params(run_dir):
+    from cnnlab import checkpoint
+
+    cfg = small_config()
+    model = build_model(cfg.model, 10)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    return checkpoint.load_params(run_dir / "checkpoint", like)
+
+
+@needs_fashion_mnist
+def test_same_seed_and_config_give_bit_identical_parameters(tmp_path):
+    # dropout and augmentation on, so that every source of randomness is exercised
+    model = ModelConfig(padding=[2, 0], dropout=0.3)
+    data = dataclasses.replace(small_config().data, augment=AugmentConfig(2, True))
+    first, a = _run(tmp_path, "a", model=model, data=data)
+    second, b = _run(tmp_path, "b", model=model, data=data)
+    other, c = _run(tmp_path, "c", model=model, data=data, seed=1)
+    pa, pb, pc = _params(first), _params(second), _params(other)
+    chex.assert_trees_all_equal(pa, pb)  # exact, not approximate
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, pa, pc)))
+    assert a["test/accuracy"] == b["test/accuracy"] and a["train/loss"] == b["train/loss"]
+    metrics = [(first / "metrics.jsonl").read_text(), (second / "metrics.jsonl").read_text()]
+    strip = lambda text: [line.split('"time"')[0] for line in text.splitlines()]  # noqa: E731
+    assert strip(metrics[0]) == strip(metrics[1])
+
+
+@needs_fashion_mnist
+def test_divergence_stops_the_run_with_its_step(tmp_path):
+    run_dir, summary = _run(
+        tmp_path, "nan",
+        optimizer=OptimizerConfig(lr=1e30, schedule="constant"),
+        train=TrainConfig(epochs=2, batch_size=64, log_every_steps=5),
+    )  # fmt: skip
+    assert summary["status"] == "diverged"
+    assert "non-finite by step" in summary["error"]
+    assert summary["steps"] <= 10 and not (run_dir / "checkpoint").exists()
