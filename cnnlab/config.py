@@ -124,8 +124,23 @@ def from_omegaconf(node) -> Config:
     return OmegaConf.to_object(node)
 
 
-def _check_keys(node, schema, prefix: str) -> None:
+def closest_key(dotted: str) -> str | None:
+    """The valid config key nearest to a mistyped dotted key, e.g. model.depht -> model.depth."""
     import difflib
+    from dataclasses import fields, is_dataclass
+
+    schema, prefix = Config, ""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        types = {f.name: f.type for f in fields(schema)}
+        if not is_dataclass(types.get(part)):
+            return None
+        schema, prefix = types[part], f"{prefix}{part}."
+    close = difflib.get_close_matches(last, [f.name for f in fields(schema)], n=1)
+    return f"{prefix}{close[0]}" if close else None
+
+
+def _check_keys(node, schema, prefix: str) -> None:
     from dataclasses import fields, is_dataclass
 
     from omegaconf import DictConfig
@@ -133,8 +148,8 @@ def _check_keys(node, schema, prefix: str) -> None:
     known = {f.name: f for f in fields(schema)}
     for key in node:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            close = closest_key(f"{prefix}{key}")
+            hint = f"; did you mean {close}?" if close else ""
             valid = ", ".join(sorted(known))
             raise ConfigError(f"unknown config key {prefix}{key}{hint} (valid here: {valid})")
         field_type = known[key].type

@@ -16,6 +16,10 @@ class ConfigError(CnnlabError):
 class GeometryError(ConfigError):
     """A layer's window does not fit its input: the feature map would be empty."""
 
+    def __init__(self, message: str, rows: list = ()):
+        super().__init__(message)
+        self.rows = list(rows)  # the per-layer table up to the failing layer, for display
+
 
 class DataError(CnnlabError):
     """A dataset cannot be found, downloaded or decoded."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from cnnlab.config import ModelConfig
 from cnnlab.errors import ConfigError, GeometryError
-from cnnlab.models import MODELS, Architecture, resolve
+from cnnlab.models import Architecture, resolve
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,13 @@ def _pad_text(pad_h: tuple[int, int], pad_w: tuple[int, int]) -> str:
 def layers(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> list[Layer]:
     """The network's layers with output shapes, parameters, multiply-adds and receptive fields.
 
-    Raises GeometryError (one line, with a fix) if any feature map would be empty.
+    Raises GeometryError (one line, with a fix) if any feature map would be empty; its `rows`
+    hold the table up to and including the failing layer.
     """
-    arch = resolve(cfg)
-    rows = _walk(arch, input_shape, num_classes)
-    if isinstance(rows, str):
-        raise GeometryError(f"{rows}; fix: {_suggest_fix(cfg, input_shape, num_classes)}")
+    rows, problem = _walk(resolve(cfg), input_shape, num_classes)
+    if problem:
+        fix = _suggest_fix(cfg, input_shape, num_classes)
+        raise GeometryError(f"{problem}; fix: {fix}", rows)
     return rows
 
 
@@ -78,8 +79,11 @@ def check(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int)
     layers(cfg, input_shape, num_classes)
 
 
-def _walk(arch: Architecture, input_shape, num_classes) -> list[Layer] | str:
-    """Rows of the table, or the one-line reason why the geometry is impossible."""
+def _walk(arch: Architecture, input_shape, num_classes) -> tuple[list[Layer], str]:
+    """Rows of the table, and the one-line reason why the geometry is impossible ("" if it is not).
+
+    On failure the last row is the failing layer, with its empty output.
+    """
     h, w, c = input_shape
     rf, jump = 1, 1
     rows = [Layer("input", "input", "", (h, w, c), 0, 0, 1)]
@@ -87,37 +91,36 @@ def _walk(arch: Architecture, input_shape, num_classes) -> list[Layer] | str:
         k, s = conv.kernel, conv.stride
         pad_h, pad_w = pads(conv.padding, h, k, s), pads(conv.padding, w, k, s)
         oh, ow = out_size(h, k, s, pad_h), out_size(w, k, s, pad_w)
-        name = f"conv{i}"
-        if oh < 1 or ow < 1:
-            return (
-                f"{name} (conv {k}x{k}, stride {s}, {_pad_text(pad_h, pad_w)}) gets a {h}x{w}x{c} "
-                f"input and would output {max(oh, 0)}x{max(ow, 0)}"
-            )
-        params = k * k * c * conv.features + conv.features
-        macs = oh * ow * conv.features * k * k * c
         rf, jump = rf + (k - 1) * jump, jump * s
-        h, w, c = oh, ow, conv.features
         detail = f"{k}x{k}/{s} {_pad_text(pad_h, pad_w)}"
-        rows.append(Layer(name, "conv", detail, (h, w, c), params, macs, rf))
+        params = k * k * c * conv.features + conv.features
+        out = (max(oh, 0), max(ow, 0), conv.features)
+        rows.append(Layer(f"conv{i}", "conv", detail, out, params, out[0] * out[1] * params, rf))
+        if oh < 1 or ow < 1:
+            return rows, (
+                f"conv{i} (conv {k}x{k}, stride {s}, {_pad_text(pad_h, pad_w)}) gets a {h}x{w}x{c} "
+                f"input and would output {out[0]}x{out[1]}"
+            )
+        h, w, c = out
         if conv.pool:
             k, s = arch.pool_size, arch.pool_stride
             oh, ow = out_size(h, k, s, (0, 0)), out_size(w, k, s, (0, 0))
-            name = f"pool{i}"
-            if oh < 1 or ow < 1:
-                return (
-                    f"{name} ({arch.pool} pool {k}x{k}, stride {s}) after conv{i} gets a "
-                    f"{h}x{w}x{c} input and would output {max(oh, 0)}x{max(ow, 0)}"
-                )
             rf, jump = rf + (k - 1) * jump, jump * s
+            out = (max(oh, 0), max(ow, 0), c)
+            rows.append(Layer(f"pool{i}", "pool", f"{arch.pool} {k}x{k}/{s}", out, 0, 0, rf))
+            if oh < 1 or ow < 1:
+                return rows, (
+                    f"pool{i} ({arch.pool} pool {k}x{k}, stride {s}) after conv{i} gets a "
+                    f"{h}x{w}x{c} input and would output {out[0]}x{out[1]}"
+                )
             h, w = oh, ow
-            rows.append(Layer(name, "pool", f"{arch.pool} {k}x{k}/{s}", (h, w, c), 0, 0, rf))
     units = h * w * c
     for j, width in enumerate((*arch.dense, num_classes), start=1):
         name = "logits" if j == len(arch.dense) + 1 else f"dense{j}"
         rows.append(Layer(name, "dense", f"{width} units", (width,), units * width + width,
                           units * width, None))  # fmt: skip
         units = width
-    return rows
+    return rows, ""
 
 
 def _suggest_fix(cfg: ModelConfig, input_shape, num_classes) -> str:
@@ -134,7 +137,7 @@ def _suggest_fix(cfg: ModelConfig, input_shape, num_classes) -> str:
             candidate = resolve(dataclasses.replace(cfg, **change))
         except ConfigError:
             continue
-        if not isinstance(_walk(candidate, input_shape, num_classes), str):
+        if not _walk(candidate, input_shape, num_classes)[1]:
             return " ".join(f"model.{key}={value}" for key, value in change.items())
     return "use larger input images or fewer downsampling layers"
 
@@ -146,29 +149,32 @@ def summarize(rows: list[Layer]) -> dict[str, int]:
     return {"params": params, "macs": macs, "flops": 2 * macs}
 
 
-def format_table(rows: list[Layer], title: str = "") -> str:
-    """The per-layer table as aligned plain text."""
+def format_table(rows: list[Layer], title: str = "", totals: bool = True) -> str:
+    """The per-layer table as aligned plain text, with a totals row unless `totals` is False."""
     head = ("layer", "type", "output H x W x C", "params", "mult-adds", "receptive field")
     body = [
         (r.name, f"{r.kind} {r.detail}".strip(), r.shape_text, f"{r.params:,}", f"{r.macs:,}",
          "all" if r.receptive_field is None else f"{r.receptive_field}x{r.receptive_field}")
         for r in rows
     ]  # fmt: skip
-    totals = summarize(rows)
-    body.append(("total", "", "", f"{totals['params']:,}", f"{totals['macs']:,}", ""))
-    widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
+    footer = []
+    if totals:
+        total = summarize(rows)
+        footer = [("total", "", "", f"{total['params']:,}", f"{total['macs']:,}", "")]
+    widths = [max(len(row[i]) for row in (head, *body, *footer)) for i in range(len(head))]
 
     def line(row):
         cells = [
             cell.rjust(width) if i in (3, 4) else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         return "  ".join(cells).rstrip()
 
     rule = "-" * len(line(head))
     out = [title] if title else []
-    out += [line(head), rule, *map(line, body[:-1]), rule, line(body[-1])]
+    out += [line(head), rule, *map(line, body)]
+    out += [rule, *map(line, footer)] if footer else []
     return "\n".join(out)
 
 
-__all__ = ["MODELS", "Layer", "check", "format_table", "layers", "out_size", "pads", "summarize"]
+__all__ = ["Layer", "check", "format_table", "layers", "out_size", "pads", "summarize"]

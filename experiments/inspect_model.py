@@ -3,7 +3,7 @@
 Takes the same overrides as cnnlab-train, e.g.
     cnnlab-inspect model=alexnet_lite data=cifar10 model.stride=2
 and prints each layer's output H x W x C, parameters, multiply-adds and receptive field, or the
-one-line reason why the geometry is impossible (exit code 2).
+table up to the layer whose feature map would be empty, and the one-line reason (exit code 2).
 """
 
 import argparse
@@ -15,9 +15,9 @@ from omegaconf.errors import OmegaConfBaseException
 from cnnlab import geometry
 from cnnlab.config import from_omegaconf
 from cnnlab.data import INPUT_SHAPES, load_dataset
-from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.errors import CnnlabError, ConfigError, GeometryError
 from cnnlab.validate import validate
-from experiments.hydra_conf import conf_dir, exit_on_user_error, register_schema
+from experiments.hydra_conf import conf_dir, exit_on_user_error, one_line, register_schema
 
 
 def table(overrides: list[str]) -> str:
@@ -26,17 +26,21 @@ def table(overrides: list[str]) -> str:
         try:
             node = compose(config_name="config", overrides=overrides)
         except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(str(e).splitlines()[0]) from e
+            raise ConfigError(one_line(e)) from e
     cfg = from_omegaconf(node)
-    validate(cfg)
     if cfg.data.name in INPUT_SHAPES:
         shape, num_classes = INPUT_SHAPES[cfg.data.name]
     else:  # a user's own data: its shape is known only by reading it
         data = load_dataset(cfg.data)
         shape, num_classes = data.image_shape, data.num_classes
-    rows = geometry.layers(cfg.model, shape, num_classes)
     size = "x".join(map(str, shape))
     title = f"{cfg.model.name} on {cfg.data.name} ({size} input, {num_classes} classes)"
+    try:
+        validate(cfg)
+        rows = geometry.layers(cfg.model, shape, num_classes)
+    except GeometryError as e:  # show where the feature map collapses, then the error
+        print(geometry.format_table(e.rows, title, totals=False))
+        raise
     totals = geometry.summarize(rows)
     footer = f"forward FLOPs per image: {totals['flops']:,} (2 per multiply-add)"
     return f"{geometry.format_table(rows, title)}\n{footer}"

@@ -19,7 +19,13 @@ from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.tracking.wandb_run import WandbTracker
 from cnnlab.train.run import run
-from experiments.hydra_conf import conf_dir, exit_on_user_error, register_schema
+from cnnlab.validate import validate
+from experiments.hydra_conf import (
+    conf_dir,
+    exit_on_user_error,
+    hydra_errors_in_one_line,
+    register_schema,
+)
 
 
 def train(node: DictConfig) -> float | None:
@@ -28,6 +34,7 @@ def train(node: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         cfg = from_omegaconf(node)
+        validate(cfg)  # before W&B starts: a bad value must not leave a W&B run behind
         config = OmegaConf.to_container(node, resolve=True)
         wandb = None
         if cfg.logger.mode != "disabled":
@@ -47,7 +54,7 @@ def train(node: DictConfig) -> float | None:
 def main() -> None:
     register_schema()
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
-    app(train)()
+    hydra_errors_in_one_line(app(train))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from PIL import Image
 
 from cnnlab.data import load_dataset
 from tests.conftest import cli, needs_fashion_mnist, small_config
+from tests.wandb_records import summary_and_history
 
 SMALL = [
     "data.train_limit=3000", "data.test_limit=1000", "train.epochs=1", "train.batch_size=64",
@@ -37,10 +38,10 @@ def test_run_directory_holds_config_metrics_summary_and_checkpoint(trained):
     assert summary["status"] == "ok"
     assert summary["params"] == 61_706 and summary["flops"] == 833_040
     assert 0.6 < summary["test/accuracy"] <= 1 and np.isfinite(summary["test/loss"])
-    assert summary["wall_seconds"] > 0 and summary["steps"] == 2700 // 64
+    assert summary["wall_seconds"] > 0 and summary["steps"] == 3000 // 64
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
-    assert [r["step"] for r in train] == [10, 20, 30, 40, 42]
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 46]
     assert train[-1]["train/loss"] < train[0]["train/loss"]
     assert any("val/accuracy" in r for r in records) and any("test/accuracy" in r for r in records)
     matrix = (run_dir / "confusion_matrix.csv").read_text().splitlines()
@@ -54,13 +55,18 @@ def test_wandb_without_api_key_falls_back_to_an_offline_run(trained):
     run_dir, done = trained
     assert "no W&B API key" in done.stderr
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
-    assert list(offline.glob("run-*.wandb"))
-    summary = json.loads((offline / "files" / "wandb-summary.json").read_text())
+    (run_file,) = offline.glob("run-*.wandb")
+    config, history, summary = summary_and_history(run_file)
+    flat = json.dumps(config)
+    assert '"train_limit": 3000' in flat and '"name": "lenet5"' in flat
+    losses = [row["train/loss"] for row in history if "train/loss" in row]
+    assert len(losses) == 5 and losses[-1] < losses[0]
     assert summary["status"] == "ok" and 0.6 < summary["test/accuracy"] <= 1
-    assert summary["test/predictions"]["_type"] == "table-file"
-    assert summary["model/layers"]["_type"] == "table-file"
-    config = (offline / "files" / "config.yaml").read_text()
-    assert "train_limit" in config and "3000" in config
+    assert summary["params"] == 61_706
+    for table, rows in [("model/layers", 8), ("test/predictions", 32)]:
+        assert summary[f"{table}/_type"] == "table-file" and summary[f"{table}/nrows"] == rows
+        assert (offline / "files" / summary[f"{table}/path"]).is_file()
+    assert summary["test/confusion_matrix_table/nrows"] == 100  # 10 x 10 (true, predicted) pairs
 
 
 @needs_fashion_mnist
@@ -87,9 +93,9 @@ def test_predict_prints_probabilities_from_the_checkpoint(trained, tmp_path):
         Image.fromarray(test.images[i, :, :, 0]).save(paths[-1])
     done = cli("predict", str(run_dir), *map(str, paths))
     assert done.returncode == 0, done.stderr
-    blocks = done.stdout.strip().split(".png\n")
-    assert len(blocks) == 3
-    probs = [float(line.split()[0]) for line in blocks[1].splitlines()[:10]]
+    lines = done.stdout.splitlines()
+    assert [line for line in lines if not line.startswith(" ")] == list(map(str, paths))
+    probs = [float(line.split()[0]) for line in lines[1:11]]
     assert len(probs) == 10 and sum(probs) == pytest.approx(1, abs=1e-3)
     assert probs == sorted(probs, reverse=True)
     bad = cli("predict", str(run_dir), str(tmp_path / "missing.png"))
@@ -98,14 +104,21 @@ def test_predict_prints_probabilities_from_the_checkpoint(trained, tmp_path):
 
 
 def test_inspect_prints_the_table_without_training():
-    done = cli("inspect_model", "model=alexnet_lite", "data=cifar10", "model.stride=2")
+    done = cli("inspect_model", "model=alexnet_lite", "data=cifar10", "model.stride=[2,1,1,1,1]")
     assert done.returncode == 0, done.stderr
     assert "alexnet_lite on cifar10 (32x32x3 input, 10 classes)" in done.stdout
     assert "16 x 16 x 24" in done.stdout and "receptive field" in done.stdout
-    impossible = cli("inspect_model", "model.padding=valid", "model.stride=2")
-    assert impossible.returncode == 2
-    assert impossible.stderr.startswith("cnnlab: error: pool2 (max pool 2x2, stride 2)")
-    assert "fix: model." in impossible.stderr and len(impossible.stderr.splitlines()) == 1
+    assert "total" in done.stdout and "535,146" in done.stdout
+
+
+def test_inspect_shows_where_an_impossible_network_collapses():
+    done = cli("inspect_model", "model=alexnet_lite", "data=cifar10", "model.stride=2")
+    assert done.returncode == 2
+    table = done.stdout.splitlines()
+    assert table[-1].split()[:2] == ["pool5", "pool"] and "1 x 1 x 64" in table[-2]
+    assert "0 x 0 x 64" in table[-1]
+    assert done.stderr.startswith("cnnlab: error: pool5 (max pool 3x3, stride 2) after conv5")
+    assert "fix: model." in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 BAD = [
@@ -120,6 +133,7 @@ BAD = [
     (["optimizer.name=lion"], "optimizer.name"),
     (["optimizer.lr=-1"], "optimizer.lr"),
     (["train.epochs=0"], "train.epochs"),
+    (["train.batch_size=1000"], "train.batch_size"),
     (["train.epochs=ten"], "train.epochs"),
     (["+model.dpeth=3"], "did you mean model.depth"),
     (["+trian.epochs=3"], "did you mean train"),
@@ -132,7 +146,9 @@ BAD = [
 
 @pytest.mark.parametrize("overrides, named", BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_bad_config_is_one_short_error_without_traceback(overrides, named):
-    done = cli("train", *overrides, "logger.mode=disabled", "hydra.run.dir=/tmp/cnnlab-bad-cfg")
+    # short-run settings first, so that the bad override wins and a missed error trains briefly
+    short = ["logger.mode=disabled", "train.epochs=1", "data.train_limit=500"]
+    done = cli("train", *short, *overrides, "hydra.run.dir=/tmp/cnnlab-bad-cfg")
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert named in done.stderr, done.stderr

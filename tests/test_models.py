@@ -74,7 +74,8 @@ VARIANTS = [
      (28, 28, 1)),
     (dataclasses.replace(LENET5, activation="tanh", pool="avg", padding=[1, 0]), (30, 26, 3)),
     (ALEXNET_LITE, (32, 32, 3)),
-    (dataclasses.replace(ALEXNET_LITE, stride=[2, 1, 1, 1, 1], padding=[0, 1], kernel_size=3),
+    (dataclasses.replace(ALEXNET_LITE, stride=[2, 1, 1, 1, 1], padding=[0, 1, 1, 1, 1],
+                         kernel_size=3),
      (32, 32, 3)),
     (dataclasses.replace(ALEXNET_LITE, conv_layers=3, kernel_size=3, depth=8), (28, 28, 1)),
 ]  # fmt: skip

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from cnnlab import checkpoint, geometry
 from cnnlab.config import Config
 from cnnlab.data import Dataset, load_dataset
+from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
 from cnnlab.tracking import Tracker
 from cnnlab.train.loop import evaluate, fit
@@ -50,6 +51,11 @@ def run(cfg: Config, run_dir: Path, tracker: Tracker, progress: Progress | None 
     try:
         validate(cfg)  # names and ranges, and the geometry wherever the input shape is known
         data = load_dataset(cfg.data)
+        if len(data.train) < cfg.train.batch_size:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} is more than the {len(data.train)} "
+                "training examples; lower it, or raise data.train_limit"
+            )
         rows = geometry.layers(cfg.model, data.image_shape, data.num_classes)
         summary.update(geometry.summarize(rows))
         write_run_files(cfg, run_dir, data)
