@@ -23,3 +23,9 @@ class GeometryError(ConfigError):
 
 class DataError(CnnlabError):
     """A dataset cannot be found, downloaded or decoded."""
+
+
+def check_choice(key: str, value, options) -> None:
+    """Raise ConfigError unless `value` is one of `options` (a dict's keys or a sequence)."""
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not known; choose one of: {', '.join(options)}")

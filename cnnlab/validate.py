@@ -7,8 +7,8 @@ import math
 
 from cnnlab import geometry
 from cnnlab.config import Config
-from cnnlab.data import DATASETS, INPUT_SHAPES
-from cnnlab.errors import ConfigError
+from cnnlab.data import DATASETS, INPUT_SHAPES, PATH_REQUIRED
+from cnnlab.errors import ConfigError, check_choice
 from cnnlab.models import resolve
 from cnnlab.tracking.wandb_run import MODES
 from cnnlab.train.losses import LOSSES
@@ -20,11 +20,6 @@ def _require(ok: bool, key: str, value, rule: str) -> None:
         raise ConfigError(f"{key}={value!r} is out of range: {rule}")
 
 
-def _choice(key: str, value, options) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not known; choose one of: {', '.join(options)}")
-
-
 def _in_unit(value, *, closed_high=False) -> bool:
     return 0.0 <= value <= 1.0 if closed_high else 0.0 <= value < 1.0
 
@@ -33,15 +28,17 @@ def validate(cfg: Config) -> None:
     """Raise ConfigError for unknown names, out-of-range values and impossible geometry."""
     resolve(cfg.model)  # model names, per-layer lists and their ranges
     data, opt, train = cfg.data, cfg.optimizer, cfg.train
-    _choice("data.name", data.name, DATASETS)
+    check_choice("data.name", data.name, DATASETS)
+    if data.name in PATH_REQUIRED and not data.path:
+        raise ConfigError(f"data.path is required for data.name={data.name}: set data.path=...")
     _require(_in_unit(data.val_fraction), "data.val_fraction", data.val_fraction, "use [0, 1)")
     for key in ("train_limit", "test_limit"):
         value = getattr(data, key)
         _require(value is None or value >= 1, f"data.{key}", value, "use null or a count >= 1")
     crop = data.augment.crop_padding
     _require(crop >= 0, "data.augment.crop_padding", crop, "use 0 (off) or pixels >= 1")
-    _choice("optimizer.name", opt.name, OPTIMIZERS)
-    _choice("optimizer.schedule", opt.schedule, SCHEDULES)
+    check_choice("optimizer.name", opt.name, OPTIMIZERS)
+    check_choice("optimizer.schedule", opt.schedule, SCHEDULES)
     _require(opt.lr > 0 and math.isfinite(opt.lr), "optimizer.lr", opt.lr, "use a rate > 0")
     _require(_in_unit(opt.momentum), "optimizer.momentum", opt.momentum, "use [0, 1)")
     for key in ("b1", "b2"):
@@ -55,13 +52,13 @@ def validate(cfg: Config) -> None:
     )  # fmt: skip
     clip = opt.grad_clip_norm
     _require(clip is None or clip > 0, "optimizer.grad_clip_norm", clip, "use null or a norm > 0")
-    _choice("loss.name", cfg.loss.name, LOSSES)
+    check_choice("loss.name", cfg.loss.name, LOSSES)
     smoothing = cfg.loss.label_smoothing
     _require(_in_unit(smoothing), "loss.label_smoothing", smoothing, "use [0, 1)")
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_epochs"):
         value = getattr(train, key)
         _require(value >= 1, f"train.{key}", value, "use a whole number >= 1")
-    _choice("logger.mode", cfg.logger.mode, MODES)
+    check_choice("logger.mode", cfg.logger.mode, MODES)
     timeout = cfg.logger.init_timeout
     _require(timeout > 0, "logger.init_timeout", timeout, "use seconds > 0")
     samples = cfg.logger.num_sample_predictions

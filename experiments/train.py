@@ -46,9 +46,14 @@ def train(node: DictConfig) -> float | None:
             print(f"cnnlab: error in job {hydra_cfg.job.num}: {e}", file=sys.stderr)
             return None
         exit_on_user_error(e)
-    line = f"{summary['status']}: test accuracy {summary.get('test/accuracy', float('nan')):.4f}"
-    print(f"cnnlab: {line}, {summary['wall_seconds']:.0f}s, run directory {run_dir}")
-    return summary.get("val/best_accuracy")
+    if summary["status"] != "ok":
+        print(f"cnnlab: {summary['status']}: {summary['error']} ({run_dir})", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.RUN:
+            sys.exit(1)
+        return None
+    accuracy, seconds = summary["test/accuracy"], summary["wall_seconds"]
+    print(f"cnnlab: ok: test accuracy {accuracy:.4f} in {seconds:.0f}s, run directory {run_dir}")
+    return summary["val/best_accuracy"]
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ from cnnlab.data.idx import load_idx_split
 from cnnlab.data.image_folder import load_image_folder
 from cnnlab.data.splits import Split, hold_out, limit
 from cnnlab.data.tfds_source import load_tfds
-from cnnlab.errors import ConfigError, DataError
+from cnnlab.errors import ConfigError, DataError, check_choice
 
-__all__ = ["DATASETS", "INPUT_SHAPES", "Dataset", "Split", "load_dataset"]
+__all__ = ["DATASETS", "INPUT_SHAPES", "PATH_REQUIRED", "Dataset", "Split", "load_dataset"]
 
 # Debian's dataset-fashion-mnist package; read directly, because TFDS's checksums refuse Debian's
 # recompressed files.
@@ -106,6 +106,9 @@ DATASETS = {
     "image_folder": _image_folder,
 }
 
+# Datasets that exist only as the user's own files, so data.path must be set.
+PATH_REQUIRED = ("idx", "image_folder")
+
 # Input shape (H, W, C) and class count of the named datasets, known without reading them, so that
 # geometry is checked before any data is loaded.
 INPUT_SHAPES = {
@@ -117,8 +120,7 @@ INPUT_SHAPES = {
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Reads `cfg.name`'s data; same cfg -> identical arrays."""
-    if cfg.name not in DATASETS:
-        raise ConfigError(f"data.name={cfg.name} is unknown; choose one of {', '.join(DATASETS)}")
+    check_choice("data.name", cfg.name, DATASETS)
     full_train, test, class_names = DATASETS[cfg.name](cfg)
     for split_name, split in (("train", full_train), ("test", test)):
         low, high = split.labels.min(initial=0), split.labels.max(initial=0)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 
 from cnnlab.config import ModelConfig
-from cnnlab.errors import ConfigError
+from cnnlab.errors import ConfigError, check_choice
 from cnnlab.models.alexnet_lite import AlexNetLite
 from cnnlab.models.layers import ACTIVATIONS, POOLS
 from cnnlab.models.lenet5 import LeNet5
@@ -45,12 +45,6 @@ class Architecture:
     @property
     def kernels(self) -> tuple[int, ...]:
         return tuple(c.kernel for c in self.convs)
-
-
-def _choice(key: str, value: Any, options) -> Any:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not known; choose one of: {', '.join(options)}")
-    return value
 
 
 def _per_layer(key: str, value: Any, n: int, check) -> tuple:
@@ -102,7 +96,10 @@ def _widths(depth: Any, base: tuple[int, ...], n: int) -> tuple[int, ...]:
 
 def resolve(cfg: ModelConfig) -> Architecture:
     """Per-layer hyper-parameters of the configured model; raises ConfigError on bad values."""
-    module = MODELS[_choice("model.name", cfg.name, MODELS)]
+    check_choice("model.name", cfg.name, MODELS)
+    check_choice("model.activation", cfg.activation, ACTIVATIONS)
+    check_choice("model.pool", cfg.pool, POOLS)
+    module = MODELS[cfg.name]
     n = _num_conv(cfg, module.BASE_WIDTHS)
     widths = _widths(cfg.depth, module.BASE_WIDTHS, n)
     kernels = _per_layer("kernel_size", cfg.kernel_size, n, _positive_int)
@@ -120,8 +117,8 @@ def resolve(cfg: ModelConfig) -> Architecture:
         name=cfg.name,
         convs=tuple(map(Conv, widths, kernels, strides, paddings, pools)),
         dense=tuple(cfg.dense),
-        activation=_choice("model.activation", cfg.activation, ACTIVATIONS),
-        pool=_choice("model.pool", cfg.pool, POOLS),
+        activation=cfg.activation,
+        pool=cfg.pool,
         pool_size=cfg.pool_size,
         pool_stride=cfg.pool_stride,
         dropout=cfg.dropout,

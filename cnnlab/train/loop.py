@@ -102,12 +102,12 @@ def fit(
                     record = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                     record.update({"train/lr": float(schedule(step - 1)), "epoch": epoch})
                     result.last = record
+                    log(record, step)
+                    progress.report(step, epoch, record)
                     if not all(math.isfinite(record[k]) for k in ("train/loss", "train/grad_norm")):
                         result.state, result.status = state, "diverged"
                         result.message = f"loss or gradient became non-finite by step {step}"
                         return result
-                    log(record, step)
-                    progress.report(step, epoch, record)
             train_seconds += time.perf_counter() - t_epoch
             if (epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs) and len(val[1]):
                 ev = evaluate(eval_step, state.params, *val, cfg.eval_batch_size)

@@ -1,0 +1,80 @@
+"""Every preset in conf/ composes into the typed schema and validates; errors are one line."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+
+from cnnlab.config import Config, closest_key, from_omegaconf
+from cnnlab.errors import ConfigError
+from cnnlab.validate import validate
+from experiments.hydra_conf import conf_dir, one_line, register_schema
+
+CONF = conf_dir()
+
+
+def load(*overrides: str) -> Config:
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return from_omegaconf(compose(config_name="config", overrides=list(overrides)))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_experiment_presets_compose_and_validate(preset):
+    cfg = load(f"experiment={preset}", "data.path=/somewhere")
+    assert cfg.name == preset
+    validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [(g, o) for g in ("model", "data", "optimizer", "logger") for o in options(g)],
+)
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = load(f"{group}={option}", "data.path=/somewhere")
+    validate(cfg)
+
+
+def test_defaults_are_lenet5_on_fashion_mnist():
+    cfg = load()
+    assert (cfg.model.name, cfg.data.name, cfg.model.padding) == ("lenet5", "fashion_mnist", [2, 0])
+    assert isinstance(cfg, Config) and cfg.name == "lenet5_fashion_mnist"
+
+
+def test_classic_lenet5_is_tanh_and_average_pooling():
+    cfg = load("model=lenet5_classic")
+    assert (cfg.model.activation, cfg.model.pool, cfg.model.depth) == ("tanh", "avg", 6)
+
+
+def test_sweepable_overrides_reach_the_model():
+    cfg = load("model.depth=12", "model.stride=2", "model.padding=valid", "model.conv_layers=3")
+    assert (cfg.model.depth, cfg.model.stride, cfg.model.padding) == (12, 2, "valid")
+    cfg = load("model.depth=[4,8]", "model.padding=[same,1]")
+    assert cfg.model.depth == [4, 8] and cfg.model.padding == ["same", 1]
+
+
+def test_plus_typos_are_caught_with_the_closest_key():
+    with pytest.raises(ConfigError, match=r"model\.dpeth; did you mean model\.depth\?"):
+        load("+model.dpeth=3")
+    with pytest.raises(ConfigError, match=r"unknown config key sed; did you mean seed\?"):
+        load("+sed=3")
+    assert closest_key("optimizer.weight_decy") == "optimizer.weight_decay"
+    assert closest_key("nothing.like.this") is None
+
+
+def test_unset_required_values_are_named():
+    with pytest.raises(ConfigError, match=r"data\.path is required"):
+        validate(load("data=idx"))
+
+
+def test_hydra_errors_condense_to_one_line():
+    with pytest.raises(HydraException) as info:
+        load("model=resnet")
+    line = one_line(info.value)
+    assert "\n" not in line and "model/resnet" in line and "alexnet_lite, lenet5" in line
+    with pytest.raises(HydraException) as info:
+        load("model.depht=3")
+    assert one_line(info.value).endswith("did you mean model.depth?")
