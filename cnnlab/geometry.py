@@ -93,9 +93,10 @@ def _walk(arch: Architecture, input_shape, num_classes) -> tuple[list[Layer], st
         oh, ow = out_size(h, k, s, pad_h), out_size(w, k, s, pad_w)
         rf, jump = rf + (k - 1) * jump, jump * s
         detail = f"{k}x{k}/{s} {_pad_text(pad_h, pad_w)}"
-        params = k * k * c * conv.features + conv.features
+        weights = k * k * c * conv.features
         out = (max(oh, 0), max(ow, 0), conv.features)
-        rows.append(Layer(f"conv{i}", "conv", detail, out, params, out[0] * out[1] * params, rf))
+        macs = out[0] * out[1] * weights  # one multiply-add per weight per output pixel
+        rows.append(Layer(f"conv{i}", "conv", detail, out, weights + conv.features, macs, rf))
         if oh < 1 or ow < 1:
             return rows, (
                 f"conv{i} (conv {k}x{k}, stride {s}, {_pad_text(pad_h, pad_w)}) gets a {h}x{w}x{c} "
