@@ -98,6 +98,17 @@ class LoggerConfig:
 
 
 @dataclass
+class SweepConfig:
+    # What a multirun does with a point whose geometry or values are impossible: "skip" records it
+    # as status "invalid" in its job folder and trains nothing; "refuse" stops the whole sweep in
+    # the pre-flight, before any job starts.
+    on_invalid: str = "skip"
+    # Skip a point whose resolved config (see config_hash) already finished under the same
+    # multirun/<name>/ folder, copying its results instead of training again.
+    skip_done: bool = True
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -105,8 +116,26 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0  # root of every PRNG key: init, dropout, augmentation, data order
     name: str = "default"  # experiment name, used for run directories and W&B run names
+    # JAX's persistent compilation cache: a repeated run or sweep job with known shapes skips
+    # compilation. null turns it off.
+    compilation_cache: str | None = "~/.cache/cnnlab/jax"
+
+
+def config_hash(cfg: Config) -> str:
+    """Identity of what a run computes: its resolved config without the logging, naming and
+    sweep-control keys, which do not change the results."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    content = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_NOT_HASHED = ("logger", "name", "sweep", "compilation_cache")
 
 
 def from_omegaconf(node) -> Config:

@@ -64,6 +64,7 @@ def validate(cfg: Config) -> None:
     samples = cfg.logger.num_sample_predictions
     _require(samples >= 0, "logger.num_sample_predictions", samples, "use a count >= 0")
     _require(cfg.seed >= 0, "seed", cfg.seed, "use a whole number >= 0")
+    check_choice("sweep.on_invalid", cfg.sweep.on_invalid, ("skip", "refuse"))
     if data.name in INPUT_SHAPES:  # otherwise checked once the data is loaded
         shape, num_classes = INPUT_SHAPES[data.name]
         geometry.check(cfg.model, shape, num_classes)

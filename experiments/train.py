@@ -1,10 +1,17 @@
-"""`cnnlab-train [overrides]`: train one configuration, or a sweep with `-m`.
+"""`cnnlab-train [overrides]`: train one configuration, or a sweep with `-m` or a `sweep=` preset.
 
 Each job writes its run directory (Hydra's `hydra.run.dir`, or `hydra.sweep.dir/<job number>`):
 config.yaml, dataset.json, layers.txt, metrics.jsonl, confusion_matrix.csv, summary.json,
 checkpoint/ and, unless W&B is disabled, wandb/.
+
+In a sweep, every job stands alone: an impossible point is recorded as status "invalid" and not
+trained, a failing or diverging job records its error and the others go on, and a point whose
+config hash already finished under the same `multirun/<name>/` folder is copied, not retrained.
 """
 
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,10 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.config import from_omegaconf
-from cnnlab.errors import CnnlabError
+from cnnlab.config import Config, config_hash, from_omegaconf
+from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.tracking import Trackers
-from cnnlab.tracking.local import LocalTracker
+from cnnlab.tracking.local import LocalTracker, write_json
 from cnnlab.tracking.wandb_run import WandbTracker
 from cnnlab.train.run import run
 from cnnlab.validate import validate
@@ -27,28 +34,109 @@ from experiments.hydra_conf import (
     register_schema,
 )
 
+# What a finished run leaves that a skipped, identical sweep point copies.
+RESULT_FILES = (
+    "summary.json",
+    "metrics.jsonl",
+    "layers.txt",
+    "dataset.json",
+    "confusion_matrix.csv",
+)
+
+
+def done_index(sweep_dir: Path) -> Path:
+    """Where finished sweep points are recorded by config hash: beside the timestamped sweep
+    folders of one experiment (multirun/<name>/.done/), so that rerunning a sweep finds them."""
+    return sweep_dir.parent / ".done"
+
+
+def _start_jax(cfg: Config, multirun: bool) -> None:
+    """Process-wide JAX settings, before the first computation."""
+    if multirun:  # parallel jobs on one GPU must not each take 75% of its memory
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if cfg.compilation_cache:
+        import jax
+
+        path = Path(cfg.compilation_cache).expanduser()
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _copy_done(cfg: Config, run_dir: Path, index: Path) -> dict | None:
+    """The summary of an identical point that already finished, copied into `run_dir`."""
+    entry = index / f"{config_hash(cfg)}.json"
+    if not entry.is_file():
+        return None
+    source = Path(json.loads(entry.read_text())["run_dir"])
+    if not (source / "summary.json").is_file():
+        return None  # the earlier result was deleted: train again
+    for name in RESULT_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, run_dir / name)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["cached_from"] = str(source)
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _record_done(cfg: Config, run_dir: Path, index: Path) -> None:
+    index.mkdir(parents=True, exist_ok=True)
+    write_json(index / f"{config_hash(cfg)}.json", {"run_dir": str(run_dir)})
+
+
+def _wandb_tracker(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> WandbTracker:
+    name = str(run_dir.relative_to(run_dir.parents[1]))
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # one W&B group per sweep, tagged with its values
+        swept = [o for o in hydra_cfg.overrides.task if not o.startswith(("hydra", "logger"))]
+        logger = cfg.logger
+        logger.group = logger.group or str(run_dir.parent.relative_to(run_dir.parents[2]))
+        logger.tags = [*logger.tags, *swept][:64]  # W&B allows 64 tags of 64 characters
+        logger.tags = [t[:64] for t in logger.tags]
+    return WandbTracker(cfg.logger, run_dir, OmegaConf.to_container(node, resolve=True), name)
+
 
 def train(node: DictConfig) -> float | None:
-    """One Hydra job. Returns the validation accuracy (the objective for sweepers)."""
+    """One Hydra job. Returns the best validation accuracy (the objective for sweepers)."""
     hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    summary: dict = {}
     try:
         cfg = from_omegaconf(node)
-        validate(cfg)  # before W&B starts: a bad value must not leave a W&B run behind
-        config = OmegaConf.to_container(node, resolve=True)
-        wandb = None
-        if cfg.logger.mode != "disabled":
-            name = str(run_dir.relative_to(run_dir.parents[1]))
-            wandb = WandbTracker(cfg.logger, run_dir, config, name)
-        summary = run(cfg, run_dir, Trackers(LocalTracker(run_dir), wandb))
-    except CnnlabError as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # one bad point must not stop the sweep
-            print(f"cnnlab: error in job {hydra_cfg.job.num}: {e}", file=sys.stderr)
+        try:
+            validate(cfg)  # before W&B starts: a bad value must not leave a W&B run behind
+        except ConfigError as e:
+            if not multirun:
+                raise
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(node))
+            write_json(run_dir / "summary.json", {"status": "invalid", "error": str(e)})
+            print(f"cnnlab: job {hydra_cfg.job.num} is invalid, not trained: {e}", file=sys.stderr)
             return None
-        exit_on_user_error(e)
+        _start_jax(cfg, multirun)
+        index = done_index(run_dir.parent)
+        if multirun and cfg.sweep.skip_done and (summary := _copy_done(cfg, run_dir, index)):
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            print(f"cnnlab: job {hydra_cfg.job.num} already done in {summary['cached_from']}")
+            return summary.get("val/best_accuracy")
+        wandb = (
+            None if cfg.logger.mode == "disabled" else _wandb_tracker(cfg, node, hydra_cfg, run_dir)
+        )
+        summary = run(cfg, run_dir, Trackers(LocalTracker(run_dir), wandb))
+        if multirun and summary["status"] == "ok":
+            _record_done(cfg, run_dir, index)
+    except CnnlabError as e:
+        if not multirun:
+            exit_on_user_error(e)
+        print(f"cnnlab: error in job {hydra_cfg.job.num}: {e}", file=sys.stderr)
+        return None
+    except Exception as e:  # a bug or a crash: the job's summary.json has the traceback
+        if not multirun:
+            raise
+        print(f"cnnlab: job {hydra_cfg.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
     if summary["status"] != "ok":
         print(f"cnnlab: {summary['status']}: {summary['error']} ({run_dir})", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.RUN:
+        if not multirun:
             sys.exit(1)
         return None
     accuracy, seconds = summary["test/accuracy"], summary["wall_seconds"]

@@ -18,7 +18,15 @@ from cnnlab.data.splits import Split, hold_out, limit
 from cnnlab.data.tfds_source import load_tfds
 from cnnlab.errors import ConfigError, DataError, check_choice
 
-__all__ = ["DATASETS", "INPUT_SHAPES", "PATH_REQUIRED", "Dataset", "Split", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "INPUT_SHAPES",
+    "PATH_REQUIRED",
+    "SPLIT_SIZES",
+    "Dataset",
+    "Split",
+    "load_dataset",
+]
 
 # Debian's dataset-fashion-mnist package; read directly, because TFDS's checksums refuse Debian's
 # recompressed files.
@@ -115,6 +123,13 @@ INPUT_SHAPES = {
     "fashion_mnist": ((28, 28, 1), 10),
     "mnist": ((28, 28, 1), 10),
     "cifar10": ((32, 32, 3), 10),
+}
+
+# (train, test) sizes of the named datasets, for compute estimates before loading anything.
+SPLIT_SIZES = {
+    "fashion_mnist": (60_000, 10_000),
+    "mnist": (60_000, 10_000),
+    "cifar10": (50_000, 10_000),
 }
 
 

@@ -1,0 +1,181 @@
+"""Read a Hydra multirun folder back: one `Point` per job folder, whatever state it ended in.
+
+A sweep directory holds `multirun.yaml` and job folders `0/`, `1/`, ... (see README "The run
+directory"). A job that failed before training may lack everything but `.hydra/` (its point is
+then read from `.hydra/config.yaml` or `.hydra/overrides.yaml`) and has status "missing" when it
+has no `summary.json`.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from cnnlab.errors import CnnlabError
+
+# Config keys that name, log or steer a run without changing what it computes (compare
+# cnnlab.config.config_hash): never treated as swept.
+IGNORED = ("name", "logger", "hydra", "sweep", "compilation_cache")
+REPLICATE = "seed"  # the replicate axis: rows average over it
+
+
+@dataclass
+class Point:
+    """One job of a sweep: its config, how it ended and what it measured."""
+
+    job: str  # the job folder's name, "0", "1", ...
+    path: Path
+    config: dict[str, Any]  # flattened dotted keys -> values (lists kept as values)
+    overrides: list[str]  # the job's Hydra overrides, "key=value"
+    status: str  # ok | diverged | failed | interrupted | invalid | missing
+    error: str
+    summary: dict[str, Any] = field(repr=False)
+    final_val_accuracy: float | None  # the last `val/accuracy` in metrics.jsonl
+    layers: str  # layers.txt, "" if absent
+
+    def metric(self, key: str) -> float | None:
+        """A finite number from summary.json (e.g. "test/accuracy"), else None."""
+        value = self.summary.get(key)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            return None
+        return float(value)
+
+
+def is_job_dir(path: Path) -> bool:
+    return path.is_dir() and path.name.isdigit()
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """Raise CnnlabError, with a hint, unless `sweep_dir` looks like a multirun folder."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise CnnlabError(f"{sweep_dir} is not a directory")
+    if (sweep_dir / "multirun.yaml").is_file() or any(map(is_job_dir, sweep_dir.iterdir())):
+        return
+    if (sweep_dir / "summary.json").is_file() or (sweep_dir / ".hydra").is_dir():
+        raise CnnlabError(f"{sweep_dir} is a single run, not a sweep; pass its sweep folder")
+    inner = sorted(p.name for p in sweep_dir.iterdir() if (p / "multirun.yaml").is_file())
+    hint = f"; it holds the sweeps {', '.join(inner[-3:])}" if inner else ""
+    raise CnnlabError(
+        f"{sweep_dir} is not a sweep directory (no multirun.yaml, no job folders 0/, 1/, ...){hint}"
+    )
+
+
+def collect(sweep_dir: Path) -> list[Point]:
+    """Every job folder of the sweep, in job order."""
+    sweep_dir = Path(sweep_dir)
+    check_sweep_dir(sweep_dir)
+    jobs = sorted(filter(is_job_dir, sweep_dir.iterdir()), key=lambda p: int(p.name))
+    return [read_point(job) for job in jobs]
+
+
+def read_point(job: Path) -> Point:
+    listed = _load_yaml(job / ".hydra" / "overrides.yaml")
+    overrides = [str(o) for o in listed] if isinstance(listed, list) else []
+    summary = _load_json(job / "summary.json")
+    status = str(summary.get("status", "missing")) if summary else "missing"
+    error = str(summary.get("error", "")) if summary else "no summary.json (the job did not finish)"
+    layers = job / "layers.txt"
+    return Point(
+        job=job.name,
+        path=job,
+        config=_config(job, overrides),
+        overrides=overrides,
+        status=status,
+        error=error,
+        summary=summary or {},
+        final_val_accuracy=_final_val_accuracy(job / "metrics.jsonl"),
+        layers=layers.read_text() if layers.is_file() else "",
+    )
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"model.depth": 6, ...}; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def swept_keys(points: list[Point]) -> list[str]:
+    """Dotted config keys whose values differ between jobs (the seed included), in the order of
+    the overrides, then of the config."""
+    order: dict[str, None] = {}
+    for point in points:
+        order.update(dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for o in point.overrides))
+    for point in points:
+        order.update(dict.fromkeys(point.config))
+    swept = []
+    for key in order:
+        if key.split(".")[0] in IGNORED:
+            continue
+        values = {repr(p.config[key]) for p in points if key in p.config}
+        if len(values) > 1:
+            swept.append(key)
+    return swept
+
+
+def _config(job: Path, overrides: list[str]) -> dict[str, Any]:
+    """The resolved config.yaml, else Hydra's own copy, with the overrides applied on top."""
+    config = {}
+    for path in (job / "config.yaml", job / ".hydra" / "config.yaml"):
+        if path.is_file():
+            node = OmegaConf.load(path)
+            try:
+                config = flatten(OmegaConf.to_container(node, resolve=True))
+            except Exception:  # an interpolation that only resolves inside Hydra
+                config = flatten(OmegaConf.to_container(node, resolve=False))
+            break
+    for override in overrides:  # Hydra applied them already; they only fill in what is missing
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key and key not in config and not any(k.startswith(f"{key}.") for k in config):
+            config[key] = _parse_value(value)
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return None
+
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _final_val_accuracy(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed run
+            continue
+        if isinstance(record, dict) and isinstance(record.get("val/accuracy"), int | float):
+            last = float(record["val/accuracy"])
+    return last

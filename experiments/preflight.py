@@ -1,0 +1,140 @@
+"""`cnnlab-preflight [overrides]`: expand a sweep and check every point before anything runs.
+
+Takes the same arguments as `cnnlab-train -m` (ad-hoc `key=a,b` sweeps and `sweep=` presets) and
+prints each distinct architecture's per-layer table (feature-map sizes, parameters,
+multiply-adds, receptive fields) with the points that use it, every impossible point with its
+reason, the number of jobs and an estimate of the training compute. `cnnlab-train` runs the same
+check at the start of every multirun (experiments/callbacks.py). Exit code 2 if a point is invalid.
+"""
+
+import argparse
+import itertools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
+
+from cnnlab import geometry
+from cnnlab.config import Config, from_omegaconf
+from cnnlab.data import INPUT_SHAPES, SPLIT_SIZES
+from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.validate import validate
+
+
+@dataclass
+class Point:
+    overrides: list[str]  # the job's swept values (those that differ between jobs)
+    error: str = ""  # why the point is impossible; "" if it is valid
+    cfg: Config | None = None
+    rows: list[geometry.Layer] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.overrides) or "(no swept values)"
+
+
+def expand(task_overrides: list[str], params: dict[str, str]) -> list[list[str]]:
+    """The jobs of a sweep as Hydra's basic sweeper makes them: every job gets all overrides, one
+    value of each swept key, over the cartesian product of the sweeper's `params` and the command
+    line's sweep overrides (the command line wins over `params` for the same key)."""
+    merged = {k: f"{k}={v}" for k, v in (params or {}).items()}
+    for override in OverridesParser.create().parse_overrides(task_overrides):
+        merged[override.get_key_element()] = override.input_line
+    axes = []
+    for override in OverridesParser.create().parse_overrides(list(merged.values())):
+        key = override.get_key_element()
+        values = override.sweep_string_iterator() if override.is_sweep_override() else None
+        axes.append([f"{key}={v}" for v in values] if values else [override.input_line])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def check(points: list[list[str]], load: Callable[[list[str]], DictConfig]) -> list[Point]:
+    """Compose and validate every point; geometry is computed for the named datasets' shapes."""
+    varying = [len({p[i] for p in points}) > 1 for i in range(len(points[0]))] if points else []
+    checked = []
+    for overrides in points:
+        point = Point([o for o, swept in zip(overrides, varying, strict=True) if swept])
+        try:
+            point.cfg = from_omegaconf(load(overrides))
+            validate(point.cfg)
+            if point.cfg.data.name in INPUT_SHAPES:
+                shape, classes = INPUT_SHAPES[point.cfg.data.name]
+                point.rows = geometry.layers(point.cfg.model, shape, classes)
+        except ConfigError as e:
+            point.error = str(e)
+        checked.append(point)
+    return checked
+
+
+def training_flops(cfg: Config, rows: list[geometry.Layer]) -> float:
+    """Forward and backward (about 3x the forward FLOPs) over every training image and epoch."""
+    train, _ = SPLIT_SIZES.get(cfg.data.name, (0, 0))
+    images = min(round(train * (1 - cfg.data.val_fraction)), cfg.data.train_limit or train)
+    return 3.0 * geometry.summarize(rows)["flops"] * images * cfg.train.epochs
+
+
+def report(points: list[Point]) -> str:
+    """The pre-flight text: tables per distinct architecture, invalid points, totals."""
+    lines, tables = [], {}
+    for point in points:
+        if point.rows:
+            tables.setdefault(geometry.format_table(point.rows), []).append(point.label)
+    for i, (table, labels) in enumerate(tables.items(), start=1):
+        lines += [f"architecture {i} of {len(tables)}, used by {len(labels)} job(s):"]
+        lines += [f"  {label}" for label in labels] + [table, ""]
+    invalid = [p for p in points if p.error]
+    if invalid:
+        lines.append(f"{len(invalid)} invalid point(s), not launched:")
+        lines += [f"  {p.label}: {p.error}" for p in invalid]
+        lines.append("")
+    valid = [p for p in points if not p.error]
+    flops = sum(training_flops(p.cfg, p.rows) for p in valid if p.rows)
+    lines.append(
+        f"{len(points)} point(s): {len(valid)} job(s) to run, {len(invalid)} invalid; "
+        f"training compute about {_si(flops)}FLOP (3x forward FLOPs x images x epochs)"
+    )
+    return "\n".join(lines)
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:,.1f} {unit}"
+    return f"{value:,.0f} "
+
+
+def main() -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from experiments.hydra_conf import conf_dir, exit_on_user_error, one_line, register_schema
+
+    parser = argparse.ArgumentParser(prog="cnnlab-preflight", description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="*", help="as for cnnlab-train -m")
+    parser.add_argument("-m", "--multirun", action="store_true", help="accepted and ignored")
+    args = parser.parse_args()
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            fixed = [o for o in args.overrides if not _is_sweep(o)]
+            base = compose("config", overrides=fixed, return_hydra_config=True)
+            params = dict(base.hydra.sweeper.get("params") or {})
+            points = expand(args.overrides, params)
+            checked = check(points, lambda point: compose("config", overrides=point))
+    except (HydraException, OmegaConfBaseException) as e:
+        exit_on_user_error(one_line(e))
+    except CnnlabError as e:
+        exit_on_user_error(e)
+    print(report(checked))
+    sys.exit(2 if any(p.error for p in checked) else 0)
+
+
+def _is_sweep(override: str) -> bool:
+    return OverridesParser.create().parse_override(override).is_sweep_override()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The sweep report: a real tiny sweep through cnnlab-train -m and cnnlab-report, and job folders
+written with cnnlab's own config schema for seeds, failures and sweeps of other keys."""
+
+import csv
+import json
+import statistics
+
+import pytest
+from matplotlib.image import imread
+from omegaconf import OmegaConf
+
+from cnnlab.config import Config, ModelConfig, OptimizerConfig
+from cnnlab.report import aggregate, collect, swept_keys, write_report
+from tests.conftest import cli, needs_fashion_mnist, small_config
+
+TINY = [
+    "data.train_limit=300", "data.test_limit=100", "train.epochs=1", "train.batch_size=32",
+    "logger.mode=disabled",
+]  # fmt: skip
+PLOTS = ("accuracy", "heatmap", "accuracy_vs_flops")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """stride x padding on LeNet-5 with 3 filters: 3 trainable points and 1 impossible one
+    (stride 2, valid padding: pool2 gets a 1x1 map), then cnnlab-report on it."""
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "demo"
+    done = cli("train", "-m", "model.depth=3", "model.stride=1,2", "model.padding=same,valid",
+               *TINY, f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = cli("report", str(sweep_dir))
+    assert report.returncode == 0, report.stderr[-3000:]
+    return sweep_dir
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@needs_fashion_mnist
+def test_real_sweep_table_has_one_row_per_point_and_lists_the_impossible_one(sweep):
+    rows = read_csv(sweep / "summary.csv")
+    assert [(r["model.stride"], r["model.padding"]) for r in rows] == [
+        ("1", "same"), ("1", "valid"), ("2", "same"), ("2", "valid"),
+    ]  # fmt: skip
+    for row, job in zip(rows[:3], ("0", "1", "2"), strict=True):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert row["n"] == "1" and row["ok"] == "1" and row["test_accuracy_std"] == ""
+        assert float(row["test_accuracy_mean"]) == pytest.approx(summary["test/accuracy"])
+        assert int(row["params"]) == summary["params"] and int(row["flops"]) == summary["flops"]
+        assert 0 < float(row["final_val_accuracy_mean"]) <= 1
+    assert int(rows[0]["flops"]) > int(rows[1]["flops"]) > int(rows[2]["flops"])
+    impossible = rows[3]
+    assert impossible["n"] == "0" and impossible["test_accuracy_mean"] == ""
+    assert int(impossible["invalid"]) + int(impossible["missing"]) == 1
+    markdown = (sweep / "summary.md").read_text()
+    assert "| stride |" not in markdown and "| model.stride | model.padding | n |" in markdown
+    assert "job 3 (model.stride=2 model.padding=valid)" in markdown
+
+
+@needs_fashion_mnist
+def test_real_sweep_html_is_self_contained_with_plots_and_architectures(sweep):
+    page = (sweep / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(PLOTS)
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert "model.stride=1,2" in page  # the command, from multirun.yaml
+    assert page.count("<details>") == 4 and "conv1" in page and "receptive field" in page
+    assert "<td class='key'>valid</td>" in page
+    for name in PLOTS:
+        image = imread(sweep / f"{name}.png")
+        assert image.shape[0] > 300 and image.shape[1] > 500 and image.std() > 0.05, name
+
+
+def write_job(sweep_dir, job: int, cfg: Config, summary: dict | None, val=()) -> None:
+    """A job folder as cnnlab-train writes it (config.yaml from the schema, overrides, summary)."""
+    folder = sweep_dir / str(job)
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(f"- seed={cfg.seed}\n")
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps({"seed": cfg.seed, **summary}))
+    records = [{"step": i, "val/accuracy": v} for i, v in enumerate(val)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def ok(accuracy: float, **more) -> dict:
+    return {"status": "ok", "test/accuracy": accuracy, "val/best_accuracy": accuracy + 0.01,
+            "params": 100, "flops": 2000, "wall_seconds": 3.0, **more}  # fmt: skip
+
+
+def test_seeds_are_averaged_and_failures_are_kept_out_of_the_means(tmp_path):
+    for seed, accuracy in enumerate((0.5, 0.7)):
+        write_job(tmp_path, seed, small_config(seed=seed), ok(accuracy), val=(0.3, accuracy))
+    write_job(tmp_path, 2, small_config(seed=2), {"status": "diverged", "error": "NaN at step 7"})
+    write_job(tmp_path, 3, small_config(seed=3), None)  # killed before its summary
+    points = collect(tmp_path)
+    assert [p.status for p in points] == ["ok", "ok", "diverged", "missing"]
+    assert swept_keys(points) == ["seed"]
+    (row,) = aggregate(points)
+    assert row.n == 2 and row.counts["diverged"] == 1 and row.counts["missing"] == 1
+    assert row.mean["test_accuracy"] == pytest.approx(0.6)
+    assert row.std["test_accuracy"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    assert row.mean["final_val_accuracy"] == pytest.approx(0.6)  # last val/accuracy record
+    assert row.mean["best_val_accuracy"] == pytest.approx(0.61)
+    paths = write_report(tmp_path)
+    assert "60.00 ± 14.14" in paths["markdown"].read_text()
+    assert "NaN at step 7" in paths["markdown"].read_text()
+    assert "NaN at step 7" in paths["html"].read_text()
+
+
+def test_invalid_points_are_rows_and_an_all_invalid_sweep_still_reports(tmp_path):
+    error = "pool2 (max pool 2x2, stride 2) after conv2 gets a 1x1x16 input & would output 0x0"
+    for job, stride in enumerate((1, 2)):
+        cfg = small_config(model=ModelConfig(stride=stride, padding="valid"))
+        write_job(tmp_path, job, cfg, {"status": "invalid", "error": error})
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n    - model.stride=1,2\n"
+    )
+    rows = aggregate(collect(tmp_path))
+    assert [(r.values, r.n, r.counts["invalid"]) for r in rows] == [
+        ({"model.stride": 1}, 0, 1), ({"model.stride": 2}, 0, 1),
+    ]  # fmt: skip
+    paths = write_report(tmp_path)
+    assert set(paths) == {"csv", "markdown", "html", *PLOTS}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
+    page = paths["html"].read_text()
+    assert "1x1x16 input &amp; would output" in page and "cnnlab-train -m model.stride=1,2" in page
+    assert [r["invalid"] for r in read_csv(paths["csv"])] == ["1", "1"]
+
+
+def test_a_sweep_of_other_keys_and_a_single_point_are_plotted(tmp_path):
+    lrs = tmp_path / "lr"
+    for job, lr in enumerate((0.01, 0.1, 1.0)):
+        write_job(lrs, job, small_config(optimizer=OptimizerConfig(lr=lr)), ok(0.8 - lr / 2))
+    rows = aggregate(collect(lrs))
+    assert [r.values for r in rows] == [{"optimizer.lr": v} for v in (0.01, 0.1, 1.0)]
+    single = tmp_path / "single"
+    write_job(single, 0, small_config(), ok(0.9))
+    for sweep_dir in (lrs, single):
+        paths = write_report(sweep_dir)
+        for name in PLOTS:
+            assert imread(paths[name]).shape[0] > 200, (sweep_dir, name)
+    assert read_csv(single / "summary.csv")[0]["test_accuracy_mean"] == "0.9"
+
+
+def test_report_is_logged_to_an_offline_wandb_run(tmp_path):
+    import wandb
+
+    sweep_dir = tmp_path / "sweep"
+    for job, depth in enumerate((3, 6)):
+        write_job(
+            sweep_dir, job, small_config(model=ModelConfig(depth=depth)), ok(0.5 + depth / 100)
+        )
+    run = wandb.init(mode="offline", dir=tmp_path, project="cnnlab-test")
+    try:
+        write_report(sweep_dir, wandb_run=run)
+    finally:
+        run.finish()
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = offline / "files" / "media"
+    assert len(list(media.glob("table/sweep/summary_*.table.json"))) == 1
+    for name in PLOTS:
+        assert len(list(media.glob(f"images/sweep/{name}_[0-9]*.png"))) == 1, name
+    (table,) = media.glob("table/sweep/summary_*.table.json")
+    data = json.loads(table.read_text())
+    assert data["columns"][:2] == ["model.depth", "n"] and len(data["data"]) == 2
+
+
+def test_cli_refuses_a_folder_that_is_not_a_sweep_in_one_line(tmp_path):
+    write_job(tmp_path / "sweep", 0, small_config(), ok(0.9))
+    run_dir = tmp_path / "sweep" / "0"
+    for path, message in [(run_dir, "is a single run"), (tmp_path / "nope", "not a directory")]:
+        done = cli("report", str(path))
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.startswith("cnnlab: error: ") and message in done.stderr
+        assert done.stderr.count("\n") == 1
+    assert not (run_dir / "report.html").exists()

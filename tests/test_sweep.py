@@ -1,0 +1,100 @@
+"""Sweeps end to end: expansion, pre-flight, invalid points, one W&B run per job, skipping done
+points on a rerun, and refusing to start."""
+
+import json
+import time
+
+import pytest
+
+from experiments.preflight import expand
+from tests.conftest import cli, needs_fashion_mnist
+from tests.wandb_records import records
+
+SWEEP = [
+    "-m", "model.depth=3", "model.stride=1,2", "model.padding=same,valid", "data.train_limit=300",
+    "data.test_limit=200", "train.epochs=1", "train.batch_size=50", "train.log_every_steps=2",
+]  # fmt: skip
+
+
+def test_expand_is_the_cartesian_product_and_the_command_line_wins():
+    jobs = expand(["model.depth=3,6", "seed=0", "train.epochs=1"], {"seed": "0,1,2", "x.y": "a,b"})
+    assert len(jobs) == 2 * 2 * 1  # x.y (2) x depth (2) x seed (the command line's single 0)
+    assert {"x.y=a", "seed=0", "model.depth=3", "train.epochs=1"} in [set(job) for job in jobs]
+    assert all(len(job) == 4 for job in jobs)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multirun")
+    first = cli("train", *SWEEP, "logger.mode=offline", f"hydra.sweep.dir={root}/first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    return root, first
+
+
+@needs_fashion_mnist
+def test_invalid_points_are_recorded_and_not_trained(sweep):
+    root, done = sweep
+    preflight = (root / "first" / "preflight.txt").read_text()
+    assert "4 point(s): 3 job(s) to run, 1 invalid" in preflight
+    assert "model.stride=2 model.padding=valid: pool2" in preflight
+    assert "invalid: model.stride=2 model.padding=valid" in done.stdout
+    statuses = {}
+    for job in sorted((root / "first").glob("[0-9]*")):
+        summary = json.loads((job / "summary.json").read_text())
+        statuses[job.name] = summary["status"]
+        assert (job / "checkpoint").exists() == (summary["status"] == "ok")
+    assert statuses == {"0": "ok", "1": "ok", "2": "ok", "3": "invalid"}
+    # the report, written by the end-of-multirun callback, lists the invalid point with its reason
+    markdown = (root / "first" / "summary.md").read_text()
+    assert "pool2 (max pool 2x2, stride 2)" in markdown
+    for name in ("summary.csv", "report.html", "accuracy.png", "heatmap.png"):
+        assert (root / "first" / name).is_file(), name
+    assert "sweep report:" in done.stdout
+
+
+@needs_fashion_mnist
+def test_each_job_is_its_own_wandb_run_in_one_group(sweep):
+    root, _ = sweep
+    runs = []
+    for job in ("0", "1", "2"):
+        (run_file,) = (root / "first" / job / "wandb").glob("offline-run-*/run-*.wandb")
+        (run,) = [r.run for r in records(run_file) if r.WhichOneof("record_type") == "run"]
+        runs.append(run)
+    assert len({r.run_id for r in runs}) == 3
+    assert {r.run_group for r in runs} == {f"{root.name}/first"}
+    assert "model.stride=2" in runs[2].tags and "model.padding=same" in runs[2].tags
+    assert not list((root / "first" / "3").glob("wandb"))  # the invalid point started no run
+
+
+@needs_fashion_mnist
+def test_rerunning_the_sweep_reuses_every_finished_point(sweep):
+    root, _ = sweep
+    start = time.monotonic()
+    again = cli("train", *SWEEP, "logger.mode=offline", f"hydra.sweep.dir={root}/second")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already done in") == 3
+    for job in ("0", "1", "2"):
+        summary = json.loads((root / "second" / job / "summary.json").read_text())
+        first = json.loads((root / "first" / job / "summary.json").read_text())
+        assert summary["cached_from"] == str(root / "first" / job)
+        assert summary["test/accuracy"] == first["test/accuracy"]
+        assert not (root / "second" / job / "wandb").exists()
+    assert time.monotonic() - start < 60  # no training: start-up and the pre-flight only
+
+
+@needs_fashion_mnist
+def test_refuse_stops_an_invalid_sweep_before_any_job(tmp_path):
+    done = cli("train", *SWEEP, "sweep.on_invalid=refuse", "logger.mode=disabled",
+               f"hydra.sweep.dir={tmp_path}/s")  # fmt: skip
+    assert done.returncode == 2
+    assert "sweep.on_invalid=refuse" in done.stderr and "Traceback" not in done.stderr
+    assert not list((tmp_path / "s").glob("[0-9]*"))
+
+
+def test_preflight_command_prints_tables_invalid_points_and_totals():
+    done = cli("preflight", "sweep=lenet5_geometry")
+    assert done.returncode == 2  # the preset has invalid points (stride 2 with valid padding)
+    assert "36 point(s): 27 job(s) to run, 9 invalid" in done.stdout
+    assert "receptive field" in done.stdout and "architecture 1 of" in done.stdout
+    ok = cli("preflight", "-m", "model.depth=3,6", "model.stride=1,2")
+    assert ok.returncode == 0 and "4 point(s): 4 job(s) to run, 0 invalid" in ok.stdout
