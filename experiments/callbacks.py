@@ -13,7 +13,7 @@ from cnnlab.config import LoggerConfig
 from cnnlab.report import write_report
 from cnnlab.tracking.wandb_run import WandbTracker
 from experiments.hydra_conf import exit_on_user_error
-from experiments.preflight import check, expand, report
+from experiments.preflight import ContinuousSweep, check, expand, report
 
 
 class SweepCallback(Callback):
@@ -28,7 +28,12 @@ class SweepCallback(Callback):
             return node
 
         params = dict(config.hydra.sweeper.get("params") or {})
-        points = check(expand(list(config.hydra.overrides.task), params), job_config)
+        try:
+            jobs = expand(list(config.hydra.overrides.task), params)
+        except ContinuousSweep as e:  # e.g. Optuna: every job validates itself when it starts
+            print(f"cnnlab: pre-flight skipped: {e}")
+            return
+        points = check(jobs, job_config)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         text = report(points)

@@ -23,6 +23,10 @@ from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.validate import validate
 
 
+class ContinuousSweep(ValueError):
+    """A sweep over a range (e.g. Optuna's interval): its points are chosen while it runs."""
+
+
 @dataclass
 class Point:
     overrides: list[str]  # the job's swept values (those that differ between jobs)
@@ -45,6 +49,8 @@ def expand(task_overrides: list[str], params: dict[str, str]) -> list[list[str]]
     axes = []
     for override in OverridesParser.create().parse_overrides(list(merged.values())):
         key = override.get_key_element()
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            raise ContinuousSweep(f"{key} is a range ({override.input_line}), not a list")
         values = override.sweep_string_iterator() if override.is_sweep_override() else None
         axes.append([f"{key}={v}" for v in values] if values else [override.input_line])
     return [list(combo) for combo in itertools.product(*axes)]
@@ -122,7 +128,10 @@ def main() -> None:
             fixed = [o for o in args.overrides if not _is_sweep(o)]
             base = compose("config", overrides=fixed, return_hydra_config=True)
             params = dict(base.hydra.sweeper.get("params") or {})
-            points = expand(args.overrides, params)
+            try:
+                points = expand(args.overrides, params)
+            except ContinuousSweep as e:
+                exit_on_user_error(f"cannot list the points of this sweep in advance: {e}")
             checked = check(points, lambda point: compose("config", overrides=point))
     except (HydraException, OmegaConfBaseException) as e:
         exit_on_user_error(one_line(e))

@@ -34,6 +34,8 @@ from experiments.hydra_conf import (
     register_schema,
 )
 
+FAILED = float("nan")  # the objective of a job that did not finish
+
 # What a finished run leaves that a skipped, identical sweep point copies.
 RESULT_FILES = (
     "summary.json",
@@ -95,8 +97,9 @@ def _wandb_tracker(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> W
     return WandbTracker(cfg.logger, run_dir, OmegaConf.to_container(node, resolve=True), name)
 
 
-def train(node: DictConfig) -> float | None:
-    """One Hydra job. Returns the best validation accuracy (the objective for sweepers)."""
+def train(node: DictConfig) -> float:
+    """One Hydra job. Returns the best validation accuracy, the objective for sweepers such as
+    Optuna's (NaN for a job that did not finish, which Optuna records as a failed trial)."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -111,7 +114,7 @@ def train(node: DictConfig) -> float | None:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(node))
             write_json(run_dir / "summary.json", {"status": "invalid", "error": str(e)})
             print(f"cnnlab: job {hydra_cfg.job.num} is invalid, not trained: {e}", file=sys.stderr)
-            return None
+            return FAILED
         _start_jax(cfg, multirun)
         index = done_index(run_dir.parent)
         if multirun and cfg.sweep.skip_done and (summary := _copy_done(cfg, run_dir, index)):
@@ -128,17 +131,17 @@ def train(node: DictConfig) -> float | None:
         if not multirun:
             exit_on_user_error(e)
         print(f"cnnlab: error in job {hydra_cfg.job.num}: {e}", file=sys.stderr)
-        return None
+        return FAILED
     except Exception as e:  # a bug or a crash: the job's summary.json has the traceback
         if not multirun:
             raise
         print(f"cnnlab: job {hydra_cfg.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return None
+        return FAILED
     if summary["status"] != "ok":
         print(f"cnnlab: {summary['status']}: {summary['error']} ({run_dir})", file=sys.stderr)
         if not multirun:
             sys.exit(1)
-        return None
+        return FAILED
     accuracy, seconds = summary["test/accuracy"], summary["wall_seconds"]
     print(f"cnnlab: ok: test accuracy {accuracy:.4f} in {seconds:.0f}s, run directory {run_dir}")
     return summary["val/best_accuracy"]

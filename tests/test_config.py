@@ -31,7 +31,7 @@ def test_experiment_presets_compose_and_validate(preset):
 
 @pytest.mark.parametrize(
     "group, option",
-    [(g, o) for g in ("model", "data", "optimizer", "logger") for o in options(g)],
+    [(g, o) for g in ("model", "data", "optimizer", "logger", "sweep") for o in options(g)],
 )
 def test_every_group_option_composes_and_validates(group, option):
     cfg = load(f"{group}={option}", "data.path=/somewhere")

@@ -98,3 +98,18 @@ def test_preflight_command_prints_tables_invalid_points_and_totals():
     assert "receptive field" in done.stdout and "architecture 1 of" in done.stdout
     ok = cli("preflight", "-m", "model.depth=3,6", "model.stride=1,2")
     assert ok.returncode == 0 and "4 point(s): 4 job(s) to run, 0 invalid" in ok.stdout
+
+
+@needs_fashion_mnist
+def test_optuna_search_maximises_validation_accuracy(tmp_path):
+    done = cli(
+        "train", "sweep=lenet5_optuna", "hydra.sweeper.n_trials=2", "data.train_limit=300",
+        "data.test_limit=100", "train.epochs=1", "train.batch_size=50", "logger.mode=disabled",
+        f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pre-flight skipped" in done.stdout
+    results = (tmp_path / "optimization_results.yaml").read_text()
+    best = max(json.loads((tmp_path / j / "summary.json").read_text())["val/best_accuracy"]
+               for j in ("0", "1"))  # fmt: skip
+    assert f"best_value: {best}" in results and "optimizer.lr" in results
