@@ -26,7 +26,10 @@ def test_expand_is_the_cartesian_product_and_the_command_line_wins():
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("multirun")
-    first = cli("train", *SWEEP, "logger.mode=offline", f"hydra.sweep.dir={root}/first")
+    first = cli(
+        "train", *SWEEP, "logger.mode=offline", f"hydra.sweep.dir={root}/first",
+        f"compilation_cache={root}/jax-cache",
+    )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     return root, first
 
@@ -64,6 +67,12 @@ def test_each_job_is_its_own_wandb_run_in_one_group(sweep):
     assert {r.run_group for r in runs} == {f"{root.name}/first"}
     assert "model.stride=2" in runs[2].tags and "model.padding=same" in runs[2].tags
     assert not list((root / "first" / "3").glob("wandb"))  # the invalid point started no run
+
+
+@needs_fashion_mnist
+def test_jobs_share_jax_compilation_cache(sweep):
+    root, _ = sweep
+    assert len(list((root / "jax-cache").iterdir())) >= 2  # the train and eval step at least
 
 
 @needs_fashion_mnist
