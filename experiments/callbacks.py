@@ -14,6 +14,7 @@ from cnnlab.report import write_report
 from cnnlab.tracking.wandb_run import WandbTracker
 from experiments.hydra_conf import exit_on_user_error
 from experiments.preflight import ContinuousSweep, check, expand, report
+from experiments.train import sweep_group
 
 
 class SweepCallback(Callback):
@@ -57,7 +58,7 @@ class SweepCallback(Callback):
         )
         tracker = None
         if logger.mode != "disabled":
-            logger.group = logger.group or str(sweep_dir.relative_to(sweep_dir.parents[1]))
+            logger.group = logger.group or sweep_group(sweep_dir)
             name = f"{logger.group}/report"
             tracker = WandbTracker(logger, sweep_dir, {"sweep_dir": str(sweep_dir)}, name)
         try:

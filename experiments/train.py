@@ -52,6 +52,11 @@ def done_index(sweep_dir: Path) -> Path:
     return sweep_dir.parent / ".done"
 
 
+def sweep_group(sweep_dir: Path) -> str:
+    """The W&B group of a sweep's jobs and its report run: `<name>/<timestamp>`."""
+    return str(sweep_dir.relative_to(sweep_dir.parents[1]))
+
+
 def _start_jax(cfg: Config, multirun: bool) -> None:
     """Process-wide JAX settings, before the first computation."""
     if multirun:  # parallel jobs on one GPU must not each take 75% of its memory
@@ -90,10 +95,9 @@ def _wandb_tracker(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> W
     name = str(run_dir.relative_to(run_dir.parents[1]))
     if hydra_cfg.mode == RunMode.MULTIRUN:  # one W&B group per sweep, tagged with its values
         swept = [o for o in hydra_cfg.overrides.task if not o.startswith(("hydra", "logger"))]
-        logger = cfg.logger
-        logger.group = logger.group or str(run_dir.parent.relative_to(run_dir.parents[2]))
-        logger.tags = [*logger.tags, *swept][:64]  # W&B allows 64 tags of 64 characters
-        logger.tags = [t[:64] for t in logger.tags]
+        cfg.logger.group = cfg.logger.group or sweep_group(run_dir.parent)
+        # W&B allows 64 tags of at most 64 characters
+        cfg.logger.tags = [tag[:64] for tag in [*cfg.logger.tags, *swept][:64]]
     return WandbTracker(cfg.logger, run_dir, OmegaConf.to_container(node, resolve=True), name)
 
 
