@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from cnnlab.models.layers import ACTIVATIONS, POOLS, flax_padding
+from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv
 
 
 class AlexNetLite(nn.Module):
@@ -49,7 +49,7 @@ class AlexNetLite(nn.Module):
         for i, ((width, k, s, p), pooled) in enumerate(
             zip(layers, self.pools(len(self.features)), strict=False)
         ):
-            x = nn.Conv(width, (k, k), (s, s), padding=flax_padding(p), name=f"conv{i + 1}")(x)
+            x = Conv(width, k, s, p, name=f"conv{i + 1}")(x)
             x = act(x)
             if pooled:
                 x = pool(x, window, stride)  # [B, H', W', width]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from cnnlab.models.layers import ACTIVATIONS, POOLS, flax_padding
+from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv
 
 
 class LeNet5(nn.Module):
@@ -44,7 +44,7 @@ class LeNet5(nn.Module):
         window, stride = (self.pool_size,) * 2, (self.pool_stride,) * 2
         layers = zip(self.features, self.kernel_size, self.strides, self.padding, strict=False)
         for i, (width, k, s, p) in enumerate(layers, start=1):
-            x = nn.Conv(width, (k, k), (s, s), padding=flax_padding(p), name=f"conv{i}")(x)
+            x = Conv(width, k, s, p, name=f"conv{i}")(x)
             x = pool(act(x), window, stride)  # [B, H', W', width]
         x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']
         for j, width in enumerate(self.dense, start=1):

@@ -1,0 +1,94 @@
+"""Every convolution formulation and gradient agrees with XLA's own convolution."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnlab.models.conv import FORMULATIONS, conv2d, plan
+from cnnlab.models.layers import Conv
+
+# (x shape [B, H, W, C], kernel side, filters, stride, padding): LeNet-5's and AlexNet-lite's
+# layers, strided and asymmetric "same" padding, and a 1-channel input with stride 2.
+CASES = [
+    ((4, 28, 28, 1), 5, 6, 1, 2),
+    ((4, 14, 14, 6), 5, 16, 1, 0),
+    ((2, 32, 32, 3), 5, 8, 1, "same"),
+    ((2, 16, 16, 4), 4, 5, 2, "same"),  # even kernel, stride 2: padding 1+2
+    ((3, 11, 11, 1), 3, 4, 2, "valid"),
+]
+
+
+def _pads(padding, x_shape, k, s):
+    if isinstance(padding, str):
+        return tuple(jax.lax.padtype_to_pads(x_shape[1:3], (k, k), (s, s), padding.upper()))
+    return ((padding, padding),) * 2
+
+
+def _inputs(x_shape, k, f):
+    """Random x, w and a cotangent seed, from numpy: jax.random would compile per shape."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    w = (rng.normal(size=(k, k, x_shape[-1], f)) / k).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(w), rng  # rng draws the cotangent
+
+
+OTHERS = sorted(set(FORMULATIONS) - {"xla"})
+
+
+def _check(name, case, gradients):
+    x_shape, k, f, s, padding = case
+    x, w, rng = _inputs(x_shape, k, f)
+    pads, strides = _pads(padding, x_shape, k, s), (s, s)
+    ref = lambda x, w: FORMULATIONS["xla"](x, w, strides, pads)  # noqa: E731
+    got = lambda x, w: FORMULATIONS[name](x, w, strides, pads)  # noqa: E731
+    g = rng.normal(size=jax.eval_shape(ref, x, w).shape).astype(np.float32)
+    outputs = lambda conv: jax.jit(  # noqa: E731
+        lambda x, w: (conv(x, w), jax.vjp(conv, x, w)[1](g) if gradients else ())
+    )(x, w)
+    chex.assert_trees_all_close(outputs(got), outputs(ref), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-k{c[1]}-f{c[2]}-s{c[3]}-{c[4]}")
+@pytest.mark.parametrize("name", OTHERS)
+def test_formulation_matches_xla(case, name):
+    _check(name, case, gradients=False)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["lenet-conv1", "stride2-even-kernel"])
+@pytest.mark.parametrize("name", OTHERS)
+def test_formulation_gradients_match_xla(case, name):
+    _check(name, case, gradients=True)
+
+
+MIXES = [("taps", "xla", "xla"), ("xla", "taps", "taps")]
+
+
+@pytest.mark.parametrize("how", MIXES)
+def test_conv2d_mixes_formulations_per_pass(how):
+    x, w, _ = _inputs((4, 14, 14, 6), 5, 16)
+    pads = ((1, 1), (1, 1))
+    loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))  # noqa: E731
+    ours = jax.jit(jax.value_and_grad(loss(lambda x, w: conv2d(x, w, (1, 1), pads, how)), (0, 1)))
+    ref = jax.value_and_grad(loss(lambda x, w: FORMULATIONS["xla"](x, w, (1, 1), pads)), (0, 1))
+    chex.assert_trees_all_close(ours(x, w), ref(x, w), atol=1e-4, rtol=1e-4)
+
+
+def test_plan_uses_xla_off_the_cpu_and_taps_for_one_input_channel():
+    assert plan((128, 28, 28, 1), (5, 5, 1, 6), "gpu") == ("xla", "xla", "xla")
+    assert plan((128, 28, 28, 1), (5, 5, 1, 6), "cpu")[0] == "taps"
+    for shape in [(5, 5, 6, 16), (3, 3, 64, 96)]:
+        assert all(form in FORMULATIONS for form in plan((128, 14, 14, shape[2]), shape, "cpu"))
+
+
+@pytest.mark.parametrize("padding", [2, "same", "valid"])
+def test_conv_layer_has_nn_conv_parameters_and_output(padding):
+    x, _, _ = _inputs((2, 12, 12, 3), 1, 1)
+    ours = Conv(7, 5, 1, padding)
+    theirs = nn.Conv(7, (5, 5), padding=padding.upper() if isinstance(padding, str) else padding)
+    params = ours.init(jax.random.key(2), x)
+    chex.assert_trees_all_equal(params, theirs.init(jax.random.key(2), x))  # same names and init
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), atol=1e-5)
