@@ -1,4 +1,4 @@
-"""Every convolution formulation and gradient agrees with XLA's own convolution."""
+"""Every convolution formulation and the max pool agree with XLA's own, gradients included."""
 
 import chex
 import flax.linen as nn
@@ -9,6 +9,7 @@ import pytest
 
 from cnnlab.models.conv import FORMULATIONS, conv2d, plan
 from cnnlab.models.layers import Conv
+from cnnlab.models.pool import max_pool
 
 # (x shape [B, H, W, C], kernel side, filters, stride, padding): LeNet-5's and AlexNet-lite's
 # layers, strided and asymmetric "same" padding, and a 1-channel input with stride 2.
@@ -92,3 +93,22 @@ def test_conv_layer_has_nn_conv_parameters_and_output(padding):
     chex.assert_trees_all_equal(params, theirs.init(jax.random.key(2), x))  # same names and init
     params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
     np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, window, stride",
+    [((2, 28, 28, 3), 2, 2), ((2, 15, 15, 4), 3, 2), ((1, 9, 11, 2), 3, 3), ((2, 7, 7, 1), 2, 1)],
+)
+def test_max_pool_matches_flax_values_and_gradient(shape, window, stride):
+    rng = np.random.default_rng(3)
+    # Rounded values make ties within windows common: the gradient must pick the same input.
+    x = jnp.asarray(np.round(rng.normal(size=shape), 1).astype(np.float32))
+    ref = lambda x: nn.max_pool(x, (window, window), (stride, stride))  # noqa: E731
+    ours = lambda x: max_pool(x, window, stride)  # noqa: E731
+    y, ref_vjp = jax.vjp(ref, x)
+    g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+    both = jax.jit(lambda x: jax.vjp(ours, x)[0:1] + (jax.vjp(ours, x)[1](g),))
+    got_y, (got_dx,) = both(x)
+    chex.assert_trees_all_equal(got_y, y)
+    # Overlapping windows add several cotangents into one input, in another order than XLA.
+    chex.assert_trees_all_close(got_dx, ref_vjp(g)[0], atol=1e-6, rtol=0)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv
+from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, fused
 
 
 class AlexNetLite(nn.Module):
@@ -44,15 +44,14 @@ class AlexNetLite(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # [B, H, W, C] -> [B, K]
         act, pool = ACTIVATIONS[self.activation], POOLS[self.pool]
-        window, stride = (self.pool_size,) * 2, (self.pool_stride,) * 2
         layers = zip(self.features, self.kernel_size, self.strides, self.padding, strict=False)
         for i, ((width, k, s, p), pooled) in enumerate(
             zip(layers, self.pools(len(self.features)), strict=False)
         ):
-            x = Conv(width, k, s, p, name=f"conv{i + 1}")(x)
-            x = act(x)
+            after_fused = fused(x.shape, (k, k, x.shape[-1], width))
+            x = act(Conv(width, k, s, p, name=f"conv{i + 1}")(x))
             if pooled:
-                x = pool(x, window, stride)  # [B, H', W', width]
+                x = pool(x, self.pool_size, self.pool_stride, after_fused)  # [B, H', W', width]
         x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']
         for j, width in enumerate(self.dense, start=1):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)

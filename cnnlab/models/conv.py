@@ -45,10 +45,15 @@ def _slices(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads):
 
 
 def _taps(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> jax.Array:
+    if w.shape[2] == 1:
+        # One input channel: broadcast multiplies summed by one reduction, which XLA fuses into a
+        # single loop whose result is materialized (a reduction ends a fusion) rather than
+        # recomputed inside every consumer, such as each view of a following pool.
+        views = [view * w[i, j, 0] for i, j, view in _slices(x, w, strides, pads)]
+        return jnp.sum(jnp.stack(views), axis=0)  # [B, H', W', F]
     out = 0.0
     for i, j, view in _slices(x, w, strides, pads):
-        # One input channel: a broadcast multiply, which XLA fuses with the sum into one loop.
-        out = out + (view * w[i, j, 0] if w.shape[2] == 1 else view @ w[i, j])  # [B, H', W', F]
+        out = out + view @ w[i, j]  # [B, H', W', F]
     return out
 
 

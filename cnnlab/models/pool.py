@@ -1,0 +1,62 @@
+"""Max pooling as an elementwise maximum of strided views, with a gradient XLA's CPU runs fast.
+
+`nn.max_pool` is `lax.reduce_window`, whose gradient is `select_and_scatter_add`: on the XLA CPU
+backend that takes ~10 ms for LeNet-5's first pool at batch 128 and ~130 ms for AlexNet-lite's,
+most of a training step. Here the forward pass is the maximum of the window's k*k strided views
+of the input, and the gradient sends each output's cotangent to the first input (in row-major
+window order, as `select_and_scatter_add` does) that equals the maximum, by padding the masked
+cotangent back into place: elementwise work that XLA fuses. Same values and gradients as
+`nn.max_pool` with "VALID" padding, five to ten times faster on the CPU, and no scatter, so the
+gradient is deterministic on every backend.
+
+Glossary: `B` batch, `H, W` spatial, `C` channels, `k` window side, `s` stride.
+"""
+
+import functools
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+
+
+def _views(x: jax.Array, window: int, stride: int) -> Iterator[tuple[int, int, jax.Array]]:
+    """(row offset, column offset, [B, H', W', C] view) for each of the window's k*k taps."""
+    h, w = x.shape[1:3]
+    ho, wo = (h - window) // stride + 1, (w - window) // stride + 1
+    for i in range(window):
+        for j in range(window):
+            rows = slice(i, i + stride * (ho - 1) + 1, stride)
+            cols = slice(j, j + stride * (wo - 1) + 1, stride)
+            yield i, j, x[:, rows, cols, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """[B, H, W, C] -> [B, H', W', C]: the maximum of each k x k window, every s pixels."""
+    return functools.reduce(jnp.maximum, (view for _, _, view in _views(x, window, stride)))
+
+
+def _forward(x, window, stride):
+    views = jnp.stack([view for _, _, view in _views(x, window, stride)])  # [k*k, B, H', W', C]
+    # The first maximum's tap, as `select_and_scatter_add` picks it. The backward pass reads only
+    # this reduction's result: were it to compare views of `x` again, XLA would fuse the
+    # producer of `x` (a convolution written as multiply-adds) into it and recompute it per tap.
+    first = jnp.argmax(views, axis=0).astype(jnp.int8)  # [B, H', W', C]
+    return jnp.max(views, axis=0), (first, x.shape)
+
+
+def _backward(window, stride, residuals, g):
+    first, (_, h, w, _) = residuals
+    ho, wo = first.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    dx = 0.0
+    for tap, (i, j, _) in enumerate(_views(jnp.zeros((1, h, w, 1)), window, stride)):
+        # Place [B, H', W', C] back at rows i, i + s, ... and columns j, j + s, ... of [B, H, W, C].
+        rows = (i, h - i - stride * (ho - 1) - 1, stride - 1)
+        cols = (j, w - j - stride * (wo - 1) - 1, stride - 1)
+        masked = jnp.where(first == tap, g, zero)
+        dx = dx + jax.lax.pad(masked, zero, ((0, 0, 0), rows, cols, (0, 0, 0)))
+    return (dx,)
+
+
+max_pool.defvjp(_forward, _backward)
