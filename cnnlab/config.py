@@ -84,6 +84,9 @@ class TrainConfig:
     eval_batch_size: int = 1000
     log_every_steps: int = 100  # metrics record, progress line and W&B point every N steps
     eval_every_epochs: int = 1  # validation accuracy every N epochs (and always after the last)
+    # float32, or bfloat16 mixed precision for GPUs and TPUs: the forward and backward pass run in
+    # bfloat16 while the parameters, the optimizer state and the loss stay float32
+    precision: str = "float32"
 
 
 @dataclass
@@ -109,6 +112,18 @@ class SweepConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-host training: one JAX runtime over the devices of several processes (README,
+    Multi-host). Unset (null) values are read by `jax.distributed.initialize` from SLURM's or a
+    Cloud TPU's environment."""
+
+    enabled: bool = False  # call jax.distributed.initialize before the first computation
+    coordinator_address: str | None = None  # host:port that process 0 listens on
+    num_processes: int | None = None  # processes in the run, over all hosts
+    process_id: int | None = None  # this process's rank, in [0, num_processes)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -117,6 +132,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0  # root of every PRNG key: init, dropout, augmentation, data order
     name: str = "default"  # experiment name, used for run directories and W&B run names
     # JAX's persistent compilation cache: a repeated run or sweep job with known shapes skips
@@ -135,7 +151,8 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_NOT_HASHED = ("logger", "name", "sweep", "compilation_cache")
+# How a run is started, logged and named; `distributed` only says how processes find each other.
+_NOT_HASHED = ("logger", "name", "sweep", "compilation_cache", "distributed")
 
 
 def from_omegaconf(node) -> Config:

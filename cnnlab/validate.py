@@ -4,15 +4,17 @@ Each failure is a ConfigError whose one-line message names the key, the bad valu
 """
 
 import math
+import sys
 
 from cnnlab import geometry
-from cnnlab.config import Config
+from cnnlab.config import Config, DistributedConfig, TrainConfig
 from cnnlab.data import DATASETS, INPUT_SHAPES, PATH_REQUIRED
 from cnnlab.errors import ConfigError, check_choice
 from cnnlab.models import resolve
 from cnnlab.tracking.wandb_run import MODES
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import OPTIMIZERS, SCHEDULES
+from cnnlab.train.step import PRECISIONS
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:
@@ -58,6 +60,7 @@ def validate(cfg: Config) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_epochs"):
         value = getattr(train, key)
         _require(value >= 1, f"train.{key}", value, "use a whole number >= 1")
+    check_choice("train.precision", train.precision, PRECISIONS)
     check_choice("logger.mode", cfg.logger.mode, MODES)
     timeout = cfg.logger.init_timeout
     _require(timeout > 0, "logger.init_timeout", timeout, "use seconds > 0")
@@ -65,6 +68,41 @@ def validate(cfg: Config) -> None:
     _require(samples >= 0, "logger.num_sample_predictions", samples, "use a count >= 0")
     _require(cfg.seed >= 0, "seed", cfg.seed, "use a whole number >= 0")
     check_choice("sweep.on_invalid", cfg.sweep.on_invalid, ("skip", "refuse"))
+    _validate_distributed(cfg.distributed)
     if data.name in INPUT_SHAPES:  # otherwise checked once the data is loaded
         shape, num_classes = INPUT_SHAPES[data.name]
         geometry.check(cfg.model, shape, num_classes)
+
+
+def _validate_distributed(dist: DistributedConfig) -> None:
+    n, rank, address = dist.num_processes, dist.process_id, dist.coordinator_address
+    values = {"coordinator_address": address, "num_processes": n, "process_id": rank}
+    given = [key for key, value in values.items() if value is not None]
+    if given and not dist.enabled:
+        raise ConfigError(f"distributed.{given[0]} is set but unused: add distributed.enabled=true")
+    _require(n is None or n >= 1, "distributed.num_processes", n, "use null or a count >= 1")
+    if rank is not None:
+        rule = f"use null or a rank in [0, {n})" if n else "use null or a rank >= 0"
+        _require(0 <= rank < (n or math.inf), "distributed.process_id", rank, rule)
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        ok = bool(host) and port.isdigit()
+        _require(ok, "distributed.coordinator_address", address, "use host:port, e.g. node001:1234")
+
+
+def check_devices(train: TrainConfig, num_devices: int, backend: str) -> None:
+    """The checks that need the started JAX runtime (so not `validate`, which the pre-flight runs
+    on the submitting machine): each step splits its batch evenly over every device."""
+    b = train.batch_size
+    if b % num_devices:
+        lower, upper = b // num_devices * num_devices, -(-b // num_devices) * num_devices
+        fix = " or ".join(f"train.batch_size={v}" for v in (lower, upper) if v)
+        raise ConfigError(
+            f"train.batch_size={b} does not split evenly over the {num_devices} devices; use {fix}"
+        )
+    if train.precision == "bfloat16" and backend == "cpu":
+        print(
+            "cnnlab: warning: train.precision=bfloat16 is meant for GPUs and TPUs; "
+            "on the CPU it is slower than float32",
+            file=sys.stderr,
+        )

@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 import hydra
+import jax
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.config import Config, config_hash, from_omegaconf
 from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.parallel import initialize_distributed
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker, write_json
 from cnnlab.tracking.wandb_run import WandbTracker
@@ -62,11 +64,11 @@ def _start_jax(cfg: Config, multirun: bool) -> None:
     if multirun:  # parallel jobs on one GPU must not each take 75% of its memory
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if cfg.compilation_cache:
-        import jax
-
         path = Path(cfg.compilation_cache).expanduser()
         jax.config.update("jax_compilation_cache_dir", str(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if cfg.distributed.enabled:  # multi-host: join the other processes before JAX starts
+        initialize_distributed(cfg.distributed)
 
 
 def _copy_done(cfg: Config, run_dir: Path, index: Path) -> dict | None:
@@ -125,11 +127,16 @@ def train(node: DictConfig) -> float:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             print(f"cnnlab: job {hydra_cfg.job.num} already done in {summary['cached_from']}")
             return summary.get("val/best_accuracy")
+        # Every process of a multi-host run trains; the first one keeps the record.
+        primary = jax.process_index() == 0
+        local = LocalTracker(run_dir) if primary else None
         wandb = (
-            None if cfg.logger.mode == "disabled" else _wandb_tracker(cfg, node, hydra_cfg, run_dir)
+            _wandb_tracker(cfg, node, hydra_cfg, run_dir)
+            if primary and cfg.logger.mode != "disabled"
+            else None
         )
-        summary = run(cfg, run_dir, Trackers(LocalTracker(run_dir), wandb))
-        if multirun and summary["status"] == "ok":
+        summary = run(cfg, run_dir, Trackers(local, wandb))
+        if multirun and summary["status"] == "ok" and primary:
             _record_done(cfg, run_dir, index)
     except CnnlabError as e:
         if not multirun:

@@ -10,6 +10,7 @@
 import csv
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from cnnlab.tracking import confusion_matrix
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write JSON atomically: a reader never sees a half-written file, and processes writing the
+    same file at once (the hosts of a multi-host run) each replace it whole."""
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 

@@ -19,13 +19,14 @@ from cnnlab.config import Config
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
+from cnnlab.parallel import data_mesh, put, replicated
 from cnnlab.tracking import Tracker
 from cnnlab.train.loop import evaluate, fit
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
 from cnnlab.train.progress import Progress
 from cnnlab.train.step import create_state, make_eval_step, make_train_step
-from cnnlab.validate import validate
+from cnnlab.validate import check_devices, validate
 
 
 def write_run_files(cfg: Config, run_dir: Path, data: Dataset) -> None:
@@ -48,8 +49,10 @@ def run(cfg: Config, run_dir: Path, tracker: Tracker, progress: Progress | None 
     run_dir = Path(run_dir)
     summary: dict = {"status": "failed", "model": cfg.model.name, "dataset": cfg.data.name}
     summary.update(seed=cfg.seed, backend=jax.default_backend(), devices=jax.device_count())
+    summary.update(processes=jax.process_count())
     try:
         validate(cfg)  # names and ranges, and the geometry wherever the input shape is known
+        check_devices(cfg.train, jax.device_count(), jax.default_backend())
         data = load_dataset(cfg.data)
         if len(data.train) < cfg.train.batch_size:
             raise ConfigError(
@@ -58,7 +61,8 @@ def run(cfg: Config, run_dir: Path, tracker: Tracker, progress: Progress | None 
             )
         rows = geometry.layers(cfg.model, data.image_shape, data.num_classes)
         summary.update(geometry.summarize(rows))
-        write_run_files(cfg, run_dir, data)
+        if jax.process_index() == 0:  # the processes of a multi-host run share the run directory
+            write_run_files(cfg, run_dir, data)
         tracker.log_layers(rows)
         result, test = _train(cfg, data, tracker, progress)
         summary.update(
@@ -95,15 +99,20 @@ def _train(cfg: Config, data: Dataset, tracker: Tracker, progress: Progress | No
     model = build_model(cfg.model, data.num_classes)
     steps_per_epoch = len(data.train) // cfg.train.batch_size
     tx, schedule = build_optimizer(cfg.optimizer, steps_per_epoch, cfg.train.epochs)
-    state = create_state(model, tx, data.image_shape, init_key)
+    mesh = data_mesh()  # every device; the batch is split over them (cnnlab.parallel)
+    everywhere = replicated(mesh)
+    state = create_state(model, tx, data.image_shape, init_key, mesh)
     loss_fn = LOSSES[cfg.loss.name]
     mean, std = data.mean.astype(np.float32), data.std.astype(np.float32)
-    train_step = make_train_step(loss_fn, cfg.loss.label_smoothing, mean, std, cfg.data.augment)
-    eval_step = make_eval_step(model.apply, loss_fn, mean, std)
-    device = lambda split: (jax.device_put(split.images), jax.device_put(split.labels))  # noqa: E731
+    precision = cfg.train.precision
+    train_step = make_train_step(
+        loss_fn, cfg.loss.label_smoothing, mean, std, cfg.data.augment, precision, mesh
+    )
+    eval_step = make_eval_step(model.apply, loss_fn, mean, std, precision, mesh)
+    device = lambda split: put((split.images, split.labels), everywhere)  # noqa: E731
     result = fit(
         state, train_step, eval_step, device(data.train), device(data.val), cfg.train,
-        cfg.seed, train_key, tracker.log, schedule, progress,
+        cfg.seed, put(train_key, everywhere), tracker.log, schedule, progress,
     )  # fmt: skip
     test = None
     if result.status == "ok":

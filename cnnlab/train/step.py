@@ -4,9 +4,18 @@ The dataset lives on the device as uint8 for the whole run; a step receives the 
 the indices of its batch, gathers the batch, augments and normalizes it inside the compiled
 program, so the host sends only B int32 indices per step.
 
+Both steps run data-parallel over a mesh (`cnnlab.parallel`): the state and the dataset are
+replicated, the indices and so the batch are split over the devices, and the loss's mean over the
+global batch makes the gradient the same as on one device. One device is a mesh of one.
+
+With `precision="bfloat16"` the forward and backward pass run in bfloat16 (tensor cores on GPUs
+and TPUs, half the activation memory) while the master parameters, the optimizer state, the
+logits fed to the loss, the loss and the gradients the optimizer sees all stay float32.
+
 Glossary: `N` examples in a split, `B` batch, `H, W` spatial, `C` channels, `K` classes.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,18 +25,36 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training.train_state import TrainState
+from jax.sharding import Mesh
 
 from cnnlab.config import AugmentConfig
+from cnnlab.parallel import batch_sharded, data_mesh, replicated, step_input
 
 Metrics = dict[str, jax.Array]
 
+# train.precision: the dtype of the forward and backward pass
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def create_state(
-    model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple, key: jax.Array
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    image_shape: tuple,
+    key: jax.Array,
+    mesh: Mesh | None = None,
 ) -> TrainState:
-    """Initialize parameters from `key` for images of `image_shape` (H, W, C)."""
-    params = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    """Initialize parameters from `key` for images of `image_shape` (H, W, C), replicated on
+    every device of `mesh` (default: every device).
+
+    One compiled program (the same values as running it op by op): every process of a multi-host
+    run computes the same state from the same key, and there a compilation per op costs seconds.
+    """
+
+    def init(key: jax.Array) -> TrainState:
+        params = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+    return jax.jit(init, out_shardings=replicated(mesh or data_mesh()))(key)
 
 
 def normalize(images: jax.Array, mean: np.ndarray, std: np.ndarray) -> jax.Array:
@@ -51,19 +78,36 @@ def augment(images: jax.Array, key: jax.Array, cfg: AugmentConfig) -> jax.Array:
     return images
 
 
+def to_dtype(tree, dtype):
+    """Floating leaves of `tree` in `dtype`; in float32 the tree is returned as is, so that the
+    float32 program has no casts at all."""
+    if dtype == jnp.float32:
+        return tree
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    return jax.tree.map(cast, tree)
+
+
 def make_train_step(
     loss_fn: Callable,
     label_smoothing: float,
     mean: np.ndarray,
     std: np.ndarray,
     augment_cfg: AugmentConfig,
+    precision: str = "float32",
+    mesh: Mesh | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """`(state, images, labels, idx, key) -> (state, metrics)`, jitted, with the state donated.
 
-    `images` [N, H, W, C] uint8 and `labels` [N] stay on the device; `idx` [B] picks the batch.
-    The step's randomness is `key` folded with the step number: no key travels in the state.
+    `images` [N, H, W, C] uint8 and `labels` [N] stay on the device; `idx` [B], host int32, picks
+    the batch and is split over the devices of `mesh` (default: every device), so B must be a
+    multiple of their number. The state, images, labels and key are replicated on the mesh
+    (`cnnlab.parallel.put`). The step's randomness is `key` folded with the step number: no key
+    travels in the state.
     """
     augmenting = augment_cfg.crop_padding > 0 or augment_cfg.flip
+    dtype = PRECISIONS[precision]
+    mesh = mesh or data_mesh()
+    everywhere, split = replicated(mesh), batch_sharded(mesh)
 
     def train_step(state: TrainState, images, labels, idx, key) -> tuple[TrainState, Metrics]:
         augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
@@ -74,10 +118,14 @@ def make_train_step(
 
         def loss(params):
             logits = state.apply_fn(
-                {"params": params}, x, train=True, rngs={"dropout": dropout_key}
-            )  # [B, K]
+                {"params": to_dtype(params, dtype)},
+                to_dtype(x, dtype),
+                train=True,
+                rngs={"dropout": dropout_key},
+            ).astype(jnp.float32)  # [B, K]
             return loss_fn(logits, y, label_smoothing).mean(), logits
 
+        # float32 gradients: the cast of the float32 parameters is part of the differentiated path
         (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
         state = state.apply_gradients(grads=grads)
         metrics = {
@@ -87,25 +135,61 @@ def make_train_step(
         }
         return state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    jitted = jax.jit(
+        train_step,
+        donate_argnums=0,
+        in_shardings=(everywhere, everywhere, everywhere, split, everywhere),
+        out_shardings=everywhere,  # the new state and the metrics, whole on every device
+    )
+
+    @functools.wraps(jitted)  # step.__wrapped__: the compiled step, e.g. to inspect its program
+    def step(state: TrainState, images, labels, idx, key) -> tuple[TrainState, Metrics]:
+        return jitted(state, images, labels, step_input(idx, split), key)
+
+    return step
 
 
 def make_eval_step(
-    apply_fn: Callable, loss_fn: Callable, mean: np.ndarray, std: np.ndarray
+    apply_fn: Callable,
+    loss_fn: Callable,
+    mean: np.ndarray,
+    std: np.ndarray,
+    precision: str = "float32",
+    mesh: Mesh | None = None,
 ) -> Callable[..., dict[str, Any]]:
     """`(params, images, labels, idx, mask) -> sums and probabilities` for one padded batch.
 
-    `mask` [B] is False for the padding that fills the last batch; sums ignore it.
+    `mask` [B] is False for the padding that fills the last batch; sums ignore it. Any B works:
+    the batch is padded further to a multiple of the devices of `mesh`, and the probabilities of
+    that extra padding are dropped again.
     """
+    dtype = PRECISIONS[precision]
+    mesh = mesh or data_mesh()
+    everywhere, split = replicated(mesh), batch_sharded(mesh)
 
-    def eval_step(params, images, labels, idx, mask) -> dict[str, jax.Array]:
+    def eval_step(params, images, labels, idx, mask, size: int) -> dict[str, jax.Array]:
         x, y = normalize(images[idx], mean, std), labels[idx]
-        logits = apply_fn({"params": params}, x, train=False)  # [B, K]
+        logits = apply_fn({"params": to_dtype(params, dtype)}, to_dtype(x, dtype), train=False)
+        logits = logits.astype(jnp.float32)  # [B, K]
         losses = loss_fn(logits, y, 0.0)  # [B]
         return {
             "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
             "correct": jnp.sum(mask & (jnp.argmax(logits, -1) == y)),
-            "probs": jax.nn.softmax(logits),  # [B, K]
+            "probs": jax.nn.softmax(logits)[:size],  # [size, K]: the extra padding dropped
         }
 
-    return jax.jit(eval_step)
+    # The outputs are replicated (the probabilities gathered), so that every process can read them.
+    jitted = jax.jit(
+        eval_step,
+        in_shardings=(everywhere, everywhere, everywhere, split, split),
+        out_shardings=everywhere,
+        static_argnums=5,  # size
+    )
+
+    @functools.wraps(jitted)
+    def step(params, images, labels, idx, mask) -> dict[str, jax.Array]:
+        b, extra = len(idx), -len(idx) % mesh.size
+        idx, mask = np.pad(idx, (0, extra), mode="edge"), np.pad(mask, (0, extra))  # [B + extra]
+        return jitted(params, images, labels, step_input(idx, split), step_input(mask, split), b)
+
+    return step
