@@ -1,0 +1,314 @@
+"""`cnnlab-bench`: cnnlab against plain PyTorch eager, same networks, data, batch and threads.
+
+For LeNet-5 on Fashion-MNIST and AlexNet-lite on the CIFAR-10 copy it measures each contender:
+- steady-state training images per second: `--steps` steps timed after the first step and
+  `--warmup` more;
+- the first step's time (JAX compiles the step there, cold: no persistent cache) and the start-up
+  time, from launching the process to the first step done (imports, data, model, first step);
+- peak memory: the worker process's maximum resident set size;
+- time to a target test accuracy: training wall time from the first step (compilation included)
+  to the end of the first epoch whose test accuracy reaches the target; the tests themselves are
+  timed apart and not included.
+
+Machines here are shared and noisy, so both contenders run in this one invocation, one worker
+process per measurement and never two at once, alternating cnnlab, torch, torch, cnnlab, ...
+(ABBA, so that a drift in the machine's load hits both alike), every worker pinned to the same
+CPUs with the same thread count; the report gives medians and the ratio cnnlab / PyTorch.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from cnnlab.config import DataConfig, ModelConfig, OptimizerConfig
+from cnnlab.data import load_dataset
+from cnnlab.errors import CnnlabError, ConfigError
+from experiments.bench_report import METRICS, summarize, table
+from experiments.hydra_conf import conf_dir, exit_on_user_error
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = {  # contender -> the module that measures it
+    "cnnlab": "experiments.bench_workers.cnnlab_worker",
+    "torch": "experiments.bench_workers.torch_worker",
+}
+
+
+class WorkerError(CnnlabError):
+    """A worker process failed: its stderr is shown above the one-line message."""
+
+
+NO_TORCH = (
+    "PyTorch is not installed, and cnnlab-bench compares against it: "
+    "pip install 'cnnlab[bench]' (or pip install torch==2.13.0)"
+)
+
+
+@dataclass(frozen=True)
+class Task:
+    title: str
+    model: str  # conf/model preset
+    data: str  # conf/data preset
+    steps: int  # default timed steps: 10-20 s of training per worker on 2 cores
+    warmup: int  # default untimed steps after the first
+    target: float  # default target test accuracy
+    target_epochs: int  # default epoch budget, the learning-rate schedule's length
+    target_rounds: int  # default time-to-target runs per contender (minutes each)
+
+
+TASKS = {
+    "lenet5_fmnist": Task(
+        "LeNet-5 on Fashion-MNIST", "lenet5", "fashion_mnist", steps=300, warmup=20,
+        target=0.90, target_epochs=12, target_rounds=1,
+    ),  # 12 epochs: the lenet5_fashion_mnist experiment, 90.66% test accuracy
+    "alexnet_cifar10": Task(
+        "AlexNet-lite on CIFAR-10", "alexnet_lite", "cifar10", steps=40, warmup=5,
+        target=0.60, target_epochs=3, target_rounds=0,
+    ),  # 3 epochs gave 60.88% in 650 s with cnnlab alone, so time to target is opt-in
+}  # fmt: skip
+OPTIMIZER = "adamw"  # cnnlab's default conf/optimizer preset; both contenders implement it
+BATCH_SIZE = 128
+EVAL_BATCH_SIZE = 1000
+SEED = 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cnnlab-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=[*TASKS, "all"], default="lenet5_fmnist")
+    p.add_argument("--rounds", type=int, default=3, help="throughput runs per contender (3)")
+    p.add_argument("--steps", type=int, help="timed steps per throughput run (per task: 300, 40)")
+    p.add_argument("--warmup", type=int, help="untimed steps after the first (per task: 20, 5)")
+    p.add_argument("--target", type=float, help="test accuracy to reach (per task: 0.90, 0.60)")
+    p.add_argument("--target-epochs", type=int, help="epoch budget and schedule length (12, 3)")
+    p.add_argument(
+        "--target-rounds", type=int,
+        help="time-to-target runs per contender (per task: 1 for LeNet-5, 0 for AlexNet-lite)",
+    )  # fmt: skip
+    p.add_argument("--no-target", action="store_true", help="skip time to target")
+    p.add_argument("--threads", type=int, help="pin both to the first N CPUs (default: all)")
+    p.add_argument("--out", type=Path, help="results JSON (default outputs/bench/<time>.json)")
+    p.add_argument("--cifar10", default="../shared/data/cifar10-jpeg.zip",
+                   help="the CIFAR-10 image folder or .zip (default %(default)s)")  # fmt: skip
+    p.add_argument("--train-limit", type=int, help="first N training images only (smoke tests)")
+    p.add_argument("--test-limit", type=int, help="first N test images only (smoke tests)")
+    args = p.parse_args(argv)
+    for name in ("rounds", "steps", "target_epochs", "threads", "train_limit", "test_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup", "target_rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.target is not None and not 0 <= args.target <= 1:
+        p.error(f"--target {args.target} is an accuracy: give a value between 0 and 1")
+    return args
+
+
+def pick_cpus(threads: int | None) -> list[int]:
+    """The CPUs both contenders are pinned to: the first `threads` this process may use."""
+    available = sorted(os.sched_getaffinity(0))
+    if threads is not None and threads > len(available):
+        raise ConfigError(
+            f"--threads {threads}: this process may use only {len(available)} CPUs "
+            f"({','.join(map(str, available))}); give at most {len(available)}"
+        )
+    return available[: threads or len(available)]
+
+
+def preset(group: str, name: str, schema):
+    """A conf/ YAML preset as its config dataclass, the values `cnnlab-train group=name` uses."""
+    node = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+
+
+def plan(rounds: int, target_rounds: int) -> list[tuple[str, str]]:
+    """(mode, contender) in run order: pairs alternate which contender goes first (ABBA...)."""
+    modes = ["throughput"] * rounds + ["target"] * target_rounds
+    pairs = [("cnnlab", "torch") if k % 2 == 0 else ("torch", "cnnlab") for k in range(len(modes))]
+    return [(mode, c) for mode, pair in zip(modes, pairs, strict=True) for c in pair]
+
+
+def write_data(data, folder: Path) -> None:
+    """The splits as .npy files, which both kinds of worker read the same way."""
+    arrays = {
+        "train_images": data.train.images, "train_labels": data.train.labels,
+        "test_images": data.test.images, "test_labels": data.test.labels,
+        "mean": data.mean, "std": data.std,
+    }  # fmt: skip
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", array)
+
+
+def run_worker(contender: str, spec: dict, cpus: list[int], folder: Path, k: int) -> dict:
+    """One measurement in a fresh process pinned to `cpus` before it starts."""
+    threads = str(len(cpus))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env.update(OPENBLAS_NUM_THREADS=threads, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    result = folder / f"run{k}-{spec['mode']}-{contender}.json"
+    load = os.getloadavg()[0]  # other processes competing for the CPUs, for the record
+    spec = dict(spec, threads=len(cpus), result=str(result), launched_at=time.time())
+    done = subprocess.run(
+        [sys.executable, "-m", WORKERS[contender], json.dumps(spec)],
+        env=env, capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )  # fmt: skip
+    if done.returncode != 0 or not result.is_file():
+        sys.stderr.write(done.stderr[-4000:])
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise WorkerError(
+            f"the {contender} worker ({spec['task']}, {spec['mode']}) failed with exit code "
+            f"{done.returncode}: {last}"
+        )
+    return {**json.loads(result.read_text()), "load_average": load}
+
+
+def bench_task(name: str, task: Task, args: argparse.Namespace, cpus: list[int]) -> dict:
+    """Every run of one task, in ABBA order, with medians and ratios."""
+    data_cfg = preset("data", task.data, DataConfig)
+    if task.data == "cifar10":
+        if not Path(args.cifar10).exists():
+            raise ConfigError(
+                f"--cifar10 {args.cifar10} does not exist: give the CIFAR-10 image folder or "
+                ".zip, e.g. --cifar10 ../shared/data/cifar10-jpeg.zip"
+            )
+        data_cfg = replace(data_cfg, path=args.cifar10)
+    data_cfg = replace(data_cfg, train_limit=args.train_limit, test_limit=args.test_limit)
+    print(f"{name}: loading {task.data} ...", flush=True)
+    data = load_dataset(data_cfg)
+    if len(data.train) < BATCH_SIZE:
+        raise ConfigError(f"--train-limit {args.train_limit} is below the batch size {BATCH_SIZE}")
+    target_rounds = 0 if args.no_target else _given(args.target_rounds, task.target_rounds)
+    settings = {
+        "title": task.title, "model": asdict(preset("model", task.model, ModelConfig)),
+        "optimizer": asdict(preset("optimizer", OPTIMIZER, OptimizerConfig)),
+        "augment": asdict(data_cfg.augment), "batch_size": BATCH_SIZE,
+        "eval_batch_size": EVAL_BATCH_SIZE, "seed": SEED,
+        "train_images": len(data.train), "test_images": len(data.test),
+        "steps": _given(args.steps, task.steps), "warmup": _given(args.warmup, task.warmup),
+        "target": _given(args.target, task.target),
+        "epochs": _given(args.target_epochs, task.target_epochs),
+        "rounds": args.rounds, "target_rounds": target_rounds,
+    }  # fmt: skip
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as tmp:
+        write_data(data, Path(tmp))
+        del data
+        shared = ("model", "optimizer", "augment", "batch_size", "eval_batch_size", "seed")
+        shared += ("epochs", "warmup", "steps", "target")
+        spec = {k: settings[k] for k in shared} | {"task": name, "data_dir": tmp}
+        order = plan(args.rounds, target_rounds)
+        for k, (mode, contender) in enumerate(order, start=1):
+            run = run_worker(contender, dict(spec, mode=mode), cpus, Path(tmp), k)
+            run["order"] = k
+            runs.append(run)
+            print(f"{name} {k}/{len(order)} {_progress(run)}", flush=True)
+    return {"settings": settings, "runs": runs, **summarize(runs)}
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def _progress(run: dict) -> str:
+    line = f"{run['mode']:<10} {run['contender']:<6} (load {run['load_average']:.1f})"
+    if run["mode"] == "throughput":
+        return (
+            f"{line} {run['images_per_second']:8,.0f} img/s, first step "
+            f"{run['first_step_seconds']:.2f} s, start-up {run['startup_seconds']:.2f} s, "
+            f"{run['peak_rss_mb']:,.0f} MB"
+        )
+    epochs = len(run["history"])
+    if run["time_to_target_seconds"] is None:
+        return f"{line} {run['test_accuracy']:.2%} after {epochs} epochs: target not reached"
+    return (
+        f"{line} {run['test_accuracy']:.2%} after {epochs} epochs, "
+        f"{run['time_to_target_seconds']:.1f} s of training"
+    )
+
+
+def provenance(argv: list[str], cpus: list[int]) -> dict:
+    """What produced the numbers: command, commit, machine, versions and the thread pinning."""
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", "-C", str(REPO), *cmd], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpu_model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), "unknown",
+    )  # fmt: skip
+    packages = ("jax", "jaxlib", "flax", "optax", "torch", "numpy")
+    return {
+        "command": shlex.join(["cnnlab-bench", *argv]),
+        "commit": git("rev-parse", "HEAD") or None,
+        "uncommitted_changes": bool(git("status", "--porcelain")),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_model,
+            "cpus_online": os.cpu_count(),
+            "load_average": os.getloadavg(),
+        },
+        "versions": {"python": sys.version.split()[0], **{p: _version(p) for p in packages}},
+        "pinning": {
+            "cpus": cpus,
+            "threads": len(cpus),
+            "how": "every worker starts with sched_setaffinity to these CPUs (set by the parent "
+            "before exec) and OMP/MKL/OPENBLAS_NUM_THREADS=threads; PyTorch: "
+            "torch.set_num_threads(threads); JAX: XLA's CPU thread pool sizes itself from the "
+            "affinity; JAX_PLATFORMS=cpu",
+        },
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if importlib.util.find_spec("torch") is None:
+        exit_on_user_error(NO_TORCH)
+    started = time.perf_counter()
+    out = args.out or Path("outputs/bench") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+    try:
+        cpus = pick_cpus(args.threads)
+        report = {**provenance(argv, cpus), "metrics": METRICS, "tasks": {}}
+        print(
+            f"cnnlab-bench: both contenders pinned to CPUs {cpus}, {len(cpus)} threads", flush=True
+        )
+        names = list(TASKS) if args.task == "all" else [args.task]
+        for name in names:
+            report["tasks"][name] = bench_task(name, TASKS[name], args, cpus)
+            report["wall_seconds"] = round(time.perf_counter() - started, 1)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+            print("\n" + table(name, report["tasks"][name], cpus) + "\n", flush=True)
+    except WorkerError as e:
+        exit_on_user_error(e, 1)
+    except CnnlabError as e:
+        exit_on_user_error(e)
+    except KeyboardInterrupt:
+        exit_on_user_error("interrupted", 130)
+    print(f"results: {out} ({report['wall_seconds']:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The cnnlab contender: the task's network trained through cnnlab's own code path.
+
+The model comes from `build_model`, the optimizer and schedule from `build_optimizer`, the jitted
+steps from `make_train_step` / `make_eval_step`, the test from `evaluate` and the data order from
+`epoch_order`, wired as `cnnlab.train.run` wires them: the splits go to the device once as uint8
+and each step receives only the batch indices. JAX's persistent compilation cache is off, so the
+first step always includes a cold compile.
+
+Run by `experiments/bench.py`: `python -m experiments.bench_workers.cnnlab_worker SPEC_JSON`.
+Glossary: `N` examples, `B` batch, `H, W` spatial, `C` channels.
+"""
+
+from importlib.metadata import version
+
+import jax
+import numpy as np
+
+from cnnlab.config import AugmentConfig, ModelConfig, OptimizerConfig
+from cnnlab.models import build_model
+from cnnlab.train.loop import epoch_order, evaluate
+from cnnlab.train.losses import LOSSES
+from cnnlab.train.optim import build_optimizer
+from cnnlab.train.step import create_state, make_eval_step, make_train_step
+from experiments.bench_workers.common import Spec, main
+
+
+class CnnlabTrainer:
+    contender = "cnnlab"
+
+    def __init__(self, spec: Spec, data: dict[str, np.ndarray]):
+        self.eval_batch_size = spec.eval_batch_size
+        images = data["train_images"]  # [N, H, W, C] uint8
+        num_classes = int(max(data["train_labels"].max(), data["test_labels"].max())) + 1
+        model = build_model(ModelConfig(**spec.model), num_classes)
+        steps_per_epoch = len(images) // spec.batch_size
+        tx, _ = build_optimizer(OptimizerConfig(**spec.optimizer), steps_per_epoch, spec.epochs)
+        init_key, self.train_key = jax.random.split(jax.random.key(spec.seed))
+        self.state = create_state(model, tx, images.shape[1:], init_key)
+        loss_fn = LOSSES["cross_entropy"]
+        mean, std = data["mean"].astype(np.float32), data["std"].astype(np.float32)
+        augment = AugmentConfig(**spec.augment)
+        self.train_step = make_train_step(loss_fn, 0.0, mean, std, augment)
+        self.eval_step = make_eval_step(model.apply, loss_fn, mean, std)
+        self.train = jax.device_put((images, data["train_labels"]))
+        self.test = jax.device_put((data["test_images"], data["test_labels"]))
+        self.num_params = sum(p.size for p in jax.tree.leaves(self.state.params))
+        self.metrics = None
+
+    def step(self, idx: np.ndarray) -> None:
+        self.state, self.metrics = self.train_step(self.state, *self.train, idx, self.train_key)
+
+    def sync(self) -> float:
+        return float(jax.device_get(self.metrics["train/loss"]))  # waits for every earlier step
+
+    def test_accuracy(self) -> float:
+        return evaluate(
+            self.eval_step, self.state.params, *self.test, self.eval_batch_size
+        ).accuracy
+
+    def info(self) -> dict:
+        return {
+            "framework": f"jax {jax.__version__}, flax {version('flax')}, optax {version('optax')}",
+            "backend": jax.default_backend(),
+        }
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_enable_compilation_cache", False)
+    main(CnnlabTrainer, epoch_order)

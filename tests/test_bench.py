@@ -1,0 +1,216 @@
+"""cnnlab-bench: the PyTorch networks, schedule, data order and augmentation match cnnlab's; the
+timing code stops at the target; and a real run at tiny size reports both contenders, in ABBA
+order, pinned alike, with medians and ratios that agree with the runs. Timings are never
+asserted: the machine is shared."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, replace
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cnnlab.config import ModelConfig, OptimizerConfig
+from cnnlab.models import build_model
+from cnnlab.train.loop import epoch_order
+from cnnlab.train.optim import build_optimizer
+from experiments import bench
+from experiments.bench_workers import common
+from tests.conftest import CIFAR10_ZIP, REPO, needs_cifar10, needs_fashion_mnist
+
+NETWORKS = [  # preset, input (H, W, C), parameters, the conv part's output [B, C, H, W]
+    ("lenet5", (28, 28, 1), 61_706, (2, 16, 5, 5)),
+    ("alexnet_lite", (32, 32, 3), 797_290, (2, 64, 3, 3)),
+]
+
+
+def cnnlab_params(name: str, shape: tuple, abstract: bool = True) -> dict:
+    """cnnlab's parameters for the preset `name`: shapes only, or initialised."""
+    model = build_model(bench.preset("model", name, ModelConfig), 10)
+    args = (jax.random.key(0), jnp.zeros((1, *shape)))
+    return (jax.eval_shape(model.init, *args) if abstract else jax.jit(model.init)(*args))["params"]
+
+
+@pytest.mark.parametrize("name, shape, count, features", NETWORKS)
+def test_torch_networks_have_cnnlabs_layers_and_shapes(name, shape, count, features):
+    pytest.importorskip("torch")
+    import torch
+
+    from experiments.bench_workers.torch_nets import NETS
+
+    net = NETS[name](shape, 10)
+    torch_sizes = sorted(p.numel() for p in net.parameters())
+    cnnlab_sizes = sorted(leaf.size for leaf in jax.tree.leaves(cnnlab_params(name, shape)))
+    assert torch_sizes == cnnlab_sizes and sum(torch_sizes) == count
+    x = torch.zeros(2, shape[2], shape[0], shape[1])  # [B, C, H, W]
+    assert tuple(net.features(x).shape) == features
+    assert tuple(net(x).shape) == (2, 10)
+
+
+def test_torch_initialisation_is_flaxs():
+    pytest.importorskip("torch")
+    from experiments.bench_workers.torch_nets import LeNet5
+
+    dense1 = LeNet5((28, 28, 1), 10).classifier[1].requires_grad_(False)  # 400 x 120 weights
+    flax_kernel = cnnlab_params("lenet5", (28, 28, 1), abstract=False)["dense1"]["kernel"]
+    torch_std, flax_std = float(dense1.weight.std()), float(jnp.std(flax_kernel))
+    assert torch_std == pytest.approx(flax_std, rel=0.03)
+    assert float(abs(dense1.weight).max()) <= 2 * (1 / 400) ** 0.5 / 0.8796 + 1e-6  # truncated
+    assert not dense1.bias.any()
+
+
+@pytest.mark.parametrize("schedule", ["warmup_cosine", "cosine", "constant"])
+def test_torch_schedule_and_order_are_cnnlabs(schedule):
+    pytest.importorskip("torch")
+    from experiments.bench_workers import torch_worker
+
+    cfg = replace(bench.preset("optimizer", bench.OPTIMIZER, OptimizerConfig), schedule=schedule)
+    cfg = replace(cfg, end_lr_factor=0.1, warmup_epochs=0.5)
+    _, reference = build_optimizer(cfg, 40, 3)  # 120 steps
+    for step in (0, 1, 19, 20, 21, 60, 119, 120, 150):
+        lr = torch_worker.learning_rate(asdict(cfg), step, 40, 3)
+        assert lr == pytest.approx(float(reference(step)), rel=1e-5, abs=1e-9), step
+    for epoch in (1, 2):
+        assert (torch_worker.epoch_order(3, epoch, 1000) == epoch_order(3, epoch, 1000)).all()
+
+
+def test_torch_augmentation_crops_the_padded_image_and_flips():
+    pytest.importorskip("torch")
+    import torch
+
+    from experiments.bench_workers.torch_worker import crop_flip
+
+    x = torch.arange(64 * 3 * 6 * 6).reshape(64, 3, 6, 6).to(torch.uint8)  # [B, C, H, W]
+    out = crop_flip(x, 2, True, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    seen = set()
+    for b in range(64):
+        windows = {
+            (dy, dx, flip)
+            for dy in range(5) for dx in range(5) for flip in (False, True)
+            if torch.equal(out[b], (lambda w: w.flip(2) if flip else w)(
+                padded[b, :, dy : dy + 6, dx : dx + 6]))
+        }  # fmt: skip
+        assert windows, f"image {b} is not a crop of its padded input"
+        seen |= windows
+    assert {f for *_, f in seen} == {False, True} and len({d[:2] for d in seen}) > 5
+
+
+class FakeTrainer:
+    """Accuracy after each epoch from a list; counts the steps it is given."""
+
+    contender, num_params = "fake", 1
+
+    def __init__(self, accuracies):
+        self.accuracies, self.steps, self.tests = accuracies, 0, 0
+
+    def step(self, idx):
+        assert idx.shape == (10,)
+        self.steps += 1
+
+    def sync(self):
+        return 1.0
+
+    def test_accuracy(self):
+        self.tests += 1
+        return self.accuracies[self.tests - 1]
+
+
+def spec(**changes) -> common.Spec:
+    fields = dict(
+        task="t", mode="target", data_dir="", model={}, optimizer={}, augment={}, batch_size=10,
+        eval_batch_size=10, seed=0, epochs=4, warmup=2, steps=5, target=0.9, threads=1,
+        launched_at=0.0, result="",
+    )  # fmt: skip
+    return common.Spec(**{**fields, **changes})
+
+
+def test_time_to_target_stops_at_the_first_epoch_that_reaches_it():
+    trainer = FakeTrainer([0.5, 0.85, 0.91, 0.95])
+    result = common.time_to_target(trainer, spec(), epoch_order, 35)  # 3 steps per epoch
+    assert result["epochs_to_target"] == 3 and trainer.steps == 9 and trainer.tests == 3
+    assert result["time_to_target_seconds"] == result["history"][-1]["train_seconds"] > 0
+    missed = common.time_to_target(FakeTrainer([0.5] * 4), spec(), epoch_order, 35)
+    assert missed["time_to_target_seconds"] is None and len(missed["history"]) == 4
+    timed = common.throughput(trainer := FakeTrainer([]), spec(), epoch_order, 35)
+    assert trainer.steps == 1 + 2 + 5 and timed["timed_steps"] == 5
+    assert timed["images_per_second_overall"] == pytest.approx(5 * 10 / timed["timed_seconds"])
+    assert len(timed["window_rates"]) == 5
+
+
+def test_runs_alternate_abba():
+    t, c, g = "throughput", "cnnlab", "torch"
+    assert bench.plan(2, 1) == [(t, c), (t, g), (t, g), (t, c), ("target", c), ("target", g)]
+
+
+def test_user_errors_are_one_line(capsys, monkeypatch):
+    pytest.importorskip("torch")
+    for argv in (["--threads", "999"], ["--task", "alexnet_cifar10", "--cifar10", "/no/such.zip"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("cnnlab: error: --") and argv[-1] in line
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([])
+    assert exit_info.value.code != 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "pip install 'cnnlab[bench]'" in line
+
+
+def run_bench(tmp_path, *args: str) -> tuple[dict, str]:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.bench", "--rounds", "1", "--warmup", "1",
+         "--out", str(out), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def check_task(result: dict, runs: list[tuple[str, str]], params: int, cpus: list[int]):
+    assert [(r["mode"], r["contender"]) for r in result["runs"]] == runs
+    for r in result["runs"]:
+        assert r["affinity"] == cpus and r["params"] == params and r["peak_rss_mb"] > 0
+        assert r["startup_seconds"] > r["first_step_seconds"] > 0
+        assert r.get("torch_threads", len(cpus)) == len(cpus)
+    cnnlab, torch = result["median"]["cnnlab"], result["median"]["torch"]
+    assert cnnlab.keys() == torch.keys()
+    for key, value in cnnlab.items():
+        assert value > 0 and torch[key] > 0
+        assert result["ratio"][key] == pytest.approx(value / torch[key])
+
+
+@needs_fashion_mnist
+def test_bench_runs_both_contenders_end_to_end(tmp_path):
+    pytest.importorskip("torch")
+    small = ["--steps", "3", "--train-limit", "512", "--test-limit", "500"]
+    target = ["--target", "0.05", "--target-epochs", "1"]  # any network tests above 5%
+    report, stdout = run_bench(tmp_path, *small, *target)
+    cpus = sorted(os.sched_getaffinity(0))
+    assert report["pinning"]["cpus"] == cpus and report["command"].startswith("cnnlab-bench")
+    result = report["tasks"]["lenet5_fmnist"]
+    runs = [("throughput", "cnnlab"), ("throughput", "torch"), ("target", "torch"),
+            ("target", "cnnlab")]  # fmt: skip
+    check_task(result, runs, 61_706, cpus)
+    assert result["median"]["cnnlab"]["epochs_to_target"] == 1
+    assert result["settings"]["train_images"] == 512 and "cnnlab/torch" in stdout
+
+
+@pytest.mark.slow
+@needs_cifar10
+def test_bench_runs_alexnet_lite_on_cifar10(tmp_path):
+    pytest.importorskip("torch")
+    small = ["--steps", "2", "--train-limit", "256", "--test-limit", "200", "--no-target"]
+    report, _ = run_bench(
+        tmp_path, "--task", "alexnet_cifar10", "--cifar10", str(CIFAR10_ZIP), *small
+    )
+    result = report["tasks"]["alexnet_cifar10"]
+    check_task(result, [("throughput", "cnnlab"), ("throughput", "torch")], 797_290,
+               sorted(os.sched_getaffinity(0)))  # fmt: skip
+    assert result["settings"]["augment"] == {"crop_padding": 4, "flip": True}
