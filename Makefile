@@ -2,8 +2,9 @@
 #   make train   set up, then train the default experiment (LeNet-5 on Fashion-MNIST)
 #   make test    set up, then run the test suite
 # Extra arguments go through ARGS, e.g. make train ARGS="model=alexnet_lite data=cifar10".
-# Set-up creates .venv (cnnlab installed editable, with its dev tools) and, where apt is there,
-# installs Debian's dataset-fashion-mnist package. Use the tools directly afterwards with
+# Set-up creates .venv (cnnlab installed editable, with its dev tools and the CPU build of
+# PyTorch that cnnlab-bench compares against) and, where apt is there, installs Debian's
+# dataset-fashion-mnist package. Use the tools directly afterwards with
 # `source .venv/bin/activate`.
 
 PYTHON ?= python3
@@ -27,7 +28,7 @@ setup: $(VENV)/.installed data
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 data:

@@ -134,6 +134,13 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0  # root of every PRNG key: init, dropout, augmentation, data order
+    # Train one model per seed in one program, each with its own seed_<s>/ folder and W&B run
+    # (cnnlab.train.seeds); empty = one run with `seed`.
+    seeds: list[int] = field(default_factory=list)
+    # How the seeds run: vmap (one program over stacked models), sequential (one after another,
+    # reusing the compiled steps) or auto (vmap on one GPU or TPU, sequential on the CPU, where
+    # vmapped convolutions are slower than running them one by one).
+    seeds_strategy: str = "auto"
     name: str = "default"  # experiment name, used for run directories and W&B run names
     # JAX's persistent compilation cache: a repeated run or sweep job with known shapes skips
     # compilation. null turns it off.
@@ -151,8 +158,9 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# How a run is started, logged and named; `distributed` only says how processes find each other.
-_NOT_HASHED = ("logger", "name", "sweep", "compilation_cache", "distributed")
+# How a run is started, logged and named; `distributed` only says how processes find each other;
+# `seeds_strategy` changes the order of float sums at most, not what is computed.
+_NOT_HASHED = ("logger", "name", "sweep", "compilation_cache", "distributed", "seeds_strategy")
 
 
 def from_omegaconf(node) -> Config:

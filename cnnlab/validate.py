@@ -16,6 +16,9 @@ from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import OPTIMIZERS, SCHEDULES
 from cnnlab.train.step import PRECISIONS
 
+# seeds_strategy: how the models of `seeds` train (cnnlab.train.seeds)
+SEEDS_STRATEGIES = ("auto", "vmap", "sequential")
+
 
 def _require(ok: bool, key: str, value, rule: str) -> None:
     if not ok:
@@ -67,11 +70,25 @@ def validate(cfg: Config) -> None:
     samples = cfg.logger.num_sample_predictions
     _require(samples >= 0, "logger.num_sample_predictions", samples, "use a count >= 0")
     _require(cfg.seed >= 0, "seed", cfg.seed, "use a whole number >= 0")
+    _validate_seeds(cfg.seeds, cfg.seeds_strategy)
     check_choice("sweep.on_invalid", cfg.sweep.on_invalid, ("skip", "refuse"))
     _validate_distributed(cfg.distributed)
     if data.name in INPUT_SHAPES:  # otherwise checked once the data is loaded
         shape, num_classes = INPUT_SHAPES[data.name]
         geometry.check(cfg.model, shape, num_classes)
+
+
+def _validate_seeds(seeds: list[int], strategy: str) -> None:
+    check_choice("seeds_strategy", strategy, SEEDS_STRATEGIES)
+    seeds_text = f"[{','.join(map(str, seeds))}]"
+    _require(all(s >= 0 for s in seeds), "seeds", seeds_text, "use whole numbers >= 0")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        unique = ",".join(map(str, dict.fromkeys(seeds)))
+        raise ConfigError(
+            f"seeds={seeds_text} repeats seed {repeated[0]}, which would train the same model "
+            f"twice; use seeds=[{unique}]"
+        )
 
 
 def _validate_distributed(dist: DistributedConfig) -> None:

@@ -3,12 +3,15 @@
 Each job writes its run directory (Hydra's `hydra.run.dir`, or `hydra.sweep.dir/<job number>`):
 config.yaml, dataset.json, layers.txt, metrics.jsonl, confusion_matrix.csv, summary.json,
 checkpoint/ and, unless W&B is disabled, wandb/.
+With `seeds=[...]` each seed writes those files to `seed_<s>/`, with its own W&B run, and the
+job's summary.json aggregates them (cnnlab.train.seeds).
 
 In a sweep, every job stands alone: an impossible point is recorded as status "invalid" and not
 trained, a failing or diverging job records its error and the others go on, and a point whose
 config hash already finished under the same `multirun/<name>/` folder is copied, not retrained.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +31,7 @@ from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker, write_json
 from cnnlab.tracking.wandb_run import WandbTracker
 from cnnlab.train.run import run
+from cnnlab.train.seeds import MakeTracker, run_seeds
 from cnnlab.validate import validate
 from experiments.hydra_conf import (
     conf_dir,
@@ -93,19 +97,57 @@ def _record_done(cfg: Config, run_dir: Path, index: Path) -> None:
     write_json(index / f"{config_hash(cfg)}.json", {"run_dir": str(run_dir)})
 
 
-def _wandb_tracker(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> WandbTracker:
-    name = str(run_dir.relative_to(run_dir.parents[1]))
-    if hydra_cfg.mode == RunMode.MULTIRUN:  # one W&B group per sweep, tagged with its values
+def _run_name(run_dir: Path) -> str:
+    """A run's W&B name: `<name>/<run folder>`, or `<name>/<timestamp>/<job>` in a sweep."""
+    return str(run_dir.relative_to(run_dir.parents[1]))
+
+
+def _sweep_logger(cfg: Config, hydra_cfg) -> None:
+    """In a sweep: one W&B group per sweep, and each job tagged with its values."""
+    if hydra_cfg.mode == RunMode.MULTIRUN:
         swept = [o for o in hydra_cfg.overrides.task if not o.startswith(("hydra", "logger"))]
-        cfg.logger.group = cfg.logger.group or sweep_group(run_dir.parent)
+        cfg.logger.group = cfg.logger.group or sweep_group(
+            Path(hydra_cfg.runtime.output_dir).parent
+        )
         # W&B allows 64 tags of at most 64 characters
         cfg.logger.tags = [tag[:64] for tag in [*cfg.logger.tags, *swept][:64]]
-    return WandbTracker(cfg.logger, run_dir, OmegaConf.to_container(node, resolve=True), name)
+
+
+def _wandb_tracker(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> WandbTracker:
+    _sweep_logger(cfg, hydra_cfg)
+    config = OmegaConf.to_container(node, resolve=True)
+    return WandbTracker(cfg.logger, run_dir, config, _run_name(run_dir))
+
+
+def _seed_trackers(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> MakeTracker:
+    """Each seed's tracker: its local files, and a W&B run `<run name>-seed<s>` in one group (the
+    logger's, else the sweep's, else `<name>/<run folder>`), tagged `seeds`."""
+    _sweep_logger(cfg, hydra_cfg)
+    name = _run_name(run_dir)
+    logger = dataclasses.replace(
+        cfg.logger, group=cfg.logger.group or name, tags=[*cfg.logger.tags[:63], "seeds"]
+    )
+    config = OmegaConf.to_container(node, resolve=True)
+    primary = jax.process_index() == 0  # every process trains; the first one keeps the record
+
+    def make(one: Config, folder: Path) -> Trackers:
+        if not primary:
+            return Trackers()
+        wandb = None
+        if logger.mode != "disabled":
+            seed_config = {**config, "seed": one.seed, "seeds": []}
+            wandb = WandbTracker(
+                logger, folder, seed_config, f"{name}-seed{one.seed}", concurrent=True
+            )
+        return Trackers(LocalTracker(folder), wandb)
+
+    return make
 
 
 def train(node: DictConfig) -> float:
-    """One Hydra job. Returns the best validation accuracy, the objective for sweepers such as
-    Optuna's (NaN for a job that did not finish, which Optuna records as a failed trial)."""
+    """One Hydra job. Returns the best validation accuracy (with `seeds`, its mean over them), the
+    objective for sweepers such as Optuna's (NaN for a job that did not finish, which Optuna
+    records as a failed trial)."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -123,20 +165,24 @@ def train(node: DictConfig) -> float:
             return FAILED
         _start_jax(cfg, multirun)
         index = done_index(run_dir.parent)
-        if multirun and cfg.sweep.skip_done and (summary := _copy_done(cfg, run_dir, index)):
+        skip_done = multirun and cfg.sweep.skip_done and not cfg.seeds  # (seed folders: not yet)
+        if skip_done and (summary := _copy_done(cfg, run_dir, index)):
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             print(f"cnnlab: job {hydra_cfg.job.num} already done in {summary['cached_from']}")
             return summary.get("val/best_accuracy")
         # Every process of a multi-host run trains; the first one keeps the record.
         primary = jax.process_index() == 0
-        local = LocalTracker(run_dir) if primary else None
-        wandb = (
-            _wandb_tracker(cfg, node, hydra_cfg, run_dir)
-            if primary and cfg.logger.mode != "disabled"
-            else None
-        )
-        summary = run(cfg, run_dir, Trackers(local, wandb))
-        if multirun and summary["status"] == "ok" and primary:
+        if cfg.seeds:  # one model per seed, each in its own seed_<s>/ folder and W&B run
+            summary = run_seeds(cfg, run_dir, _seed_trackers(cfg, node, hydra_cfg, run_dir))
+        else:
+            local = LocalTracker(run_dir) if primary else None
+            wandb = (
+                _wandb_tracker(cfg, node, hydra_cfg, run_dir)
+                if primary and cfg.logger.mode != "disabled"
+                else None
+            )
+            summary = run(cfg, run_dir, Trackers(local, wandb))
+        if skip_done and summary["status"] == "ok" and primary:
             _record_done(cfg, run_dir, index)
     except CnnlabError as e:
         if not multirun:
@@ -154,8 +200,13 @@ def train(node: DictConfig) -> float:
             sys.exit(1)
         return FAILED
     accuracy, seconds = summary["test/accuracy"], summary["wall_seconds"]
-    print(f"cnnlab: ok: test accuracy {accuracy:.4f} in {seconds:.0f}s, run directory {run_dir}")
-    return summary["val/best_accuracy"]
+    if "seeds" in summary:
+        spread, n = summary["test/accuracy_std"], len(summary["seeds"])
+        accuracy = f"{accuracy:.4f} +- {spread:.4f} (mean and std of {n} seeds)"
+    else:
+        accuracy = f"{accuracy:.4f}"
+    print(f"cnnlab: ok: test accuracy {accuracy} in {seconds:.0f}s, run directory {run_dir}")
+    return summary["val/best_accuracy"]  # over seeds: their mean
 
 
 def main() -> None:

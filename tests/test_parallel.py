@@ -197,6 +197,7 @@ def test_two_processes_of_two_devices_train_like_one_device(reference, tmp_path)
     assert summary["devices"] == 4 and summary["processes"] == 2
 
 
+@pytest.mark.slow  # about two minutes on 2 cores: `pytest -m "slow and slurm"` on a cluster
 @pytest.mark.slurm
 @needs_fashion_mnist
 def test_a_slurm_job_of_two_tasks_is_one_run_of_two_processes(reference, tmp_path):

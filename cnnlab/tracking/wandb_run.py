@@ -64,7 +64,11 @@ def reachable(base_url: str, timeout: float) -> bool:
 
 
 class WandbTracker:
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
+    def __init__(
+        self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str, concurrent: bool = False
+    ):
+        """`concurrent`: other runs of this process stay open beside this one (the seeds of a
+        vmapped program); otherwise a run still open is finished first."""
         import wandb
 
         self.wandb = wandb
@@ -89,7 +93,7 @@ class WandbTracker:
             name=name,
             config=config,
             dir=str(run_dir),
-            reinit="finish_previous",
+            reinit="create_new" if concurrent else "finish_previous",
             settings=wandb.Settings(init_timeout=cfg.init_timeout),
         )
         try:

@@ -5,7 +5,10 @@ the order `np.random.default_rng([seed, e]).permutation(N)` (the last partial ba
 and step `s` draws its dropout and augmentation from `fold_in(train_key, s)`. Metrics stay on the
 device and are fetched only every `log_every_steps` steps.
 
-Glossary: `N` examples in a split, `B` batch, `K` classes.
+The same loop trains several models at once ("lanes", one per seed) when the state and the step
+are vmapped (`fit_lanes`, used by `cnnlab.train.seeds`); one model is one lane (`fit`).
+
+Glossary: `N` examples in a split, `B` batch, `K` classes, `S` lanes (models trained at once).
 """
 
 import math
@@ -78,48 +81,112 @@ def fit(
     progress: Progress | None = None,
 ) -> FitResult:
     """Train for `cfg.epochs` epochs; `train` and `val` are (images, labels) on the device."""
+    (result,) = fit_lanes(
+        state, train_step, eval_step, train, val, cfg, [seed], train_key, [log], schedule,
+        progress, stacked=False,
+    )  # fmt: skip
+    return result
+
+
+def fit_lanes(
+    state: TrainState,
+    train_step,
+    eval_step,
+    train: tuple[jax.Array, jax.Array],
+    val: tuple[jax.Array, jax.Array],
+    cfg: TrainConfig,
+    seeds: list[int],
+    train_key: jax.Array,
+    logs: list[LogFn],
+    schedule: Callable[[int], float],
+    progress: Progress | None = None,
+    stacked: bool = True,
+) -> list[FitResult]:
+    """Train S models ("lanes") with one step program, one `FitResult` each.
+
+    With `stacked`, the leaves of `state` and `train_key` have a leading axis S and `train_step`
+    is vmapped over it (`make_train_step(lanes=True)`); without it there is one lane, as it is
+    (what `fit` does). Lane i visits the data in the order of `seeds[i]` and logs through
+    `logs[i]` at the steps a single run logs; a lane that diverges stops logging while the others
+    go on. Validation runs lane by lane on the same `eval_step`.
+    """
     n = int(train[1].shape[0])
     steps_per_epoch = n // cfg.batch_size
     progress = progress or Progress(steps_per_epoch * cfg.epochs)
-    result = FitResult(state, "ok")
+    lane = _pick if stacked else lambda tree, i: tree  # lane i of a (stacked) tree
+    results = [FitResult(state, "ok") for _ in seeds]
+    live = list(range(len(seeds)))  # the lanes still training
     pending: list[dict[str, jax.Array]] = []
     step, train_seconds = 0, 0.0
     try:
         for epoch in range(1, cfg.epochs + 1):
-            order = epoch_order(seed, epoch, n)
+            orders = [epoch_order(seed, epoch, n) for seed in seeds]
             t_epoch = time.perf_counter()
             for i in range(steps_per_epoch):
-                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                state, metrics = train_step(state, *train, idx, train_key)
+                batch = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
+                idx = np.stack([o[batch] for o in orders]) if stacked else orders[0][batch]
+                state, metrics = train_step(state, *train, idx, train_key)  # idx [S, B] or [B]
                 step += 1
                 if step == 1:
                     jax.block_until_ready(metrics)
-                    result.compile_seconds = time.perf_counter() - t_epoch
+                    for r in results:
+                        r.compile_seconds = time.perf_counter() - t_epoch
                 pending.append(metrics)
                 progress.advance()
                 if step % cfg.log_every_steps == 0 or i == steps_per_epoch - 1:
                     fetched, pending = jax.device_get(pending), []  # the only sync point
-                    record = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                    record.update({"train/lr": float(schedule(step - 1)), "epoch": epoch})
-                    result.last = record
-                    log(record, step)
-                    progress.report(step, epoch, record)
-                    if not all(math.isfinite(record[k]) for k in ("train/loss", "train/grad_norm")):
-                        result.state, result.status = state, "diverged"
-                        result.message = f"loss or gradient became non-finite by step {step}"
-                        return result
+                    records = {}
+                    for s in live:
+                        ms = [lane(m, s) for m in fetched]
+                        record = {k: float(np.mean([m[k] for m in ms])) for k in fetched[0]}
+                        record.update({"train/lr": float(schedule(step - 1)), "epoch": epoch})
+                        results[s].last = records[s] = record
+                        logs[s](record, step)
+                    progress.report(step, epoch, _across(records))
+                    for s, record in records.items():
+                        if not _finite(record):
+                            r = results[s]
+                            r.state, r.status = lane(state, s), "diverged"
+                            r.message = f"loss or gradient became non-finite by step {step}"
+                            live.remove(s)
+                    if not live:
+                        return results
             train_seconds += time.perf_counter() - t_epoch
             if (epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs) and len(val[1]):
-                ev = evaluate(eval_step, state.params, *val, cfg.eval_batch_size)
-                if not ev.accuracy <= result.best_val_accuracy:  # also replaces the initial NaN
-                    result.best_val_accuracy, result.best_epoch = ev.accuracy, epoch
-                record = {"val/loss": ev.loss, "val/accuracy": ev.accuracy, "epoch": epoch}
-                log(record, step)
-                progress.report(step, epoch, record)
-            result.epochs = epoch
+                records = {}
+                for s in live:
+                    r = results[s]
+                    ev = evaluate(eval_step, lane(state, s).params, *val, cfg.eval_batch_size)
+                    if not ev.accuracy <= r.best_val_accuracy:  # also replaces the initial NaN
+                        r.best_val_accuracy, r.best_epoch = ev.accuracy, epoch
+                    record = {"val/loss": ev.loss, "val/accuracy": ev.accuracy, "epoch": epoch}
+                    logs[s](record, step)
+                    records[s] = record
+                progress.report(step, epoch, _across(records))
+            for s in live:
+                results[s].epochs = epoch
     finally:
         progress.close()
-    result.state = state
-    steady = train_seconds - result.compile_seconds
-    result.images_per_second = (step - 1) * cfg.batch_size / steady if steady > 0 else 0.0
-    return result
+    steady = train_seconds - results[0].compile_seconds
+    for s in live:
+        results[s].state = lane(state, s)
+        results[s].images_per_second = (step - 1) * cfg.batch_size / steady if steady > 0 else 0.0
+    return results
+
+
+def _finite(record: dict[str, float]) -> bool:
+    return all(math.isfinite(record[k]) for k in ("train/loss", "train/grad_norm"))
+
+
+def _pick(tree, i: int):
+    """Lane i of a tree whose leaves have a leading lane axis."""
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def _across(records: dict[int, dict[str, float]]) -> dict[str, float]:
+    """What the progress output shows: the one lane's record, or the mean over the lanes."""
+    if len(records) == 1:
+        return next(iter(records.values()))
+    return {
+        k: float(np.mean([r[k] for r in records.values()])) for k in next(iter(records.values()))
+    }

@@ -2,16 +2,23 @@
 
 `run` is what `cnnlab-train` calls for each Hydra job; it takes a plain `Config`, a run directory
 and a tracker, and always finishes the tracker with a summary whose `status` says how it ended
-(ok, diverged, failed, interrupted), so a failed run still leaves its record.
+(ok, diverged, failed, interrupted), so a failed run still leaves its record. Its parts
+(`prepare`, `start_run`, `end_run`, `recording`) also serve the seeds of `cnnlab.train.seeds`.
 """
 
 import json
 import time
 import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
+import optax
+from jax.sharding import Mesh
 from omegaconf import OmegaConf
 
 from cnnlab import checkpoint, geometry
@@ -21,7 +28,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
 from cnnlab.parallel import data_mesh, put, replicated
 from cnnlab.tracking import Tracker
-from cnnlab.train.loop import evaluate, fit
+from cnnlab.train.loop import FitResult, evaluate, fit
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
 from cnnlab.train.progress import Progress
@@ -43,45 +50,69 @@ def write_run_files(cfg: Config, run_dir: Path, data: Dataset) -> None:
     (run_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def run(cfg: Config, run_dir: Path, tracker: Tracker, progress: Progress | None = None) -> dict:
-    """Train and test one configuration; returns the summary written to `summary.json`."""
-    start = time.perf_counter()
-    run_dir = Path(run_dir)
+@dataclass
+class Prepared:
+    """What the seeds of one config share: the data, on the host and on the device, the model, the
+    optimizer and the jitted steps (built once, so later seeds recompile no step)."""
+
+    data: Dataset
+    rows: list[geometry.Layer]  # the per-layer table
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: Callable[[int], float]
+    mesh: Mesh
+    train_step: Callable
+    eval_step: Callable
+    train: tuple[jax.Array, jax.Array]  # (images, labels) on the device
+    val: tuple[jax.Array, jax.Array]
+    test: tuple[jax.Array, jax.Array]
+
+
+def prepare(cfg: Config, lanes: bool = False) -> Prepared:
+    """Validate, load the data, check the geometry and build the steps; `lanes` vmaps the train
+    step over stacked models (`make_train_step`)."""
+    validate(cfg)  # names and ranges, and the geometry wherever the input shape is known
+    check_devices(cfg.train, jax.device_count(), jax.default_backend())
+    data = load_dataset(cfg.data)
+    if len(data.train) < cfg.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is more than the {len(data.train)} "
+            "training examples; lower it, or raise data.train_limit"
+        )
+    rows = geometry.layers(cfg.model, data.image_shape, data.num_classes)
+    model = build_model(cfg.model, data.num_classes)
+    steps_per_epoch = len(data.train) // cfg.train.batch_size
+    tx, schedule = build_optimizer(cfg.optimizer, steps_per_epoch, cfg.train.epochs)
+    mesh = data_mesh()  # every device; the batch is split over them (cnnlab.parallel)
+    loss_fn = LOSSES[cfg.loss.name]
+    mean, std = data.mean.astype(np.float32), data.std.astype(np.float32)
+    precision = cfg.train.precision
+    train_step = make_train_step(
+        loss_fn, cfg.loss.label_smoothing, mean, std, cfg.data.augment, precision, mesh, lanes
+    )
+    eval_step = make_eval_step(model.apply, loss_fn, mean, std, precision, mesh)
+    device = lambda split: put((split.images, split.labels), replicated(mesh))  # noqa: E731
+    return Prepared(
+        data, rows, model, tx, schedule, mesh, train_step, eval_step,
+        device(data.train), device(data.val), device(data.test),
+    )  # fmt: skip
+
+
+def new_summary(cfg: Config) -> dict:
+    """A run's summary before it starts: `failed` until it ends otherwise."""
     summary: dict = {"status": "failed", "model": cfg.model.name, "dataset": cfg.data.name}
     summary.update(seed=cfg.seed, backend=jax.default_backend(), devices=jax.device_count())
     summary.update(processes=jax.process_count())
+    return summary
+
+
+@contextmanager
+def recording(summary: dict, finish: Callable[[dict], None]):
+    """Whatever happens inside, `summary` gets the wall time and any error and goes to `finish`
+    (a tracker's), so a failed or interrupted run still leaves its record."""
+    start = time.perf_counter()
     try:
-        validate(cfg)  # names and ranges, and the geometry wherever the input shape is known
-        check_devices(cfg.train, jax.device_count(), jax.default_backend())
-        data = load_dataset(cfg.data)
-        if len(data.train) < cfg.train.batch_size:
-            raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size} is more than the {len(data.train)} "
-                "training examples; lower it, or raise data.train_limit"
-            )
-        rows = geometry.layers(cfg.model, data.image_shape, data.num_classes)
-        summary.update(geometry.summarize(rows))
-        if jax.process_index() == 0:  # the processes of a multi-host run share the run directory
-            write_run_files(cfg, run_dir, data)
-        tracker.log_layers(rows)
-        result, test = _train(cfg, data, tracker, progress)
-        summary.update(
-            status=result.status,
-            epochs=result.epochs,
-            steps=int(result.state.step),
-            compile_seconds=round(result.compile_seconds, 3),
-            images_per_second=round(result.images_per_second, 1),
-            **{"val/best_accuracy": result.best_val_accuracy, "val/best_epoch": result.best_epoch},
-            **{k: v for k, v in result.last.items() if k.startswith("train/")},
-        )
-        if result.status == "diverged":
-            summary["error"] = result.message
-        else:
-            summary.update({"test/accuracy": test.accuracy, "test/loss": test.loss})
-            tracker.log_predictions(
-                data.test.images, data.test.labels, test.probs, data.class_names
-            )
-            checkpoint.save_params(run_dir / "checkpoint", result.state.params)
+        yield summary
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user")
         raise
@@ -90,36 +121,76 @@ def run(cfg: Config, run_dir: Path, tracker: Tracker, progress: Progress | None 
         raise
     finally:
         summary["wall_seconds"] = round(time.perf_counter() - start, 3)
-        tracker.finish(summary)
-    return summary
+        finish(summary)
 
 
-def _train(cfg: Config, data: Dataset, tracker: Tracker, progress: Progress | None):
-    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
-    model = build_model(cfg.model, data.num_classes)
-    steps_per_epoch = len(data.train) // cfg.train.batch_size
-    tx, schedule = build_optimizer(cfg.optimizer, steps_per_epoch, cfg.train.epochs)
-    mesh = data_mesh()  # every device; the batch is split over them (cnnlab.parallel)
-    everywhere = replicated(mesh)
-    state = create_state(model, tx, data.image_shape, init_key, mesh)
-    loss_fn = LOSSES[cfg.loss.name]
-    mean, std = data.mean.astype(np.float32), data.std.astype(np.float32)
-    precision = cfg.train.precision
-    train_step = make_train_step(
-        loss_fn, cfg.loss.label_smoothing, mean, std, cfg.data.augment, precision, mesh
-    )
-    eval_step = make_eval_step(model.apply, loss_fn, mean, std, precision, mesh)
-    device = lambda split: put((split.images, split.labels), everywhere)  # noqa: E731
-    result = fit(
-        state, train_step, eval_step, device(data.train), device(data.val), cfg.train,
-        cfg.seed, put(train_key, everywhere), tracker.log, schedule, progress,
-    )  # fmt: skip
+def start_run(cfg: Config, run_dir: Path, tracker: Tracker, prepared: Prepared, summary: dict):
+    """The files and records of a run that come before training."""
+    summary.update(geometry.summarize(prepared.rows))
+    if jax.process_index() == 0:  # the processes of a multi-host run share the run directory
+        write_run_files(cfg, run_dir, prepared.data)
+    tracker.log_layers(prepared.rows)
+
+
+def end_run(
+    result: FitResult,
+    prepared: Prepared,
+    eval_batch_size: int,
+    run_dir: Path,
+    tracker: Tracker,
+    summary: dict,
+) -> None:
+    """Test a trained model, save its parameters and complete its summary (a diverged one only
+    gets its error)."""
     test = None
     if result.status == "ok":
-        test = evaluate(
-            eval_step, result.state.params, *device(data.test), cfg.train.eval_batch_size
-        )
+        params = result.state.params
+        test = evaluate(prepared.eval_step, params, *prepared.test, eval_batch_size)
         tracker.log(
             {"test/loss": test.loss, "test/accuracy": test.accuracy}, int(result.state.step)
         )
-    return result, test
+    summary.update(
+        status=result.status,
+        epochs=result.epochs,
+        steps=int(result.state.step),
+        compile_seconds=round(result.compile_seconds, 3),
+        images_per_second=round(result.images_per_second, 1),
+        **{"val/best_accuracy": result.best_val_accuracy, "val/best_epoch": result.best_epoch},
+        **{k: v for k, v in result.last.items() if k.startswith("train/")},
+    )
+    if test is None:
+        summary["error"] = result.message
+        return
+    summary.update({"test/accuracy": test.accuracy, "test/loss": test.loss})
+    data = prepared.data
+    tracker.log_predictions(data.test.images, data.test.labels, test.probs, data.class_names)
+    checkpoint.save_params(run_dir / "checkpoint", result.state.params)
+
+
+def run(
+    cfg: Config,
+    run_dir: Path,
+    tracker: Tracker,
+    progress: Progress | None = None,
+    prepared: Prepared | None = None,
+) -> dict:
+    """Train and test one configuration; returns the summary written to `summary.json`.
+
+    `prepared` (from `prepare(cfg)` of a config that differs at most in its seed) reuses the data
+    and the compiled steps of an earlier run.
+    """
+    run_dir = Path(run_dir)
+    with recording(new_summary(cfg), tracker.finish) as summary:
+        prepared = prepared or prepare(cfg)
+        start_run(cfg, run_dir, tracker, prepared, summary)
+        init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
+        state = create_state(
+            prepared.model, prepared.tx, prepared.data.image_shape, init_key, prepared.mesh
+        )
+        result = fit(
+            state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
+            cfg.train, cfg.seed, put(train_key, replicated(prepared.mesh)), tracker.log,
+            prepared.schedule, progress,
+        )  # fmt: skip
+        end_run(result, prepared, cfg.train.eval_batch_size, run_dir, tracker, summary)
+    return summary

@@ -42,18 +42,22 @@ def create_state(
     image_shape: tuple,
     key: jax.Array,
     mesh: Mesh | None = None,
+    lanes: bool = False,
 ) -> TrainState:
     """Initialize parameters from `key` for images of `image_shape` (H, W, C), replicated on
     every device of `mesh` (default: every device).
 
     One compiled program (the same values as running it op by op): every process of a multi-host
     run computes the same state from the same key, and there a compilation per op costs seconds.
+    `lanes=True`: `key` [S] initializes S states, stacked along a leading axis (`jax.vmap`).
     """
 
     def init(key: jax.Array) -> TrainState:
         params = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
         return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
+    if lanes:
+        init = jax.vmap(init)
     return jax.jit(init, out_shardings=replicated(mesh or data_mesh()))(key)
 
 
@@ -95,6 +99,7 @@ def make_train_step(
     augment_cfg: AugmentConfig,
     precision: str = "float32",
     mesh: Mesh | None = None,
+    lanes: bool = False,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """`(state, images, labels, idx, key) -> (state, metrics)`, jitted, with the state donated.
 
@@ -103,6 +108,9 @@ def make_train_step(
     multiple of their number. The state, images, labels and key are replicated on the mesh
     (`cnnlab.parallel.put`). The step's randomness is `key` folded with the step number: no key
     travels in the state.
+
+    `lanes=True` trains S models at once (`jax.vmap`, one device): the state, `idx` [S, B], `key`
+    [S] and the metrics have a leading axis S, one entry per model; the dataset is shared.
     """
     augmenting = augment_cfg.crop_padding > 0 or augment_cfg.flip
     dtype = PRECISIONS[precision]
@@ -135,6 +143,8 @@ def make_train_step(
         }
         return state, metrics
 
+    if lanes:
+        train_step = jax.vmap(train_step, in_axes=(0, None, None, 0, 0))
     jitted = jax.jit(
         train_step,
         donate_argnums=0,

@@ -1,0 +1,138 @@
+"""Many seeds of one config in one program: `seeds=[0,1,...]`.
+
+Seed s trains the model that `seed=s` alone would, into its own folder `<run_dir>/seed_<s>/` with
+every file a single run writes and its own tracker (its own W&B run). Two strategies:
+
+- `sequential`: one seed after another in this process, on data loaded once and steps compiled
+  once (the shapes do not change, so nothing recompiles); each seed's results are bit-identical to
+  its single run.
+- `vmap`: the S models stacked along a leading axis and trained by one vmapped step
+  (`fit_lanes`), each with its own data order and keys; the same results as `sequential` up to the
+  order of float sums. On one GPU or TPU S small models cost little more than one.
+
+`auto` picks vmap on one GPU or TPU and sequential on the CPU, where XLA turns the vmapped
+convolutions into grouped convolutions that run slower than S models one after another.
+`<run_dir>/summary.json` aggregates the seeds.
+
+Glossary: `S` seeds (lanes).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnlab.config import Config
+from cnnlab.errors import ConfigError
+from cnnlab.parallel import put, replicated
+from cnnlab.tracking import Tracker
+from cnnlab.tracking.local import write_json
+from cnnlab.train.loop import fit_lanes
+from cnnlab.train.run import end_run, new_summary, prepare, recording, run, start_run
+from cnnlab.train.step import create_state
+
+MakeTracker = Callable[[Config, Path], Tracker]  # (a seed's config, its folder) -> its tracker
+
+
+def choose_strategy(strategy: str, backend: str, num_devices: int) -> str:
+    """`seeds_strategy` resolved for this runtime: `auto` is vmap on one GPU or TPU, else
+    sequential. vmap runs on one device (the lanes are not split over a mesh)."""
+    if strategy == "auto":
+        return "vmap" if backend != "cpu" and num_devices == 1 else "sequential"
+    if strategy == "vmap" and num_devices > 1:
+        raise ConfigError(
+            f"seeds_strategy=vmap trains on one device, not {num_devices}; use "
+            "seeds_strategy=sequential (or auto), or one device (e.g. CUDA_VISIBLE_DEVICES=0)"
+        )
+    return strategy
+
+
+def seed_config(cfg: Config, seed: int) -> Config:
+    """The config of one seed: what `seed=<seed>` alone would train."""
+    return dataclasses.replace(cfg, seed=seed, seeds=[])
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    return Path(run_dir) / f"seed_{seed}"
+
+
+def run_seeds(cfg: Config, run_dir: Path, make_tracker: MakeTracker) -> dict:
+    """Train every seed of `cfg.seeds`; returns the aggregate written to `<run_dir>/summary.json`
+    (written whatever happens, like a single run's)."""
+    run_dir = Path(run_dir)
+    summary = {"status": "failed", "seeds": list(cfg.seeds), "model": cfg.model.name}
+    summary.update(dataset=cfg.data.name, backend=jax.default_backend())
+
+    def finish(summary: dict) -> None:
+        if jax.process_index() == 0:
+            write_json(run_dir / "summary.json", summary)
+
+    with recording(summary, finish):
+        strategy = choose_strategy(cfg.seeds_strategy, jax.default_backend(), jax.device_count())
+        summary["strategy"] = strategy
+        train = _sequential if strategy == "sequential" else _vmapped
+        summary.update(aggregate(train(cfg, run_dir, make_tracker)))
+    return summary
+
+
+def _sequential(cfg: Config, run_dir: Path, make_tracker: MakeTracker) -> dict[int, dict]:
+    prepared = prepare(cfg)
+    summaries = {}
+    for seed in cfg.seeds:
+        one, folder = seed_config(cfg, seed), seed_dir(run_dir, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        summaries[seed] = run(one, folder, make_tracker(one, folder), prepared=prepared)
+    return summaries
+
+
+def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker) -> dict[int, dict]:
+    prepared = prepare(cfg, lanes=True)
+    configs = [seed_config(cfg, seed) for seed in cfg.seeds]
+    folders = [seed_dir(run_dir, seed) for seed in cfg.seeds]
+    trackers, summaries = [], []
+    with ExitStack() as stack:  # every seed's tracker is finished with its summary, on every path
+        for one, folder in zip(configs, folders, strict=True):
+            folder.mkdir(parents=True, exist_ok=True)
+            trackers.append(make_tracker(one, folder))
+            summaries.append(stack.enter_context(recording(new_summary(one), trackers[-1].finish)))
+            start_run(one, folder, trackers[-1], prepared, summaries[-1])
+        keys = jnp.stack([jax.random.split(jax.random.key(seed)) for seed in cfg.seeds])  # [S, 2]
+        init_keys, train_keys = keys[:, 0], put(keys[:, 1], replicated(prepared.mesh))  # [S]
+        shape, mesh = prepared.data.image_shape, prepared.mesh
+        state = create_state(prepared.model, prepared.tx, shape, init_keys, mesh, lanes=True)
+        results = fit_lanes(
+            state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
+            cfg.train, list(cfg.seeds), train_keys, [t.log for t in trackers], prepared.schedule,
+        )  # fmt: skip
+        for result, folder, tracker, summary in zip(
+            results, folders, trackers, summaries, strict=True
+        ):
+            end_run(result, prepared, cfg.train.eval_batch_size, folder, tracker, summary)
+    return dict(zip(cfg.seeds, summaries, strict=True))
+
+
+def aggregate(summaries: dict[int, dict]) -> dict:
+    """The seeds together: `ok` if every seed is, else the first other status with its error;
+    the mean and the sample standard deviation of test/accuracy and val/best_accuracy over the
+    seeds that finished; each seed's status and accuracies under `per_seed`."""
+    out: dict = {"status": "ok"}
+    for seed, s in summaries.items():
+        if s["status"] != "ok":
+            out.update(status=s["status"], error=f"seed {seed}: {s.get('error', s['status'])}")
+            break
+    ok = [s for s in summaries.values() if s["status"] == "ok"]
+    for key in ("test/accuracy", "val/best_accuracy"):
+        values = np.array([s[key] for s in ok], dtype=float)
+        out[key] = float(values.mean()) if len(values) else float("nan")
+        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    first = next(iter(summaries.values()), {})
+    out.update({k: first[k] for k in ("params", "macs", "flops", "devices") if k in first})
+    out["per_seed"] = {
+        str(seed): {k: s.get(k) for k in ("status", "test/accuracy", "val/best_accuracy")}
+        for seed, s in summaries.items()
+    }
+    return out

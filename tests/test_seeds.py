@@ -1,0 +1,155 @@
+"""Many seeds at once: sequential seeds equal their single runs bit for bit, vmapped seeds equal
+sequential ones up to float rounding, each seed gets its own folder, checkpoint and W&B run in one
+group, the top-level summary aggregates them, and bad seed settings are one-line errors."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cnnlab import checkpoint
+from cnnlab.config import DataConfig, config_hash
+from cnnlab.errors import ConfigError
+from cnnlab.models import build_model
+from cnnlab.tracking import Trackers
+from cnnlab.tracking.local import LocalTracker
+from cnnlab.train.run import run
+from cnnlab.train.seeds import aggregate, choose_strategy, run_seeds
+from cnnlab.validate import validate
+from tests.conftest import cli, needs_fashion_mnist, small_config
+from tests.wandb_records import records
+
+# LeNet-5, 31 steps of 64 on 2,000 images, 600 validation and 500 test images
+DATA = DataConfig(train_limit=2000, test_limit=500, val_fraction=0.01)
+SEEDS = [0, 1]
+
+
+def config(**changes):
+    return small_config(**{"data": DATA, "seeds": SEEDS, **changes})
+
+
+def local(cfg, folder):
+    return Trackers(LocalTracker(folder))
+
+
+def params(folder):
+    model = build_model(small_config().model, 10)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    return checkpoint.load_params(folder / "checkpoint", like)
+
+
+def metrics(folder):
+    """metrics.jsonl without the wall-clock times."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sequential")
+    return run_dir, run_seeds(config(seeds_strategy="sequential"), run_dir, local)
+
+
+@needs_fashion_mnist
+def test_sequential_seeds_are_bit_identical_to_single_runs(sequential, tmp_path):
+    run_dir, summary = sequential
+    single = small_config(data=DATA, seed=1, seeds_strategy="sequential")
+    alone = run(single, tmp_path, local(single, tmp_path))
+    chex.assert_trees_all_equal(params(run_dir / "seed_1"), params(tmp_path))  # exact
+    assert metrics(run_dir / "seed_1") == metrics(tmp_path)
+    assert summary["per_seed"]["1"]["test/accuracy"] == alone["test/accuracy"]
+    assert (run_dir / "seed_1" / "config.yaml").read_text() == (
+        tmp_path / "config.yaml"
+    ).read_text()
+
+
+@needs_fashion_mnist
+def test_each_seed_has_the_files_of_a_single_run_and_the_summary_aggregates(sequential):
+    run_dir, summary = sequential
+    for seed in SEEDS:
+        folder = run_dir / f"seed_{seed}"
+        for name in ("config.yaml", "dataset.json", "layers.txt", "metrics.jsonl",
+                     "confusion_matrix.csv", "summary.json"):  # fmt: skip
+            assert (folder / name).is_file(), (seed, name)
+        assert (folder / "checkpoint").is_dir()
+        assert f"seed: {seed}\nseeds: []" in (folder / "config.yaml").read_text()
+        one = json.loads((folder / "summary.json").read_text())
+        assert one["status"] == "ok" and one["seed"] == seed and one["steps"] == 2000 // 64
+        assert summary["per_seed"][str(seed)]["test/accuracy"] == one["test/accuracy"]
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    accuracies = [summary["per_seed"][str(s)]["test/accuracy"] for s in SEEDS]
+    assert summary["status"] == "ok" and summary["strategy"] == "sequential"
+    assert summary["test/accuracy"] == pytest.approx(sum(accuracies) / 2)
+    spread = abs(accuracies[0] - accuracies[1]) / 2**0.5  # sample std of two values
+    assert summary["test/accuracy_std"] == pytest.approx(spread)
+    assert 0.4 < summary["val/best_accuracy"] <= 1 and summary["params"] == 61_706
+    assert metrics(run_dir / "seed_0") != metrics(run_dir / "seed_1")  # different seeds
+
+
+@needs_fashion_mnist
+def test_vmapped_seeds_match_sequential_ones(sequential, tmp_path):
+    run_dir, expected = sequential
+    summary = run_seeds(config(seeds_strategy="vmap"), tmp_path, local)
+    assert summary["status"] == "ok" and summary["strategy"] == "vmap"
+    for seed in SEEDS:
+        vmapped, one_by_one = tmp_path / f"seed_{seed}", run_dir / f"seed_{seed}"
+        chex.assert_trees_all_close(params(vmapped), params(one_by_one), rtol=1e-4, atol=1e-4)
+        got, want = metrics(vmapped), metrics(one_by_one)
+        assert [r["step"] for r in got] == [r["step"] for r in want]  # logged at the same steps
+        assert got[0]["train/loss"] == pytest.approx(want[0]["train/loss"], rel=1e-4)
+        assert (vmapped / "checkpoint").is_dir() and (vmapped / "confusion_matrix.csv").is_file()
+    assert summary["test/accuracy"] == pytest.approx(expected["test/accuracy"], abs=0.005)
+
+
+def test_aggregate_reports_a_diverged_seed_and_averages_the_others():
+    ok = {"status": "ok", "test/accuracy": 0.8, "val/best_accuracy": 0.7}
+    bad = {"status": "diverged", "error": "loss or gradient became non-finite by step 5"}
+    out = aggregate({0: ok, 1: bad, 2: {**ok, "test/accuracy": 0.6}})
+    assert out["status"] == "diverged" and out["error"].startswith("seed 1: loss")
+    assert out["test/accuracy"] == pytest.approx(0.7) and out["val/best_accuracy"] == 0.7
+    assert out["per_seed"]["1"]["status"] == "diverged"
+
+
+def test_strategy_choice_and_seed_validation():
+    assert choose_strategy("auto", "cpu", 1) == "sequential"
+    assert choose_strategy("auto", "gpu", 1) == "vmap"
+    assert choose_strategy("auto", "gpu", 8) == "sequential"
+    with pytest.raises(ConfigError, match="seeds_strategy=vmap trains on one device, not 8"):
+        choose_strategy("vmap", "gpu", 8)
+    validate(config(seeds_strategy="vmap"))
+    with pytest.raises(ConfigError, match="seeds_strategy='grouped' is not known; .*auto, vmap"):
+        validate(config(seeds_strategy="grouped"))
+    with pytest.raises(ConfigError, match=r"repeats seed 1.*use seeds=\[0,1,2\]"):
+        validate(config(seeds=[0, 1, 1, 2]))
+    with pytest.raises(ConfigError, match="seeds="):
+        validate(config(seeds=[-1]))
+    # the seeds change what is computed, the strategy does not
+    assert config_hash(config()) != config_hash(config(seeds=[0, 2]))
+    assert config_hash(config()) == config_hash(config(seeds_strategy="vmap"))
+
+
+@needs_fashion_mnist
+def test_cli_trains_every_seed_with_one_wandb_run_each_in_one_group(tmp_path):
+    run_dir = tmp_path / "seeds"
+    done = cli(
+        "train", "seeds=[0,1]", "data.train_limit=1000", "data.test_limit=500",
+        "data.val_fraction=0.01", "train.epochs=1", "train.batch_size=64", "logger.mode=offline",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mean and std of 2 seeds" in done.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["strategy"] == "sequential"
+    assert set(summary["per_seed"]) == {"0", "1"}
+    for seed in SEEDS:
+        (run_file,) = (run_dir / f"seed_{seed}" / "wandb").glob("offline-run-*/run-*.wandb")
+        (header,) = [r.run for r in records(run_file) if r.WhichOneof("record_type") == "run"]
+        assert header.display_name == f"{run_dir.parent.name}/seeds-seed{seed}"
+        assert header.run_group == f"{run_dir.parent.name}/seeds"
+        assert "seeds" in header.tags
+        assert (run_dir / f"seed_{seed}" / "checkpoint").is_dir()
+    bad = cli("train", "seeds=[3,3]", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0 and "repeats seed 3" in bad.stderr
+    assert "Traceback" not in bad.stderr
