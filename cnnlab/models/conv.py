@@ -46,9 +46,9 @@ def _slices(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads):
 
 def _taps(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> jax.Array:
     if w.shape[2] == 1:
-        # One input channel: broadcast multiplies summed by one reduction, which XLA fuses into a
-        # single loop whose result is materialized (a reduction ends a fusion) rather than
-        # recomputed inside every consumer, such as each view of a following pool.
+        # One input channel: broadcast multiplies and their sum, which XLA fuses into one loop.
+        # XLA also fuses that loop into its consumers and recomputes it there; see
+        # `cnnlab.models.layers.fused` for the one place where that costs time.
         views = [view * w[i, j, 0] for i, j, view in _slices(x, w, strides, pads)]
         return jnp.sum(jnp.stack(views), axis=0)  # [B, H', W', F]
     out = 0.0

@@ -1,13 +1,14 @@
 """Max pooling as an elementwise maximum of strided views, with a gradient XLA's CPU runs fast.
 
-`nn.max_pool` is `lax.reduce_window`, whose gradient is `select_and_scatter_add`: on the XLA CPU
-backend that takes ~10 ms for LeNet-5's first pool at batch 128 and ~130 ms for AlexNet-lite's,
-most of a training step. Here the forward pass is the maximum of the window's k*k strided views
+`nn.max_pool` is `lax.reduce_window`, whose gradient JAX writes with `select_and_scatter_add`: on
+the XLA CPU backend, measured alone at batch 128, that takes ~10 ms for LeNet-5's first pool and
+~130 ms for AlexNet-lite's. Here the forward pass is the maximum of the window's k*k strided views
 of the input, and the gradient sends each output's cotangent to the first input (in row-major
 window order, as `select_and_scatter_add` does) that equals the maximum, by padding the masked
 cotangent back into place: elementwise work that XLA fuses. Same values and gradients as
-`nn.max_pool` with "VALID" padding, five to ten times faster on the CPU, and no scatter, so the
-gradient is deterministic on every backend.
+`nn.max_pool` with "VALID" padding, and five to ten times faster on the CPU when measured alone
+(in a whole AlexNet-lite step the gain did not show; see the README's "Speed"). No scatter, so
+the gradient is deterministic; cnnlab uses it on the CPU only (`cnnlab.models.layers.max_pool`).
 
 Glossary: `B` batch, `H, W` spatial, `C` channels, `k` window side, `s` stride.
 """
