@@ -1,17 +1,51 @@
-"""Parameters on disk with orbax: a directory of arrays and metadata, no pickle."""
+"""Checkpoints with orbax: folders of arrays and JSON, no pickle, so loading one never runs code.
 
+A run directory holds two kinds:
+
+- `checkpoint/`: the final parameters alone (`save_params`, `load_params`), what `cnnlab-predict`
+  and `checkpoint.init_from` read.
+- `checkpoints/<step>/`: the whole training state (step, parameters, optimizer state) and the
+  loop's position (`meta`, JSON), kept by orbax's `CheckpointManager` (`Checkpoints`). orbax
+  writes each into a temporary folder and renames it once complete, so an interrupted save is
+  never taken for a finished one; leftovers of such saves are deleted at the next start.
+
+`meta` records the versions of cnnlab, jax, flax and orbax, the config hash and the sha256 of the
+state's bytes. Restoring recomputes that hash, so a truncated or altered file is caught, named
+with its step, and the previous checkpoint is used instead. A non-finite state is never saved.
+"""
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, ConfigError
+
+# The layout of `meta`; raise it when the layout changes, and keep reading the older ones
+# (tests/data/golden/ holds a checkpoint of each).
+FORMAT = 1
 
 
 def save_params(path: Path, params) -> None:
-    """Write `params` (a pytree of arrays) to the directory `path`, which must not exist yet."""
+    """Write `params` (a pytree of arrays) to the directory `path`, replacing what is there."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(path).absolute(), params)
+        checkpointer.save(Path(path).absolute(), params, force=True)
+
+
+def _placed(like):
+    """`like` as abstract arrays, each on its own sharding or else the first local device."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def placed(x):
+        sharding = getattr(x, "sharding", None) or device
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(placed, like)
 
 
 def load_params(path: Path, like):
@@ -24,16 +58,183 @@ def load_params(path: Path, like):
     path = Path(path).absolute()
     if not path.is_dir():
         raise CnnlabError(f"no checkpoint at {path}: train first, or pass the right run directory")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def placed(x):
-        sharding = getattr(x, "sharding", None) or device
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-    like = jax.tree.map(placed, like)
     with ocp.StandardCheckpointer() as checkpointer:
         try:
-            return checkpointer.restore(path, like)
+            return checkpointer.restore(path, _placed(like))
         except (ValueError, KeyError, FileNotFoundError) as e:
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CnnlabError(f"cannot read the checkpoint {path}: {message}") from e
+
+
+def params_source(path: Path) -> Path:
+    """Where `checkpoint.init_from=<path>` finds parameters: a run directory's final
+    `checkpoint/`, else the params of its newest `checkpoints/<step>/`, else `path` itself."""
+    path = Path(path).expanduser().absolute()
+    if (path / "checkpoint").is_dir():
+        return path / "checkpoint"
+    steps = sorted(ocp.utils.checkpoint_steps(path / "checkpoints")) if path.is_dir() else []
+    if steps:
+        return path / "checkpoints" / str(steps[-1]) / "state"
+    return path
+
+
+def load_init_params(path: Path, like):
+    """Parameters for `checkpoint.init_from`, checked against the model's (`like`)."""
+    source = params_source(path)
+    if not source.is_dir():
+        raise CnnlabError(f"checkpoint.init_from={path}: no run directory or checkpoint there")
+    if source.name == "state":  # a full training state: take its parameters
+        state = load_params(source, _like_state_params(source, like))
+        return state["params"]
+    return load_params(source, like)
+
+
+def _like_state_params(source: Path, params_like):
+    """A target that restores only the `params` of a saved training state."""
+    metadata = ocp.StandardCheckpointer().metadata(source).item_metadata
+    tree = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(metadata))
+    tree["params"] = params_like
+    return tree
+
+
+def versions() -> dict[str, str]:
+    """What wrote a checkpoint."""
+    names = {"cnnlab": "cnnlab", "jax": "jax", "flax": "flax", "orbax": "orbax-checkpoint"}
+    return {key: version(dist) for key, dist in names.items()}
+
+
+def tree_sha256(tree) -> str:
+    """sha256 of a tree's leaves (paths, dtypes, shapes and bytes, in the tree's order)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def _finite(tree, lanes: list[int] | None) -> bool:
+    """Every float leaf finite (only lanes `lanes` of a stacked tree, when given)."""
+    for leaf in jax.tree.leaves(tree):
+        if np.issubdtype(leaf.dtype, np.floating):
+            values = leaf if lanes is None else leaf[lanes]
+            if not np.isfinite(values).all():
+                return False
+    return True
+
+
+def _warn(message: str) -> None:
+    print(f"cnnlab: warning: {message}", file=sys.stderr)
+
+
+@dataclass
+class Restored:
+    step: int
+    state: dict  # {"step", "params", "opt_state"} as jax arrays, shaped like the target
+    meta: dict  # the loop's position and whatever the caller saved with it
+
+
+class Checkpoints:
+    """The training states of one run, in `directory` (its `checkpoints/`).
+
+    `save` copies the state to the host (the train step donates the device buffers right after)
+    and writes it in the background; `restore` takes the newest checkpoint that reads back whole.
+    """
+
+    def __init__(self, directory: Path, keep: int, config_hash: str, primary: bool = True):
+        self.directory = Path(directory).absolute()
+        self.config_hash = config_hash
+        self.primary = primary  # the processes of a multi-host run hold the same state
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            cleanup_tmp_directories=True,
+            create=primary,
+            # one writer: every process of a multi-host run would write the same replicated state
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=None, active_processes={jax.process_index()}
+            )
+            if jax.process_count() > 1
+            else ocp.options.MultiprocessingOptions(),
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: dict, meta: dict, lanes: list[int] | None = None) -> bool:
+        """Save `state` (a tree of arrays) and `meta` (JSON) as step `step`; False, and nothing
+        written, when a float in the state (of `lanes`, for stacked models) is not finite."""
+        host = jax.tree.map(lambda x: np.array(x, copy=True), state)  # before the next donation
+        if not _finite(host, lanes):
+            return False
+        if not self.primary or step in self.manager.all_steps():
+            return True
+        meta = {
+            **meta,
+            "step": step,
+            "format": FORMAT,
+            "versions": versions(),
+            "config_hash": self.config_hash,
+            "state_sha256": tree_sha256(host),
+        }
+        args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta))
+        self.manager.save(step, args=args, force=True)
+        return True
+
+    def restore(self, like: dict) -> Restored | None:
+        """The newest checkpoint that reads back whole, shaped like `like`; None if there is none.
+        One that does not read back (truncated, altered) is skipped with a warning."""
+        steps = self.steps()
+        for i, step in reversed(list(enumerate(steps))):
+            try:
+                return self._restore(step, like)
+            except ConfigError:
+                raise
+            except CnnlabError as e:
+                if i == 0:
+                    raise
+                _warn(f"{e}; resuming from the previous checkpoint, step {steps[i - 1]}")
+        return None
+
+    def _restore(self, step: int, like: dict) -> Restored:
+        folder = self.directory / str(step)
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = dict(meta.meta)
+        except Exception as e:  # orbax and tensorstore raise many types for a damaged file
+            reason = _first(e)
+            raise CnnlabError(
+                f"checkpoint step {step} is unreadable: {folder}/meta: {reason}"
+            ) from e
+        if meta.get("config_hash") != self.config_hash:
+            raise ConfigError(
+                f"{self.directory} holds the checkpoints of another config (hash "
+                f"{meta.get('config_hash')}, this one {self.config_hash}): rerun with that "
+                "config, or give this one a new run directory (hydra.run.dir=...)"
+            )
+        try:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(_placed(like)))
+            state = self.manager.restore(step, args=args).state
+        except Exception as e:
+            reason = _first(e)
+            raise CnnlabError(
+                f"checkpoint step {step} is unreadable: {folder}/state: {reason}"
+            ) from e
+        if tree_sha256(jax.device_get(state)) != meta.get("state_sha256"):
+            raise CnnlabError(
+                f"checkpoint step {step} is damaged: the arrays in {folder}/state do not match "
+                "the sha256 saved with them"
+            )
+        return Restored(step, state, meta)
+
+    def wait(self) -> None:
+        """Block until the background writes have finished."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _first(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

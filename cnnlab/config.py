@@ -67,6 +67,9 @@ class OptimizerConfig:
     warmup_epochs: float = 0.0  # warmup_cosine only
     end_lr_factor: float = 0.0  # cosine schedules decay to lr * end_lr_factor
     grad_clip_norm: float | None = None  # clip the global gradient norm; None = no clipping
+    # 0: a non-finite loss or gradient stops the run (status diverged). N > 0: skip such updates
+    # (optax.apply_if_finite), counted as train/skipped_updates; N in a row still stop it.
+    skip_nonfinite: int = 0
 
 
 @dataclass
@@ -112,6 +115,21 @@ class SweepConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """The training state saved in `<run dir>/checkpoints/<step>/` (cnnlab.checkpoint), at every
+    epoch end, every `every_steps` steps and on SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warnings)."""
+
+    every_steps: int | None = 1000  # also save every N steps within an epoch; null = epoch ends
+    keep: int = 2  # the newest checkpoints kept; older ones are deleted
+    # Continue from the newest good checkpoint when the run directory already holds one (a rerun
+    # with the same hydra.run.dir, a requeued SLURM job); false refuses such a directory.
+    resume: bool = True
+    # Start from the parameters of another run (its directory, or a checkpoint folder in it) with
+    # a fresh optimizer and step 0; ignored when resuming, whose state already has them.
+    init_from: str | None = None
+
+
+@dataclass
 class DistributedConfig:
     """Multi-host training: one JAX runtime over the devices of several processes (README,
     Multi-host). Unset (null) values are read by `jax.distributed.initialize` from SLURM's or a
@@ -133,6 +151,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0  # root of every PRNG key: init, dropout, augmentation, data order
     # Train one model per seed in one program, each with its own seed_<s>/ folder and W&B run
     # (cnnlab.train.seeds); empty = one run with `seed`.
@@ -145,6 +164,10 @@ class Config:
     # JAX's persistent compilation cache: a repeated run or sweep job with known shapes skips
     # compilation. null turns it off.
     compilation_cache: str | None = "~/.cache/cnnlab/jax"
+    # GPU runs that repeat bit for bit: XLA's deterministic-ops flags, slower kernels, and a
+    # warning for max pooling, whose gradient has no deterministic GPU implementation (README,
+    # Reproducibility). The CPU is deterministic without it.
+    deterministic: bool = False
 
 
 def config_hash(cfg: Config) -> str:
@@ -155,6 +178,7 @@ def config_hash(cfg: Config) -> str:
     from dataclasses import asdict
 
     content = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
+    content["checkpoint"] = {"init_from": cfg.checkpoint.init_from}  # the rest is bookkeeping
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -179,17 +203,20 @@ def from_omegaconf(node) -> Config:
 
 
 def closest_key(dotted: str) -> str | None:
-    """The valid config key nearest to a mistyped dotted key, e.g. model.depht -> model.depth."""
+    """The valid config key nearest to a mistyped dotted key, e.g. model.depht -> model.depth,
+    trian.epochs -> train.epochs (a mistyped group is matched among the groups)."""
     import difflib
     from dataclasses import fields, is_dataclass
 
     schema, prefix = Config, ""
     *parents, last = dotted.split(".")
     for part in parents:
-        types = {f.name: f.type for f in fields(schema)}
-        if not is_dataclass(types.get(part)):
+        groups = {f.name: f.type for f in fields(schema) if is_dataclass(f.type)}
+        close = difflib.get_close_matches(part, list(groups), n=1)
+        if part not in groups and not close:
             return None
-        schema, prefix = types[part], f"{prefix}{part}."
+        part = part if part in groups else close[0]
+        schema, prefix = groups[part], f"{prefix}{part}."
     close = difflib.get_close_matches(last, [f.name for f in fields(schema)], n=1)
     return f"{prefix}{close[0]}" if close else None
 
@@ -202,10 +229,13 @@ def _check_keys(node, schema, prefix: str) -> None:
     known = {f.name: f for f in fields(schema)}
     for key in node:
         if key not in known:
-            close = closest_key(f"{prefix}{key}")
+            dotted, child = f"{prefix}{key}", node._get_node(key)
+            if isinstance(child, DictConfig) and len(child):  # +trian.epochs=3: name the leaf
+                dotted += f".{next(iter(child))}"
+            close = closest_key(dotted)
             hint = f"; did you mean {close}?" if close else ""
             valid = ", ".join(sorted(known))
-            raise ConfigError(f"unknown config key {prefix}{key}{hint} (valid here: {valid})")
+            raise ConfigError(f"unknown config key {dotted}{hint} (valid here: {valid})")
         field_type = known[key].type
         child = node._get_node(key)
         if is_dataclass(field_type) and isinstance(child, DictConfig):

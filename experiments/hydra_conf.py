@@ -5,9 +5,10 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from traceback import walk_tb
 
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.config import Config, closest_key
@@ -34,14 +35,22 @@ def exit_on_user_error(error: CnnlabError | str, code: int = 2):
 
 
 _NOISE = ("reference_type=", "object_type=", "full_key:", "Set the environment variable")
+GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
 def one_line(error: Exception) -> str:
     """Hydra's and OmegaConf's multi-line composition errors, condensed to one line."""
+    if isinstance(error, OverrideParseException):
+        return _parse_error(error)
     text = str(error)
     if error.__cause__ is not None and str(error.__cause__) not in text:
         text += "\n" + str(error.__cause__)
     text = text.split("Config search path:")[0]
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown and "not in '" in text:  # a typo: Hydra's "use +key=..." advice would add it
+        close = closest_key(unknown.group(1))
+        hint = f"; did you mean {close}?" if close else "; `cnnlab-train --cfg job` lists the keys"
+        return f"unknown config key {unknown.group(1)}{hint}"
     lines = [line.strip() for line in text.splitlines()]
     options = [line for line in lines if line and text.count(f"\t{line}")]  # tab-indented lists
     parts = [line for line in lines if line and line not in options and not line.startswith(_NOISE)]
@@ -54,17 +63,71 @@ def one_line(error: Exception) -> str:
     return line
 
 
+def _parse_error(error: OverrideParseException) -> str:
+    """An override the grammar rejects (`key=6,,12`, `key=[6,16`, an unclosed quote)."""
+    reason = error.message.splitlines()[0]
+    if reason.startswith("Error parsing override"):
+        reason = error.message.splitlines()[1]
+    reason = re.sub(r"^\w+Exception: .*", "unbalanced quote or bracket", reason)
+    reason = reason.split(" expecting ")[0]  # the grammar's token list helps nobody
+    return (
+        f"cannot parse the override {error.override!r} ({reason}): sweeps are key=a,b with -m, "
+        f"lists key=[a,b], quote values with commas, brackets or spaces; see {GRAMMAR}"
+    )
+
+
+def _check_arguments(argv: list[str]) -> None:
+    """Hydra's own argparse errors print its whole usage; this says what is wrong in one line."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str):
+        late = [(a, b) for a, b in zip(argv, argv[1:]) if "=" in a and b.startswith("-")]
+        if late:  # argparse takes the overrides before a flag only
+            override, flag = late[0]
+            message = f"{flag} must come before the overrides, not after {override}"
+            message += f": cnnlab-train {flag} {override} ..."
+        elif "unrecognized arguments" in message:
+            message += (
+                "; overrides are key=value (e.g. train.epochs=3) and flags such as -m go before "
+                "them; cnnlab-train --help lists both"
+            )
+        exit_on_user_error(message)
+
+    parser.error = error
+    parser.parse_args(argv)
+
+
+def _hydra_setup_error(error: OSError, task: Callable | None, traceback) -> bool:
+    """Whether `error` came from Hydra creating the run or sweep directory (or its .hydra/ and
+    log files) before the job started, rather than from inside the job."""
+    if not error.filename or task is None:
+        return False
+    frames = [frame.f_code for frame, _ in walk_tb(traceback)]
+    return task.__code__ not in frames
+
+
 def hydra_errors_in_one_line(app: Callable[[], None]) -> None:
     """Run a Hydra app, turning config composition errors into one line and exit code 2.
 
     Hydra prints these errors over several lines with its search path; with HYDRA_FULL_ERROR=1
     it raises them instead, which is what lets this wrapper condense them. A user who sets
-    HYDRA_FULL_ERROR themselves gets Hydra's full output.
+    HYDRA_FULL_ERROR themselves gets Hydra's full output. Also in one line: bad command-line
+    arguments, and a run directory that Hydra cannot create or write.
     """
     if os.environ.get("HYDRA_FULL_ERROR"):
         return app()
+    _check_arguments(sys.argv[1:])
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         app()
     except (HydraException, OmegaConfBaseException) as e:
         exit_on_user_error(one_line(e))
+    except OSError as e:
+        if not _hydra_setup_error(e, getattr(app, "__wrapped__", None), e.__traceback__):
+            raise
+        exit_on_user_error(
+            f"cannot create the run directory: {e.strerror or e}: {e.filename}; "
+            "choose a writable folder with hydra.run.dir=... (hydra.sweep.dir=... with -m)"
+        )

@@ -24,12 +24,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cnnlab import determinism
 from cnnlab.config import Config, config_hash, from_omegaconf
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.parallel import initialize_distributed
+from cnnlab.rundir import DEFAULT_NEED_BYTES, check_run_dir
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker, write_json
 from cnnlab.tracking.wandb_run import WandbTracker
+from cnnlab.train.preemption import Preemption
 from cnnlab.train.run import run
 from cnnlab.train.seeds import MakeTracker, run_seeds
 from cnnlab.validate import validate
@@ -67,12 +70,16 @@ def _start_jax(cfg: Config, multirun: bool) -> None:
     """Process-wide JAX settings, before the first computation."""
     if multirun:  # parallel jobs on one GPU must not each take 75% of its memory
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if cfg.deterministic:  # XLA reads its flags when the backend starts, below at the latest
+        os.environ["XLA_FLAGS"] = determinism.with_xla_flags(os.environ.get("XLA_FLAGS", ""))
     if cfg.compilation_cache:
         path = Path(cfg.compilation_cache).expanduser()
         jax.config.update("jax_compilation_cache_dir", str(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if cfg.distributed.enabled:  # multi-host: join the other processes before JAX starts
         initialize_distributed(cfg.distributed)
+    if cfg.deterministic and (warning := determinism.warning(jax.default_backend(), cfg.model)):
+        print(f"cnnlab: warning: {warning}", file=sys.stderr)
 
 
 def _copy_done(cfg: Config, run_dir: Path, index: Path) -> dict | None:
@@ -152,6 +159,7 @@ def train(node: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     summary: dict = {}
+    preemption = Preemption()
     try:
         cfg = from_omegaconf(node)
         try:
@@ -163,6 +171,8 @@ def train(node: DictConfig) -> float:
             write_json(run_dir / "summary.json", {"status": "invalid", "error": str(e)})
             print(f"cnnlab: job {hydra_cfg.job.num} is invalid, not trained: {e}", file=sys.stderr)
             return FAILED
+        # An unwritable folder or a full disk fails now, not at the first checkpoint.
+        check_run_dir(run_dir, DEFAULT_NEED_BYTES)  # TODO(lead): estimate from checkpoint sizes
         _start_jax(cfg, multirun)
         index = done_index(run_dir.parent)
         skip_done = multirun and cfg.sweep.skip_done and not cfg.seeds  # (seed folders: not yet)
@@ -172,16 +182,19 @@ def train(node: DictConfig) -> float:
             return summary.get("val/best_accuracy")
         # Every process of a multi-host run trains; the first one keeps the record.
         primary = jax.process_index() == 0
-        if cfg.seeds:  # one model per seed, each in its own seed_<s>/ folder and W&B run
-            summary = run_seeds(cfg, run_dir, _seed_trackers(cfg, node, hydra_cfg, run_dir))
-        else:
-            local = LocalTracker(run_dir) if primary else None
-            wandb = (
-                _wandb_tracker(cfg, node, hydra_cfg, run_dir)
-                if primary and cfg.logger.mode != "disabled"
-                else None
-            )
-            summary = run(cfg, run_dir, Trackers(local, wandb))
+        # SIGTERM/SIGUSR1/SIGUSR2 (SLURM's warnings) save a checkpoint and end the run cleanly
+        with preemption:
+            if cfg.seeds:  # one model per seed, each in its own seed_<s>/ folder and W&B run
+                trackers = _seed_trackers(cfg, node, hydra_cfg, run_dir)
+                summary = run_seeds(cfg, run_dir, trackers, stop=preemption)
+            else:
+                local = LocalTracker(run_dir) if primary else None
+                wandb = (
+                    _wandb_tracker(cfg, node, hydra_cfg, run_dir)
+                    if primary and cfg.logger.mode != "disabled"
+                    else None
+                )
+                summary = run(cfg, run_dir, Trackers(local, wandb), stop=preemption)
         if skip_done and summary["status"] == "ok" and primary:
             _record_done(cfg, run_dir, index)
     except CnnlabError as e:
@@ -196,6 +209,7 @@ def train(node: DictConfig) -> float:
         return FAILED
     if summary["status"] != "ok":
         print(f"cnnlab: {summary['status']}: {summary['error']} ({run_dir})", file=sys.stderr)
+        preemption.finish()  # after a signal: requeue (submitit) or exit as the signal would
         if not multirun:
             sys.exit(1)
         return FAILED

@@ -55,3 +55,10 @@ def summary_and_history(path: Path) -> tuple[dict, list[dict], dict]:
             summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                             for i in record.summary.update})  # fmt: skip
     return config, history, summary
+
+
+def run_record(path: Path) -> wandb_internal_pb2.RunRecord:
+    """The run's own record: its id, project and config, and `resume`, which wandb sets when
+    wandb.init was given `resume=` (an attempt continuing an earlier one)."""
+    (run,) = [r.run for r in records(path) if r.WhichOneof("record_type") == "run"]
+    return run

@@ -22,6 +22,12 @@ class Tracker(Protocol):
 
     def finish(self, summary: dict) -> None: ...
 
+    def mark(self) -> dict:
+        """Where the history stands now, saved with a checkpoint (JSON)."""
+
+    def rewind(self, mark: dict) -> None:
+        """Drop the history after `mark`: a run resumed from that checkpoint logs it again."""
+
 
 class Trackers:
     """Several trackers behind one interface; `finish` reaches every one even if another fails."""
@@ -40,6 +46,14 @@ class Trackers:
     def log_predictions(self, images, labels, probs, class_names):
         for t in self.trackers:
             t.log_predictions(images, labels, probs, class_names)
+
+    def mark(self):
+        return {k: v for t in self.trackers if hasattr(t, "mark") for k, v in t.mark().items()}
+
+    def rewind(self, mark):
+        for t in self.trackers:
+            if hasattr(t, "rewind"):
+                t.rewind(mark)
 
     def finish(self, summary):
         errors = []

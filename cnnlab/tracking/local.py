@@ -1,7 +1,8 @@
 """The run directory's own record, written whatever the W&B setting.
 
 - `metrics.jsonl`: one JSON object per log step, `{"step": ..., "time": ..., "train/loss": ...}`,
-  flushed as it is written, so a killed run keeps every record up to its last log step;
+  flushed as it is written, so a killed run keeps every record up to its last log step; a run
+  resumed from a checkpoint first cuts it back to what it held at that checkpoint (`rewind`);
 - `layers.txt`: the per-layer table;
 - `confusion_matrix.csv`: test confusion counts, rows true class, columns predicted;
 - `summary.json`: the final summary, written atomically.
@@ -37,6 +38,14 @@ class LocalTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.metrics.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.metrics.flush()
+
+    def mark(self) -> dict:
+        return {"metrics_bytes": self.metrics.tell()}
+
+    def rewind(self, mark: dict) -> None:
+        """Cut metrics.jsonl back to its length at `mark` (records after it, and any half-written
+        line of a killed process, are logged again by the resumed run)."""
+        self.metrics.truncate(mark["metrics_bytes"])  # append mode: writes go to the new end
 
     def log_layers(self, rows: list[Layer]) -> None:
         (self.run_dir / "layers.txt").write_text(format_table(rows) + "\n")

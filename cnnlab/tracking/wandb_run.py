@@ -5,11 +5,25 @@ the server does not answer within `logger.init_timeout` seconds (wandb.init alon
 about 100 s, then crash). An offline run lives in `<run_dir>/wandb/offline-run-*` and uploads
 later with `wandb sync <that folder>`. Every run is finished, on every path, so each Hydra
 multirun job is its own W&B run.
+
+A run directory used again (an exact resume, a SLURM requeue) continues the same W&B run:
+`<run_dir>/wandb_run.json` keeps the run's id, its mode and the last step logged (never a
+credential), and is replaced atomically after every log. A later attempt calls wandb.init with
+that id and `resume="allow"` and drops records at steps up to that last step: the resumed attempt
+recomputes them bit-identically, and W&B would refuse steps below the run's current one anyway.
+(A step whose records were only partly logged when an attempt died keeps only that part.)
+
+Offline, wandb 0.31 gives each attempt its own `offline-run-<time>-<id>` folder with the same run
+id; the later folders' run records are marked as resumed. `wandb sync <run_dir>/wandb/offline-run-*`
+uploads the folders of one id one after another in order of start time into that one run (its
+`--help`), so the steps arrive once each, in order. To keep that order, an attempt whose
+predecessor logged offline stays offline even if W&B is reachable again: an online run first
+would take the later steps and W&B would then refuse the earlier ones from the offline folders.
 """
 
+import json
 import netrc
 import os
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -19,8 +33,13 @@ import numpy as np
 
 from cnnlab.config import LoggerConfig
 from cnnlab.geometry import Layer
+from cnnlab.tracking.local import write_json
 
 MODES = ("online", "offline", "disabled")
+# At most this long to learn whether the W&B server answers: with wandb.init's own start and
+# the offline fallback, training then starts well within 15 s of its normal start.
+PROBE_SECONDS = 8.0
+STATE_FILE = "wandb_run.json"  # the W&B run id and last step logged, for a later attempt
 
 
 def _warn(message: str) -> None:
@@ -45,19 +64,24 @@ def has_api_key(base_url: str) -> bool:
 
 
 def reachable(base_url: str, timeout: float) -> bool:
-    """Whether a TCP connection to the server opens within `timeout` seconds (DNS included)."""
-    url = urlparse(base_url)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    """Whether the server answers an HTTP request within `timeout` seconds, DNS included, with
+    any status: a closed port is not reachable, and neither is one that accepts connections and
+    never replies (where wandb.init would wait for all of `logger.init_timeout`)."""
+    import urllib.error
+    import urllib.request
+
     ok = threading.Event()
 
-    def connect():
+    def probe():
         try:
-            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            urllib.request.urlopen(base_url, timeout=timeout).close()
             ok.set()
-        except OSError:
+        except urllib.error.HTTPError:  # an answer all the same (401, 404, ...)
+            ok.set()
+        except (OSError, ValueError):
             pass
 
-    thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout of its own
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
     thread.start()
     thread.join(timeout)
     return ok.is_set()
@@ -73,7 +97,17 @@ class WandbTracker:
 
         self.wandb = wandb
         self.num_samples = cfg.num_sample_predictions
+        self.state_path = Path(run_dir) / STATE_FILE
+        earlier = json.loads(self.state_path.read_text()) if self.state_path.is_file() else None
+        # steps up to this one were logged by an earlier attempt of this run: skipped (-1: none)
+        self.resumed_step = earlier["last_step"] if earlier else -1
         mode = cfg.mode
+        if mode == "online" and earlier and earlier["mode"] == "offline":
+            _warn(
+                "an earlier attempt of this run logged to W&B offline; continuing offline so that "
+                f"`wandb sync {run_dir}/wandb/offline-run-*` uploads the attempts in order"
+            )
+            mode = "offline"
         if mode == "online":
             base = _base_url()
             if not has_api_key(base):
@@ -82,7 +116,7 @@ class WandbTracker:
                     "upload later with `wandb sync <run dir>/wandb/offline-run-*`"
                 )
                 mode = "offline"
-            elif not reachable(base, min(cfg.init_timeout, 10.0)):
+            elif not reachable(base, min(cfg.init_timeout, PROBE_SECONDS)):
                 _warn(f"W&B server {base} is unreachable; logging offline")
                 mode = "offline"
         init = dict(
@@ -96,16 +130,34 @@ class WandbTracker:
             reinit="create_new" if concurrent else "finish_previous",
             settings=wandb.Settings(init_timeout=cfg.init_timeout),
         )
+        if earlier:
+            init.update(id=earlier["id"], resume="allow")
         try:
-            self.run = wandb.init(mode=mode, **init)
+            self.run = self._init(mode, init)
         except Exception as e:  # wandb raises several types on network failures
             if mode != "online":
                 raise
             _warn(f"W&B did not start online ({type(e).__name__}: {e}); logging offline")
-            self.run = wandb.init(mode="offline", **init)
+            mode = "offline"
+            self.run = self._init(mode, init)
+        self.state = {"id": self.run.id, "mode": mode, "last_step": self.resumed_step}
+        write_json(self.state_path, self.state)
+
+    def _init(self, mode: str, init: dict):
+        if mode == "offline":
+            # Process-wide offline too: wandb's own usage analytics follow the global mode, not
+            # the run's, and would post to the server anyway, delaying the exit of a process by
+            # 10 s or more when the server accepts connections but never answers.
+            self.wandb.setup(self.wandb.Settings(mode="offline"))
+        return self.wandb.init(mode=mode, **init)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.resumed_step:
+            return
         self.run.log(metrics, step=step)
+        if step > self.state["last_step"]:
+            self.state["last_step"] = step
+            write_json(self.state_path, self.state)
 
     def log_layers(self, rows: list[Layer]) -> None:
         columns = ["layer", "type", "output", "params", "mult_adds", "receptive_field"]
@@ -114,7 +166,7 @@ class WandbTracker:
              "all" if r.receptive_field is None else f"{r.receptive_field}x{r.receptive_field}"]
             for r in rows
         ]  # fmt: skip
-        self.run.log({"model/layers": self.wandb.Table(columns=columns, data=data)}, step=0)
+        self.log({"model/layers": self.wandb.Table(columns=columns, data=data)}, step=0)
 
     def log_predictions(self, images, labels, probs, class_names) -> None:
         preds = np.argmax(probs, -1)

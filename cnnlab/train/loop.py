@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -36,7 +37,7 @@ class EvalResult:
 @dataclass
 class FitResult:
     state: TrainState
-    status: str  # ok | diverged
+    status: str  # ok | diverged | preempted
     message: str = ""
     epochs: int = 0  # epochs completed
     best_val_accuracy: float = float("nan")
@@ -67,6 +68,17 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
 
 
+class Saver(Protocol):
+    """Where the loop's checkpoints go (`cnnlab.train.run` wraps `cnnlab.checkpoint`)."""
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after `step` within an epoch (epoch ends always save)."""
+
+    def save(self, step: int, state: TrainState, meta: dict, lanes: list[int] | None) -> bool:
+        """Save the state after `step` with the loop's `meta`; False when it was refused (a
+        non-finite state, of the live `lanes` of stacked models)."""
+
+
 def fit(
     state: TrainState,
     train_step,
@@ -79,11 +91,13 @@ def fit(
     log: LogFn,
     schedule: Callable[[int], float],
     progress: Progress | None = None,
+    **resumable,
 ) -> FitResult:
-    """Train for `cfg.epochs` epochs; `train` and `val` are (images, labels) on the device."""
+    """Train for `cfg.epochs` epochs; `train` and `val` are (images, labels) on the device.
+    `resumable`: the `resume`, `saver` and `stop` of `fit_lanes`."""
     (result,) = fit_lanes(
         state, train_step, eval_step, train, val, cfg, [seed], train_key, [log], schedule,
-        progress, stacked=False,
+        progress, stacked=False, **resumable,
     )  # fmt: skip
     return result
 
@@ -101,6 +115,9 @@ def fit_lanes(
     schedule: Callable[[int], float],
     progress: Progress | None = None,
     stacked: bool = True,
+    resume: dict | None = None,
+    saver: Saver | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> list[FitResult]:
     """Train S models ("lanes") with one step program, one `FitResult` each.
 
@@ -109,6 +126,13 @@ def fit_lanes(
     (what `fit` does). Lane i visits the data in the order of `seeds[i]` and logs through
     `logs[i]` at the steps a single run logs; a lane that diverges stops logging while the others
     go on. Validation runs lane by lane on the same `eval_step`.
+
+    Checkpoints: after every step that `saver.due` names, at every epoch end (after validation)
+    and when `stop()` turns true, the state goes to `saver` with the loop's `meta` (the step, each
+    lane's record, the metrics not yet logged). Passing that `meta` back as `resume`, with the
+    state saved beside it, continues exactly where the loop was: the data order and the keys are
+    functions of the seed, epoch and step, so the run ends bit-identical to an uninterrupted one.
+    When `stop()` turns true the loop saves and returns with status `preempted`.
     """
     n = int(train[1].shape[0])
     steps_per_epoch = n // cfg.batch_size
@@ -116,41 +140,74 @@ def fit_lanes(
     lane = _pick if stacked else lambda tree, i: tree  # lane i of a (stacked) tree
     results = [FitResult(state, "ok") for _ in seeds]
     live = list(range(len(seeds)))  # the lanes still training
-    pending: list[dict[str, jax.Array]] = []
-    step, train_seconds = 0, 0.0
+    pending: list[dict] = []  # metrics of the steps since the last log
+    step, first, train_seconds = 0, 0, 0.0
+    if resume:
+        step, live, pending = resume["step"], resume["live"], _unpack(resume["pending"])
+        for r, saved in zip(results, resume["lanes"], strict=True):
+            vars(r).update(saved)
+        first = step
+        progress.advance(step)
+
+    def checkpoint() -> bool:
+        """Save after `step`, unless a live lane went non-finite since the last log."""
+        nonlocal pending
+        pending = jax.device_get(pending)
+        if any(not _finite(lane(m, s)) for m in pending for s in live):
+            return False  # the next log stops those lanes; the last good checkpoint stays
+        meta = {"step": step, "live": live, "pending": _pack(pending)}
+        meta["lanes"] = [{k: v for k, v in vars(r).items() if k != "state"} for r in results]
+        return saver.save(step, state, meta, live if stacked else None)
+
+    def preempted() -> list[FitResult]:
+        for s in live:
+            r = results[s]
+            r.state, r.status = lane(state, s), "preempted"
+            r.message = f"stopped by a signal after step {step}; rerun in the same run directory"
+        return results
+
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(step // steps_per_epoch + 1, cfg.epochs + 1):
             orders = [epoch_order(seed, epoch, n) for seed in seeds]
             t_epoch = time.perf_counter()
-            for i in range(steps_per_epoch):
+            for i in range(step - (epoch - 1) * steps_per_epoch, steps_per_epoch):
                 batch = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
                 idx = np.stack([o[batch] for o in orders]) if stacked else orders[0][batch]
                 state, metrics = train_step(state, *train, idx, train_key)  # idx [S, B] or [B]
                 step += 1
-                if step == 1:
+                if step == first + 1:
                     jax.block_until_ready(metrics)
                     for r in results:
                         r.compile_seconds = time.perf_counter() - t_epoch
                 pending.append(metrics)
                 progress.advance()
-                if step % cfg.log_every_steps == 0 or i == steps_per_epoch - 1:
+                epoch_end = i == steps_per_epoch - 1
+                if step % cfg.log_every_steps == 0 or epoch_end:
                     fetched, pending = jax.device_get(pending), []  # the only sync point
                     records = {}
                     for s in live:
                         ms = [lane(m, s) for m in fetched]
-                        record = {k: float(np.mean([m[k] for m in ms])) for k in fetched[0]}
+                        record = _mean(ms)
                         record.update({"train/lr": float(schedule(step - 1)), "epoch": epoch})
                         results[s].last = records[s] = record
                         logs[s](record, step)
                     progress.report(step, epoch, _across(records))
-                    for s, record in records.items():
-                        if not _finite(record):
+                    for s in list(live):
+                        bad = [j for j, m in enumerate(fetched) if not _finite(lane(m, s))]
+                        if bad:
                             r = results[s]
                             r.state, r.status = lane(state, s), "diverged"
-                            r.message = f"loss or gradient became non-finite by step {step}"
+                            at = step - len(fetched) + 1 + bad[0]
+                            r.message = f"loss or gradient became non-finite at step {at}"
                             live.remove(s)
                     if not live:
                         return results
+                if not epoch_end:
+                    stopping = stop()  # once: a signal between two calls would skip the save
+                    if saver and (stopping or saver.due(step)):
+                        checkpoint()
+                    if stopping:
+                        return preempted()
             train_seconds += time.perf_counter() - t_epoch
             if (epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs) and len(val[1]):
                 records = {}
@@ -165,17 +222,57 @@ def fit_lanes(
                 progress.report(step, epoch, _across(records))
             for s in live:
                 results[s].epochs = epoch
+            if saver:
+                checkpoint()
+            if stop() and epoch < cfg.epochs:
+                return preempted()
     finally:
         progress.close()
     steady = train_seconds - results[0].compile_seconds
     for s in live:
         results[s].state = lane(state, s)
-        results[s].images_per_second = (step - 1) * cfg.batch_size / steady if steady > 0 else 0.0
+        steps = step - first - 1
+        results[s].images_per_second = steps * cfg.batch_size / steady if steady > 0 else 0.0
     return results
 
 
-def _finite(record: dict[str, float]) -> bool:
-    return all(math.isfinite(record[k]) for k in ("train/loss", "train/grad_norm"))
+# Metrics that count since the start (the newest value is logged, not the mean).
+CUMULATIVE = ("train/skipped_updates",)
+
+
+def _mean(metrics: list[dict]) -> dict[str, float]:
+    """One log record from the metrics of several steps: their mean, the newest for counters.
+    Where non-finite updates are skipped (`train/param_norm` is there), the mean is over the
+    steps that were not."""
+    skipping = "train/param_norm" in metrics[0]
+    record = {}
+    for k in metrics[0]:
+        values = np.array([m[k] for m in metrics], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if k in CUMULATIVE:
+            record[k] = float(values[-1])
+        else:
+            record[k] = float(np.mean(finite if skipping and len(finite) else values))
+    return record
+
+
+def _pack(pending: list[dict]) -> list[dict]:
+    """Host metrics as JSON: {key: [dtype, values]}; `_unpack` gives back the same bits."""
+    return [{k: [str(v.dtype), np.asarray(v).tolist()] for k, v in m.items()} for m in pending]
+
+
+def _unpack(packed: list[dict]) -> list[dict]:
+    return [{k: np.asarray(v, dtype=dtype) for k, (dtype, v) in m.items()} for m in packed]
+
+
+def _finite(metrics: dict) -> bool:
+    """Whether one step's metrics (or a record) show a finite model: with skipped non-finite
+    updates (`optimizer.skip_nonfinite`) the parameters' norm, else the loss and gradient."""
+    keys = ("train/param_norm",) if "train/param_norm" in metrics else _WATCHED
+    return all(math.isfinite(float(metrics[k])) for k in keys)
+
+
+_WATCHED = ("train/loss", "train/grad_norm")
 
 
 def _pick(tree, i: int):

@@ -48,9 +48,12 @@ def _kernels(params):
 def build_optimizer(
     cfg: OptimizerConfig, steps_per_epoch: int, epochs: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax transformation (with optional global-norm clipping) and its schedule."""
+    """The optax transformation (with optional global-norm clipping and skipping of non-finite
+    updates) and its schedule."""
     schedule = SCHEDULES[cfg.schedule](cfg, steps_per_epoch * epochs, steps_per_epoch)
     tx = OPTIMIZERS[cfg.name](cfg, schedule)
     if cfg.grad_clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    if cfg.skip_nonfinite:  # an update with a NaN or inf leaves the state as it was
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=cfg.skip_nonfinite)
     return tx, schedule

@@ -2,7 +2,7 @@
 
 `run` is what `cnnlab-train` calls for each Hydra job; it takes a plain `Config`, a run directory
 and a tracker, and always finishes the tracker with a summary whose `status` says how it ended
-(ok, diverged, failed, interrupted), so a failed run still leaves its record. Its parts
+(ok, diverged, preempted, failed, interrupted), so a failed run still leaves its record. Its parts
 (`prepare`, `start_run`, `end_run`, `recording`) also serve the seeds of `cnnlab.train.seeds`.
 """
 
@@ -18,11 +18,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 from omegaconf import OmegaConf
 
-from cnnlab import checkpoint, geometry
-from cnnlab.config import Config
+from cnnlab import checkpoint, determinism, geometry
+from cnnlab.checkpoint import Checkpoints
+from cnnlab.config import Config, config_hash
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
@@ -162,9 +164,52 @@ def end_run(
         summary["error"] = result.message
         return
     summary.update({"test/accuracy": test.accuracy, "test/loss": test.loss})
+    summary["params_sha256"] = determinism.params_sha256(result.state.params)  # CI compares it
     data = prepared.data
     tracker.log_predictions(data.test.images, data.test.labels, test.probs, data.class_names)
-    checkpoint.save_params(run_dir / "checkpoint", result.state.params)
+    checkpoint.save_params(run_dir / "checkpoint", result.state.params)  # replaces a stale one
+
+
+class _Saver:
+    """The loop's checkpoints (`cnnlab.train.loop.Saver`): the training state, the loop's position
+    and the trackers' (how much of metrics.jsonl belongs to the history up to that step)."""
+
+    def __init__(self, checkpoints: Checkpoints, every_steps: int | None, tracker: Tracker):
+        self.checkpoints, self.every_steps, self.tracker = checkpoints, every_steps, tracker
+
+    def due(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def save(self, step: int, state: TrainState, meta: dict, lanes: list[int] | None) -> bool:
+        tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        meta = {"loop": meta, "trackers": self.tracker.mark()}
+        return self.checkpoints.save(step, tree, meta, lanes)
+
+
+def starting_state(
+    cfg: Config, checkpoints: Checkpoints, state: TrainState, tracker: Tracker, summary: dict
+) -> tuple[TrainState, dict | None]:
+    """The state to train from and the loop's position: the newest good checkpoint of this run
+    directory (its trackers' history rewound to it), else `state`, with the parameters of
+    `checkpoint.init_from` where it is set."""
+    ckpt = cfg.checkpoint
+    if checkpoints.steps() and not ckpt.resume:
+        raise ConfigError(
+            f"{checkpoints.directory} already holds checkpoints and checkpoint.resume=false: "
+            "give this run a new directory (hydra.run.dir=...), or resume it"
+        )
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    restored = checkpoints.restore(tree) if ckpt.resume else None
+    if restored is not None:
+        tracker.rewind(restored.meta["trackers"])
+        summary["resumed_from_step"] = restored.step
+        print(f"cnnlab: resuming from step {restored.step} ({checkpoints.directory})")
+        return state.replace(**restored.state), restored.meta["loop"]
+    if ckpt.init_from:
+        params = checkpoint.load_init_params(Path(ckpt.init_from), state.params)
+        summary["init_from"] = str(ckpt.init_from)
+        return state.replace(params=params), None
+    return state, None
 
 
 def run(
@@ -173,11 +218,14 @@ def run(
     tracker: Tracker,
     progress: Progress | None = None,
     prepared: Prepared | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> dict:
     """Train and test one configuration; returns the summary written to `summary.json`.
 
-    `prepared` (from `prepare(cfg)` of a config that differs at most in its seed) reuses the data
-    and the compiled steps of an earlier run.
+    A run directory that already holds checkpoints resumes from the newest good one. `stop`
+    (e.g. `cnnlab.train.preemption.Preemption`) turning true saves a checkpoint and ends the run
+    with status `preempted`. `prepared` (from `prepare(cfg)` of a config that differs at most in
+    its seed) reuses the data and the compiled steps of an earlier run.
     """
     run_dir = Path(run_dir)
     with recording(new_summary(cfg), tracker.finish) as summary:
@@ -187,10 +235,20 @@ def run(
         state = create_state(
             prepared.model, prepared.tx, prepared.data.image_shape, init_key, prepared.mesh
         )
-        result = fit(
-            state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
-            cfg.train, cfg.seed, put(train_key, replicated(prepared.mesh)), tracker.log,
-            prepared.schedule, progress,
-        )  # fmt: skip
+        primary = jax.process_index() == 0
+        checkpoints = Checkpoints(
+            run_dir / "checkpoints", cfg.checkpoint.keep, config_hash(cfg), primary
+        )
+        try:
+            state, resume = starting_state(cfg, checkpoints, state, tracker, summary)
+            saver = _Saver(checkpoints, cfg.checkpoint.every_steps, tracker)
+            result = fit(
+                state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
+                cfg.train, cfg.seed, put(train_key, replicated(prepared.mesh)), tracker.log,
+                prepared.schedule, progress, resume=resume, saver=saver, stop=stop,
+            )  # fmt: skip
+            checkpoints.wait()
+        finally:
+            checkpoints.close()
         end_run(result, prepared, cfg.train.eval_batch_size, run_dir, tracker, summary)
     return summary

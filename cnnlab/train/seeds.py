@@ -60,9 +60,13 @@ def seed_dir(run_dir: Path, seed: int) -> Path:
     return Path(run_dir) / f"seed_{seed}"
 
 
-def run_seeds(cfg: Config, run_dir: Path, make_tracker: MakeTracker) -> dict:
+def run_seeds(
+    cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop: Callable[[], bool] = lambda: False
+) -> dict:
     """Train every seed of `cfg.seeds`; returns the aggregate written to `<run_dir>/summary.json`
-    (written whatever happens, like a single run's)."""
+    (written whatever happens, like a single run's). `stop` as in `cnnlab.train.run.run`: with
+    the sequential strategy each seed resumes from its own checkpoints when run again; the vmap
+    strategy saves no checkpoints yet, so a stopped vmap job starts over."""
     run_dir = Path(run_dir)
     summary = {"status": "failed", "seeds": list(cfg.seeds), "model": cfg.model.name}
     summary.update(dataset=cfg.data.name, backend=jax.default_backend())
@@ -75,21 +79,24 @@ def run_seeds(cfg: Config, run_dir: Path, make_tracker: MakeTracker) -> dict:
         strategy = choose_strategy(cfg.seeds_strategy, jax.default_backend(), jax.device_count())
         summary["strategy"] = strategy
         train = _sequential if strategy == "sequential" else _vmapped
-        summary.update(aggregate(train(cfg, run_dir, make_tracker)))
+        summary.update(aggregate(train(cfg, run_dir, make_tracker, stop)))
     return summary
 
 
-def _sequential(cfg: Config, run_dir: Path, make_tracker: MakeTracker) -> dict[int, dict]:
+def _sequential(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> dict[int, dict]:
     prepared = prepare(cfg)
     summaries = {}
     for seed in cfg.seeds:
         one, folder = seed_config(cfg, seed), seed_dir(run_dir, seed)
         folder.mkdir(parents=True, exist_ok=True)
-        summaries[seed] = run(one, folder, make_tracker(one, folder), prepared=prepared)
+        tracker = make_tracker(one, folder)
+        summaries[seed] = run(one, folder, tracker, prepared=prepared, stop=stop)
+        if summaries[seed]["status"] == "preempted":
+            break  # the seeds after it start when the job runs again
     return summaries
 
 
-def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker) -> dict[int, dict]:
+def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> dict[int, dict]:
     prepared = prepare(cfg, lanes=True)
     configs = [seed_config(cfg, seed) for seed in cfg.seeds]
     folders = [seed_dir(run_dir, seed) for seed in cfg.seeds]
@@ -107,6 +114,7 @@ def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker) -> dict[int,
         results = fit_lanes(
             state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
             cfg.train, list(cfg.seeds), train_keys, [t.log for t in trackers], prepared.schedule,
+            stop=stop,
         )  # fmt: skip
         for result, folder, tracker, summary in zip(
             results, folders, trackers, summaries, strict=True

@@ -141,6 +141,9 @@ def make_train_step(
             "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
             "train/grad_norm": optax.global_norm(grads),
         }
+        if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # optimizer.skip_nonfinite
+            metrics["train/skipped_updates"] = state.opt_state.total_notfinite
+            metrics["train/param_norm"] = optax.global_norm(state.params)
         return state, metrics
 
     if lanes:

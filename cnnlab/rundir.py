@@ -1,0 +1,53 @@
+"""The run directory must be writable and have room, checked before any training starts.
+
+An unwritable folder or a full disk otherwise shows up when the first checkpoint is written, which
+can be an hour into a run.
+"""
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from cnnlab.errors import CnnlabError
+
+MB = 1_000_000
+# What a run writes when nothing better is known: a few LeNet-5 or AlexNet-lite checkpoints, the
+# metrics and W&B's offline files, with a margin.
+DEFAULT_NEED_BYTES = 50 * MB
+
+
+def check_run_dir(run_dir: Path, need_bytes: int = DEFAULT_NEED_BYTES) -> None:
+    """Raise CnnlabError unless `run_dir` can be created and written (a probe file is written,
+    synced and deleted) and its file system has `need_bytes` free."""
+    probe = run_dir / ".cnnlab-write-probe"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"cnnlab")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        free = shutil.disk_usage(run_dir).free
+    except OSError as e:
+        with contextlib.suppress(OSError):  # the folder is unusable anyway
+            probe.unlink(missing_ok=True)
+        reason = e.strerror or str(e)
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(probe) else ""
+        raise CnnlabError(
+            f"cannot write the run directory {run_dir}: {reason}{where}; "
+            "choose a writable folder with hydra.run.dir=... (hydra.sweep.dir=... with -m)"
+        ) from e
+    if free < need_bytes:
+        raise CnnlabError(
+            f"only {free / MB:.0f} MB free on {_mount_point(run_dir)} (the file system of "
+            f"{run_dir}); this run needs about {need_bytes / MB:.0f} MB (checkpoints, metrics, "
+            "W&B files): free some space or choose another folder with hydra.run.dir=..."
+        )
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path

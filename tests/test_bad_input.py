@@ -1,0 +1,203 @@
+"""Bad input, collected: every mistake a user can make on the command line or with their files
+ends in a short error that names the key or file (and, for a typo, the key they meant), a non-zero
+exit and no traceback. Each case is a real `cnnlab-train` run.
+
+`{tmp}` in a case is the test's tmp_path, where `bad_files` put the broken data files and a plain
+file (`{tmp}/file`) to put a run directory under.
+"""
+
+import gzip
+import io
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.errors import CnnlabError
+from cnnlab.rundir import check_run_dir
+from tests.conftest import cli
+
+# First, so that a bad override after them wins and a missed error trains only briefly.
+SHORT = ["logger.mode=disabled", "train.epochs=1", "data.train_limit=500"]
+
+BAD = [
+    # wrong types
+    ("wrong-type int", ["train.epochs=ten"], "train.epochs"),
+    ("wrong-type float", ["model.dropout=abc"], "model.dropout"),
+    ("wrong-type float lr", ["optimizer.lr=fast"], "optimizer.lr"),
+    ("wrong-type list", ["seeds=3"], "seeds"),
+    ("wrong-type list items", ["seeds=[0,one]"], "seeds"),
+    ("wrong-type bool", ["data.augment.flip=maybe"], "data.augment.flip"),
+    ("wrong-type dense", ["model.dense=wide"], "model.dense"),
+    ("wrong-type depth item", ["model.depth=[6,x]"], "model.depth"),
+    # unknown keys and typos, with and without +
+    ("typo", ["model.depht=3"], "did you mean model.depth?"),
+    ("typo plus", ["+model.dpeth=3"], "did you mean model.depth?"),
+    ("typo group", ["trian.epochs=3"], "did you mean train.epochs?"),
+    ("typo group plus", ["+trian.epochs=3"], "did you mean train.epochs?"),
+    ("typo nested", ["+data.augment.flp=true"], "did you mean data.augment.flip?"),
+    ("typo optimizer", ["optimizer.momentun=0.5"], "did you mean optimizer.momentum?"),
+    ("typo root plus", ["+seeed=1"], "did you mean seed?"),
+    ("unknown flag", ["--epochs=3"], "--epochs=3"),
+    ("flag after overrides", ["model.depth=6,12", "-m"], "model.depth=6,12"),
+    # required values left unset
+    ("unset image_folder path", ["data=image_folder"], "data.path"),
+    ("unset idx path", ["data=idx"], "data.path"),
+    ("unset ???", ["model.activation=???"], "model.activation"),
+    # out-of-range numbers
+    ("range depth negative", ["model.depth=-1"], "model.depth"),
+    ("range depth zero", ["model.depth=0"], "model.depth"),
+    ("range stride", ["model.stride=0"], "model.stride"),
+    ("range dropout", ["model.dropout=1.0"], "model.dropout"),
+    ("range lr", ["optimizer.lr=-1"], "optimizer.lr"),
+    ("range epochs", ["train.epochs=0"], "train.epochs"),
+    ("range batch", ["train.batch_size=1000"], "train.batch_size"),
+    ("range val_fraction", ["data.val_fraction=1.5"], "data.val_fraction"),
+    ("range train_limit", ["data.train_limit=-5"], "data.train_limit"),
+    ("range label_smoothing", ["loss.label_smoothing=1"], "loss.label_smoothing"),
+    ("range seed", ["seed=-1"], "seed"),
+    ("repeated seeds", ["seeds=[1,1]"], "seeds"),
+    ("distributed unused", ["distributed.process_id=1"], "distributed.enabled"),
+    # unknown names
+    ("unknown model name", ["model.name=resnet"], "model.name"),
+    ("unknown model group", ["model=resnet"], "model/resnet"),
+    ("unknown data name", ["data.name=imagenet"], "data.name"),
+    ("unknown data group", ["data=imagenet"], "data/imagenet"),
+    ("unknown optimizer name", ["optimizer.name=lion"], "optimizer.name"),
+    ("unknown optimizer group", ["optimizer=lion"], "optimizer/lion"),
+    ("unknown padding", ["model.padding=full"], "model.padding"),
+    ("unknown activation", ["model.activation=gelu"], "model.activation"),
+    ("unknown schedule", ["optimizer.schedule=step"], "optimizer.schedule"),
+    ("unknown logger mode", ["logger.mode=loud"], "logger.mode"),
+    ("unknown sweep preset", ["sweep=nope"], "sweep/nope"),
+    ("unknown launcher", ["hydra/launcher=nope"], "hydra/launcher/nope"),
+    # impossible geometry
+    ("geometry kernel", ["model.kernel_size=40", "model.padding=valid"], "conv1"),
+    ("geometry stride", ["model.padding=valid", "model.stride=2"], "pool2"),
+    ("geometry alexnet", ["model=alexnet_lite", "model.stride=2"], "pool"),
+    ("geometry list length", ["model.conv_layers=3"], "model.padding"),
+    # malformed sweep syntax
+    ("sweep empty item", ["-m", "model.depth=6,,12"], "model.depth=6,,12"),
+    ("sweep range", ["-m", "model.depth=range(1"], "model.depth=range(1"),
+    ("sweep bracket", ["-m", "model.depth=[6,16"], "model.depth=[6,16"),
+    ("sweep quote", ["-m", "model.name='lenet5"], "model.name='lenet5"),
+    ("sweep without -m", ["model.depth=6,12"], "model.depth=6,12"),
+    # a missing offline dataset
+    ("missing idx folder", ["data=idx", "data.path=/nonexistent"], "/nonexistent"),
+    ("missing zip", ["data=image_folder", "data.path=/nonexistent.zip"], "/nonexistent.zip"),
+    # corrupt data files (made by bad_files)
+    ("truncated gzip idx", ["data=idx", "data.path={tmp}/truncated"], "train-images-idx3"),
+    ("bad idx magic", ["data=idx", "data.path={tmp}/magic"], "train-labels-idx1"),
+    ("not a zip", ["data=image_folder", "data.path={tmp}/x.zip"], "x.zip"),
+    ("corrupt jpeg", ["data=image_folder", "data.path={tmp}/jpeg.zip"], "train/b/1.jpg"),
+    # a run directory that cannot be created
+    ("run dir under /dev/null", ["hydra.run.dir=/dev/null/x"], "/dev/null/x"),
+    ("run dir under a file", ["hydra.run.dir={tmp}/file/run"], "{tmp}/file/run"),
+    ("sweep dir under a file", ["-m", "model.depth=6,8", "hydra.sweep.dir={tmp}/file/s"], "/file/s"),
+]
+
+
+def _idx(array: np.ndarray) -> bytes:
+    """`array` as an IDX file (uint8)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _jpeg(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> Path:
+    make_bad_files(tmp_path)
+    return tmp_path
+
+
+def make_bad_files(tmp_path: Path) -> None:
+    """Small broken datasets: a gzipped IDX file cut in half, an IDX file with a bad magic
+    number, a text file named x.zip, a zip with a corrupt JPEG; and a plain file."""
+    images, labels = np.zeros((20, 28, 28), np.uint8), np.arange(20) % 10
+    for folder in ("truncated", "magic"):
+        (tmp_path / folder).mkdir()
+        for prefix in ("train", "t10k"):
+            (tmp_path / folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+                gzip.compress(_idx(images))
+            )
+            (tmp_path / folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))
+    cut = tmp_path / "truncated" / "train-images-idx3-ubyte.gz"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (tmp_path / "magic" / "train-labels-idx1-ubyte").write_bytes(b"<html>not found</html>")
+    (tmp_path / "x.zip").write_text("not a zip archive")
+    with zipfile.ZipFile(tmp_path / "jpeg.zip", "w") as zf:
+        for split in ("train", "test"):
+            for k, name in enumerate(("a", "b")):
+                zf.writestr(f"{split}/{name}/0.jpg", _jpeg(100 * k))
+        zf.writestr("train/b/1.jpg", _jpeg(200)[:40])  # cut off inside the header
+    (tmp_path / "file").write_text("a file, not a folder")
+
+
+@pytest.mark.parametrize("overrides, named", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_input_is_a_short_error_naming_the_key_or_file(bad_files, overrides, named):
+    overrides = [o.format(tmp=bad_files) for o in overrides]
+    flags = [o for o in overrides[: len(overrides) - len(_after_flags(overrides))]]
+    dirs = [f"hydra.run.dir={bad_files}/run", f"hydra.sweep.dir={bad_files}/sweep"]
+    dirs = [d for d in dirs if not any(o.startswith(d.split("=")[0]) for o in overrides)]
+    done = cli("train", *flags, *SHORT, *_after_flags(overrides), *dirs)
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 3, done.stderr
+    assert named.format(tmp=bad_files) in done.stderr, done.stderr
+
+
+def _after_flags(overrides: list[str]) -> list[str]:
+    """The overrides after the leading flags (-m): the short-run settings go between."""
+    i = 0
+    while i < len(overrides) and overrides[i].startswith("-") and "=" not in overrides[i]:
+        i += 1
+    return overrides[i:]
+
+
+def test_run_dir_check_refuses_a_folder_below_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CnnlabError, match=r"cannot write the run directory .*file/run: Not a dir"):
+        check_run_dir(tmp_path / "file" / "run", need_bytes=0)
+
+
+def test_run_dir_check_refuses_a_full_disk_and_names_what_is_needed(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(CnnlabError, match=r"only \d+ MB free on /.*needs about \d+ MB"):
+        check_run_dir(tmp_path / "run", need_bytes=free + 10**9)
+    check_run_dir(tmp_path / "run", need_bytes=1)  # room enough: no error, no probe left behind
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MB tmpfs, where the container allows mounting one."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_stops_the_run_before_training(tiny_filesystem):
+    done = cli("train", *SHORT, f"hydra.run.dir={tiny_filesystem}/run")
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"MB free on {tiny_filesystem}" in lines[0] and "needs about 50 MB" in lines[0]
+    assert not (tiny_filesystem / "run" / "metrics.jsonl").exists()

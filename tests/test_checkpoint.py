@@ -1,0 +1,191 @@
+"""Checkpoints and exact resume, in-process: a stopped run resumed from its checkpoint ends
+bit-identical to an uninterrupted one; damaged checkpoints are named and skipped; a non-finite
+state is never saved; weights-only starts; a checkpoint of an earlier release still loads."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from cnnlab import checkpoint
+from cnnlab.config import CheckpointConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.tracking import Trackers
+from cnnlab.tracking.local import LocalTracker
+from cnnlab.train.run import prepare, run
+from tests.conftest import needs_fashion_mnist, small_config
+
+pytestmark = needs_fashion_mnist
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+def resumable_config(**changes):
+    """Two epochs of 15 steps, a checkpoint every 4 steps and each epoch end; dropout on, so that
+    the per-step keys matter too."""
+    cfg = small_config(
+        model=ModelConfig(padding=[2, 0], dropout=0.2),
+        data=dataclasses.replace(small_config().data, train_limit=1000),
+        train=TrainConfig(epochs=2, batch_size=64, log_every_steps=3),
+        checkpoint=CheckpointConfig(every_steps=4, keep=3),
+    )
+    return dataclasses.replace(cfg, **changes)
+
+
+class StopAfter:
+    """A `stop` that turns true after n steps of this attempt (the loop asks once per step)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return prepare(resumable_config())
+
+
+def train(run_dir: Path, prepared, cfg=None, stop=lambda: False) -> dict:
+    run_dir.mkdir(exist_ok=True)
+    cfg = cfg or resumable_config()
+    return run(cfg, run_dir, Trackers(LocalTracker(run_dir)), prepared=prepared, stop=stop)
+
+
+def final_params(run_dir: Path):
+    return checkpoint.load_params(run_dir / "checkpoint", None)
+
+
+def history(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, prepared):
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    summary = train(run_dir, prepared)
+    assert summary["status"] == "ok"
+    return run_dir, summary
+
+
+# steps trained by each stopped attempt: 5; 1, then to the first epoch's end, then 1 more; 29
+@pytest.mark.parametrize("stops", [[5], [1, 14, 1], [29]], ids=["mid-epoch", "epoch-end", "last"])
+def test_stopped_and_resumed_run_is_bit_identical(tmp_path, prepared, uninterrupted, stops):
+    whole, whole_summary = uninterrupted
+    run_dir = tmp_path / "run"
+    for n in stops:
+        summary = train(run_dir, prepared, stop=StopAfter(n))
+        assert summary["status"] == "preempted", summary
+        assert f"after step {summary['steps']}" in summary["error"]
+    summary = train(run_dir, prepared)
+    assert summary["status"] == "ok" and summary["resumed_from_step"] == sum(stops)
+    chex.assert_trees_all_equal(final_params(run_dir), final_params(whole))
+    assert history(run_dir) == history(whole)  # no step logged twice or missing
+    for key in ("test/accuracy", "train/loss", "val/best_accuracy", "val/best_epoch", "epochs"):
+        assert summary[key] == whole_summary[key], key
+
+
+def test_a_broken_resume_is_caught(tmp_path, prepared, uninterrupted, monkeypatch):
+    """The comparison above can fail: a resume that loses the data order ends elsewhere."""
+    run_dir = tmp_path / "run"
+    assert train(run_dir, prepared, stop=StopAfter(5))["status"] == "preempted"
+    from cnnlab.train import loop
+
+    monkeypatch.setattr(loop, "epoch_order", lambda seed, epoch, n: loop.np.arange(n))
+    assert train(run_dir, prepared)["status"] == "ok"
+    same = jax.tree.map(np.array_equal, final_params(run_dir), final_params(uninterrupted[0]))
+    assert not all(jax.tree.leaves(same))
+
+
+def newest(run_dir: Path) -> Path:
+    return max((run_dir / "checkpoints").iterdir(), key=lambda p: int(p.name))
+
+
+def test_damaged_checkpoints_are_named_and_skipped(tmp_path, prepared, uninterrupted, capfd):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    checkpoints = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [24, 28, 30]  # keep=3 of every 4 steps and the epoch ends (15, 30)
+    # alter one byte of the newest, truncate the next one: both are skipped with a warning
+    data = max((newest(run_dir) / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    second = run_dir / "checkpoints" / "28" / "state"
+    for f in second.rglob("d/*"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    capfd.readouterr()
+    summary = train(run_dir, prepared)
+    err = capfd.readouterr().err
+    assert "checkpoint step 30 is " in err and "checkpoints/30/state" in err
+    assert "checkpoint step 28 is " in err and "checkpoints/28/state" in err
+    assert "resuming from the previous checkpoint, step 24" in err
+    assert summary["status"] == "ok" and summary["resumed_from_step"] == 24
+    chex.assert_trees_all_equal(final_params(run_dir), final_params(uninterrupted[0]))
+
+
+def test_only_damaged_checkpoints_is_an_error_naming_the_step(tmp_path, prepared, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    for folder in (run_dir / "checkpoints").iterdir():
+        (folder / "meta" / "metadata").write_text("{not json")
+    with pytest.raises(CnnlabError, match="checkpoint step 24 is unreadable: .*checkpoints/24/meta"):
+        train(run_dir, prepared)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "checkpoint step 24" in summary["error"]
+
+
+def test_a_run_directory_of_another_config_is_refused(tmp_path, prepared, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    other = resumable_config(seed=1)
+    with pytest.raises(ConfigError, match="holds the checkpoints of another config"):
+        run(other, run_dir, Trackers(), prepared=prepared)
+    refuse = resumable_config(checkpoint=CheckpointConfig(resume=False))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        run(refuse, run_dir, Trackers(), prepared=prepared)
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    cfg = resumable_config(
+        optimizer=OptimizerConfig(lr=1e30, schedule="constant"),
+        checkpoint=CheckpointConfig(every_steps=1, keep=100),
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = run(cfg, run_dir, Trackers(LocalTracker(run_dir)))
+    assert summary["status"] == "diverged"
+    assert "non-finite at step" in summary["error"]
+    saved = checkpoint.Checkpoints(run_dir / "checkpoints", 100, "")
+    steps = saved.steps()
+    bad_step = int(summary["error"].split("at step ")[1].split()[0])
+    assert all(step < bad_step for step in steps)
+    for step in steps:  # each saved state is finite
+        state = saved.manager.restore(step).state
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+    saved.close()
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path, prepared, uninterrupted):
+    whole = uninterrupted[0]
+    cfg = resumable_config(
+        train=TrainConfig(epochs=1, batch_size=64, log_every_steps=3),
+        checkpoint=CheckpointConfig(init_from=str(whole)),
+    )
+    run_dir = tmp_path / "fine-tune"
+    run_dir.mkdir()
+    summary = run(cfg, run_dir, Trackers(LocalTracker(run_dir)))
+    assert summary["status"] == "ok" and summary["init_from"] == str(whole)
+    first = history(run_dir)[0]["train/loss"]
+    assert first < history(whole)[0]["train/loss"] - 0.5  # starts trained, not from scratch
+    bad = dataclasses.replace(cfg, model=ModelConfig(padding=[2, 0], depth=8))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CnnlabError, match="cannot read the checkpoint"):
+        run(bad, tmp_path / "other", Trackers())
