@@ -136,7 +136,9 @@ def test_only_damaged_checkpoints_is_an_error_naming_the_step(tmp_path, prepared
     shutil.copytree(uninterrupted[0], run_dir)
     for folder in (run_dir / "checkpoints").iterdir():
         (folder / "meta" / "metadata").write_text("{not json")
-    with pytest.raises(CnnlabError, match="checkpoint step 24 is unreadable: .*checkpoints/24/meta"):
+    with pytest.raises(
+        CnnlabError, match="checkpoint step 24 is unreadable: .*checkpoints/24/meta"
+    ):
         train(run_dir, prepared)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "checkpoint step 24" in summary["error"]
