@@ -1,18 +1,13 @@
-"""Reproducible runs: a hash of the trained parameters, and `deterministic=true` for GPUs.
+"""`deterministic=true`: XLA's flags for GPU runs that repeat bit for bit, and what they cannot do.
 
 On the CPU the same config trains bit-identical parameters without any setting: every random
-number comes from the seed, and XLA's CPU kernels sum in a fixed order (tested with
-`params_sha256`, which summary.json records). On a GPU, XLA may pick kernels that sum in a
+number comes from the seed, and XLA's CPU kernels sum in a fixed order (summary.json's
+`params_sha256` is equal; tested). On a GPU, XLA may pick kernels that sum in a
 different order from run to run (scatter, autotuned convolutions and GEMMs); `deterministic=true`
 sets XLA's flags that switch them to deterministic, slower implementations. One operation has
 none: select-and-scatter, the gradient of `nn.max_pool`, which XLA then refuses to compile
 ("does not have a deterministic implementation"). Average pooling's gradient has one.
 """
-
-import hashlib
-
-import jax
-import numpy as np
 
 from cnnlab.config import ModelConfig
 
@@ -37,14 +32,3 @@ def warning(backend: str, model: ModelConfig) -> str | None:
             "average pooling instead: model.pool=avg"
         )
     return None
-
-
-def params_sha256(params) -> str:
-    """SHA-256 of the parameters' names, dtypes, shapes and bytes, leaf by leaf in the pytree's
-    own (sorted-key) order: equal exactly when the parameters are bit-identical."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        value = np.ascontiguousarray(jax.device_get(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)} {value.dtype} {value.shape}\n".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()

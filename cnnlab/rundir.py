@@ -7,6 +7,7 @@ can be an hour into a run.
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from cnnlab.errors import CnnlabError
@@ -20,23 +21,25 @@ DEFAULT_NEED_BYTES = 50 * MB
 def check_run_dir(run_dir: Path, need_bytes: int = DEFAULT_NEED_BYTES) -> None:
     """Raise CnnlabError unless `run_dir` can be created and written (a probe file is written,
     synced and deleted) and its file system has `need_bytes` free."""
-    probe = run_dir / ".cnnlab-write-probe"
+    probe = None  # a unique name: the processes of a multi-host run share the run directory
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".cnnlab-write-probe-")
+        with os.fdopen(fd, "wb") as f:
             f.write(b"cnnlab")
             f.flush()
             os.fsync(f.fileno())
-        probe.unlink()
+        os.remove(probe)
         free = shutil.disk_usage(run_dir).free
     except OSError as e:
-        with contextlib.suppress(OSError):  # the folder is unusable anyway
-            probe.unlink(missing_ok=True)
-        reason = e.strerror or str(e)
-        where = f" ({e.filename})" if e.filename and str(e.filename) != str(probe) else ""
+        if probe:
+            with contextlib.suppress(OSError):  # the folder is unusable anyway
+                os.remove(probe)
+        named = e.filename and str(e.filename) not in (str(run_dir), str(probe))
         raise CnnlabError(
-            f"cannot write the run directory {run_dir}: {reason}{where}; "
-            "choose a writable folder with hydra.run.dir=... (hydra.sweep.dir=... with -m)"
+            f"cannot write the run directory {run_dir}: {e.strerror or e}"
+            + (f" ({e.filename})" if named else "")
+            + "; choose a writable folder with hydra.run.dir=... (hydra.sweep.dir=... with -m)"
         ) from e
     if free < need_bytes:
         raise CnnlabError(

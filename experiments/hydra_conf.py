@@ -57,6 +57,8 @@ def one_line(error: Exception) -> str:
     line = "; ".join(parts).replace(":;", ":")
     if options:
         line += " " + ", ".join(options)
+    if "is not a ListConfig" in line and (override := re.search(r"override ([^=\s]+)=", line)):
+        line += f" Write a list as {override.group(1)}=[a,b]"
     key = re.search(r"Key '[^']+' not in '[^']+'\s+full_key: (\S+)", str(error.__cause__ or error))
     if key and (close := closest_key(key.group(1))):
         line += f"; did you mean {close}?"
@@ -83,29 +85,46 @@ def _check_arguments(argv: list[str]) -> None:
     parser = get_args_parser()
 
     def error(message: str):
-        late = [(a, b) for a, b in zip(argv, argv[1:]) if "=" in a and b.startswith("-")]
-        if late:  # argparse takes the overrides before a flag only
-            override, flag = late[0]
-            message = f"{flag} must come before the overrides, not after {override}"
-            message += f": cnnlab-train {flag} {override} ..."
-        elif "unrecognized arguments" in message:
-            message += (
-                "; overrides are key=value (e.g. train.epochs=3) and flags such as -m go before "
-                "them; cnnlab-train --help lists both"
-            )
+        if "unrecognized arguments" in message:
+            flags = parser._option_string_actions
+            pairs = zip(argv, argv[1:], strict=False)
+            late = [(a, b) for a, b in pairs if "=" in a and b.split("=")[0] in flags]
+            if late:  # argparse reads the overrides before the first flag only
+                override, flag = late[0]
+                message = f"{flag} must come before the overrides, not after {override}: "
+                message += f"cnnlab-train {flag} {override} ..."
+            else:
+                message += (
+                    "; overrides are key=value (e.g. train.epochs=3) and flags such as -m go "
+                    "before them; cnnlab-train --help lists both"
+                )
         exit_on_user_error(message)
 
     parser.error = error
     parser.parse_args(argv)
 
 
-def _hydra_setup_error(error: OSError, task: Callable | None, traceback) -> bool:
-    """Whether `error` came from Hydra creating the run or sweep directory (or its .hydra/ and
-    log files) before the job started, rather than from inside the job."""
-    if not error.filename or task is None:
-        return False
-    frames = [frame.f_code for frame, _ in walk_tb(traceback)]
-    return task.__code__ not in frames
+def _before_the_job(error: Exception, task: Callable | None) -> bool:
+    """Whether `error` came from Hydra itself (reading the overrides, creating the run or sweep
+    directory, its .hydra/ and log files) before the job started, not from inside the job."""
+    frames = [frame.f_code for frame, _ in walk_tb(error.__traceback__)]
+    return task is not None and task.__code__ not in frames
+
+
+def _override_in(error: Exception) -> str:
+    """The command-line override Hydra was reading when `error` was raised, or ""."""
+    frames = [frame.f_locals for frame, _ in walk_tb(error.__traceback__)]
+    lines = [getattr(f.get("override"), "input_line", None) for f in frames]
+    return next((line for line in reversed(lines) if line), "")
+
+
+def _failed_path(error: OSError) -> str:
+    """The file or folder that `error` is about: its own, else the folder Hydra was writing."""
+    if error.filename:
+        return str(error.filename)
+    frames = [frame.f_locals for frame, _ in walk_tb(error.__traceback__)]
+    folders = [f.get("output_dir") or f.get("sweep_dir") for f in frames]  # Hydra's names
+    return str(next((f for f in reversed(folders) if f), "the run directory"))
 
 
 def hydra_errors_in_one_line(app: Callable[[], None]) -> None:
@@ -114,7 +133,8 @@ def hydra_errors_in_one_line(app: Callable[[], None]) -> None:
     Hydra prints these errors over several lines with its search path; with HYDRA_FULL_ERROR=1
     it raises them instead, which is what lets this wrapper condense them. A user who sets
     HYDRA_FULL_ERROR themselves gets Hydra's full output. Also in one line: bad command-line
-    arguments, and a run directory that Hydra cannot create or write.
+    arguments, overrides that Hydra rejects with a ValueError, and a run directory that Hydra
+    cannot create or write.
     """
     if os.environ.get("HYDRA_FULL_ERROR"):
         return app()
@@ -124,10 +144,12 @@ def hydra_errors_in_one_line(app: Callable[[], None]) -> None:
         app()
     except (HydraException, OmegaConfBaseException) as e:
         exit_on_user_error(one_line(e))
-    except OSError as e:
-        if not _hydra_setup_error(e, getattr(app, "__wrapped__", None), e.__traceback__):
+    except (OSError, ValueError) as e:
+        if not _before_the_job(e, getattr(app, "__wrapped__", None)):
             raise
+        if isinstance(e, ValueError):  # e.g. model.depth=range(1,5,0) in Hydra's sweeper
+            exit_on_user_error(f"cannot use the override {_override_in(e)!r}: {e}")
         exit_on_user_error(
-            f"cannot create the run directory: {e.strerror or e}: {e.filename}; "
+            f"cannot create the run directory: {e.strerror or e}: {_failed_path(e)}; "
             "choose a writable folder with hydra.run.dir=... (hydra.sweep.dir=... with -m)"
         )

@@ -87,6 +87,9 @@ BAD = [
     ("sweep bracket", ["-m", "model.depth=[6,16"], "model.depth=[6,16"),
     ("sweep quote", ["-m", "model.name='lenet5"], "model.name='lenet5"),
     ("sweep without -m", ["model.depth=6,12"], "model.depth=6,12"),
+    ("sweep range step 0", ["-m", "model.depth=range(1,5,0)"], "model.depth=range(1,5,0)"),
+    ("sweep empty choice", ["-m", "model.depth=choice()"], "model.depth=choice()"),
+    ("delete unknown key", ["~model.nope"], "model.nope"),
     # a missing offline dataset
     ("missing idx folder", ["data=idx", "data.path=/nonexistent"], "/nonexistent"),
     ("missing zip", ["data=image_folder", "data.path=/nonexistent.zip"], "/nonexistent.zip"),
@@ -98,7 +101,7 @@ BAD = [
     # a run directory that cannot be created
     ("run dir under /dev/null", ["hydra.run.dir=/dev/null/x"], "/dev/null/x"),
     ("run dir under a file", ["hydra.run.dir={tmp}/file/run"], "{tmp}/file/run"),
-    ("sweep dir under a file", ["-m", "model.depth=6,8", "hydra.sweep.dir={tmp}/file/s"], "/file/s"),
+    ("sweep dir under a file", ["-m", "seed=1,2", "hydra.sweep.dir={tmp}/file/s"], "file/s"),
 ]
 
 
@@ -146,23 +149,15 @@ def make_bad_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize("overrides, named", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
 def test_bad_input_is_a_short_error_naming_the_key_or_file(bad_files, overrides, named):
     overrides = [o.format(tmp=bad_files) for o in overrides]
-    flags = [o for o in overrides[: len(overrides) - len(_after_flags(overrides))]]
+    flag = overrides[:1] if overrides[:1] == ["-m"] else []  # before the short-run settings
     dirs = [f"hydra.run.dir={bad_files}/run", f"hydra.sweep.dir={bad_files}/sweep"]
     dirs = [d for d in dirs if not any(o.startswith(d.split("=")[0]) for o in overrides)]
-    done = cli("train", *flags, *SHORT, *_after_flags(overrides), *dirs)
+    done = cli("train", *flag, *SHORT, *overrides[len(flag) :], *dirs)
     assert done.returncode != 0, done.stdout[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 3, done.stderr
+    assert 1 <= len(lines) <= 3 and lines[-1].startswith("cnnlab: error: "), done.stderr
     assert named.format(tmp=bad_files) in done.stderr, done.stderr
-
-
-def _after_flags(overrides: list[str]) -> list[str]:
-    """The overrides after the leading flags (-m): the short-run settings go between."""
-    i = 0
-    while i < len(overrides) and overrides[i].startswith("-") and "=" not in overrides[i]:
-        i += 1
-    return overrides[i:]
 
 
 def test_run_dir_check_refuses_a_folder_below_a_file(tmp_path):
@@ -194,10 +189,25 @@ def tiny_filesystem(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-def test_a_full_disk_stops_the_run_before_training(tiny_filesystem):
+def test_a_nearly_full_disk_stops_the_run_before_training(tiny_filesystem):
     done = cli("train", *SHORT, f"hydra.run.dir={tiny_filesystem}/run")
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"MB free on {tiny_filesystem}" in lines[0] and "needs about 50 MB" in lines[0]
     assert not (tiny_filesystem / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("mode", ["", "-m"])
+def test_a_full_disk_where_hydra_cannot_even_write_its_files(tiny_filesystem, mode):
+    filler = tiny_filesystem / "filler"
+    with open(filler, "wb") as f, pytest.raises(OSError):  # No space left on device
+        f.write(bytes(2_000_000))
+    overrides = [f"hydra.run.dir={tiny_filesystem}/run", f"hydra.sweep.dir={tiny_filesystem}/s"]
+    done = cli("train", *([mode] if mode else []), *SHORT, *overrides)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr and len(lines) <= 3, done.stderr
+    assert lines[-1].startswith("cnnlab: error: cannot create the run directory: No space left")
+    assert f"{tiny_filesystem}/{'s' if mode else 'run'}" in lines[-1]

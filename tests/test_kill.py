@@ -1,6 +1,7 @@
 """Exact resume the hard way: `cnnlab-train` killed with SIGKILL again and again, at random
 observed steps and in the middle of checkpoint saves, rerun in the same run directory each time,
-ends with the parameters and the metrics history of a run that was never interrupted.
+ends with the parameters and the metrics history of a run that was never interrupted. SIGTERM and
+SIGUSR1 (SLURM's warnings) make it save and stop within seconds, and the rerun goes on from there.
 
 The test proves it can fail: every kill comes after the first checkpoint and every rerun says
 it resumed, and a deliberately broken resume (the data order not restored) is reported as a
@@ -11,6 +12,7 @@ import functools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -148,3 +150,30 @@ def test_the_comparison_catches_a_resume_that_loses_the_data_order(tmp_path, uni
     assert "cnnlab: resuming from step" in out
     same = jax.tree.map(np.array_equal, params(run_dir), params(uninterrupted))
     assert not all(jax.tree.leaves(same)), "a broken resume went unnoticed"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_signal_saves_and_stops_within_seconds_and_the_rerun_resumes(
+    tmp_path, uninterrupted, signum
+):
+    run_dir = tmp_path / "signalled"
+    proc = start(run_dir)
+    while last_step(run_dir) < 10:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    seconds = time.monotonic() - sent
+    assert proc.returncode == 128 + signum, err[-3000:]  # as the signal itself would exit
+    assert seconds < 20, f"took {seconds:.1f} s to stop"  # SLURM waits 30 s or more to kill
+    assert f"cnnlab: {signum.name}: saving a checkpoint and stopping" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["steps"] in saved_steps(run_dir)
+    assert "Traceback" not in err
+    proc = start(run_dir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"cnnlab: resuming from step {summary['steps']} " in out
+    chex.assert_trees_all_equal(params(run_dir), params(uninterrupted))
+    assert history(run_dir) == history(uninterrupted)

@@ -1,13 +1,16 @@
 """Never lose a run: without W&B (no API key, a closed port, a server that accepts connections and
-never answers) training starts at most 15 s later than a plain offline run and logs locally and
-to a syncable offline W&B run; a run directory used again continues its W&B run without duplicate
-or missing steps; no credential reaches the run's files or its output."""
+never answers, one that fails with 503) training starts at most 15 s later than with W&B offline
+by choice, and logs locally and to a syncable offline W&B run; a run directory used again
+continues its W&B run without duplicate or missing steps; no credential reaches the run's files
+or its output."""
 
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,6 +62,13 @@ def check_offline_run(run_dir: Path) -> None:
         [WANDB, "sync", "--dry-run", str(folder)], capture_output=True, text=True, timeout=60
     )
     assert dry.returncode == 0 and "Would sync 1 run(s)" in dry.stdout + dry.stderr
+
+
+def clean_wandb_env(monkeypatch) -> None:
+    """No W&B settings from the environment of whoever runs the tests."""
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WANDB_SILENT", "true")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +125,46 @@ def test_server_that_never_answers_logs_offline_and_starts_training_soon(tmp_pat
     assert seconds - normal_start <= MAX_EXTRA_SECONDS, (seconds, normal_start)
 
 
+class Failing(http.server.BaseHTTPRequestHandler):
+    """A server in an outage behind its load balancer: 503 to every request."""
+
+    def answer(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = answer
+
+    def log_message(self, *args):
+        pass
+
+
+def test_server_failing_with_5xx_logs_offline_soon(tmp_path, monkeypatch, capsys):
+    """wandb.init itself would retry 503s for all of logger.init_timeout (15 s), then fall back."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clean_wandb_env(monkeypatch)
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+    seconds = {}
+    try:
+        for mode in ("offline", "online"):  # the same start with W&B offline by choice, then not
+            (tmp_path / mode).mkdir()
+            start = time.monotonic()
+            tracker = WandbTracker(LoggerConfig(mode=mode), tmp_path / mode, {}, mode)
+            seconds[mode] = time.monotonic() - start
+            tracker.log({"train/loss": 0.5}, 1)
+            tracker.finish({"status": "ok"})
+    finally:
+        server.shutdown()
+    assert "unreachable; logging offline" in capsys.readouterr().err
+    assert json.loads((tmp_path / "online" / STATE_FILE).read_text())["mode"] == "offline"
+    (run_file,) = (tmp_path / "online" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert [row["train/loss"] for row in summary_and_history(run_file)[1]] == [0.5]
+    assert seconds["online"] - seconds["offline"] <= MAX_EXTRA_SECONDS, seconds
+
+
 @needs_fashion_mnist
 def test_credentials_never_reach_the_run_directory_or_the_output(unreachable):
     run_dir, done, _ = unreachable
@@ -133,9 +183,7 @@ def test_credentials_never_reach_the_run_directory_or_the_output(unreachable):
 
 def test_a_run_directory_used_again_continues_its_wandb_run(tmp_path, monkeypatch):
     """A resumed attempt recomputes steps 3-5 and goes on to 8: W&B gets 1-8 once each."""
-    for key in [k for k in os.environ if k.startswith("WANDB_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    clean_wandb_env(monkeypatch)
     for steps in (range(1, 6), range(3, 9)):
         tracker = WandbTracker(LoggerConfig(mode="offline"), tmp_path, {"seed": 0}, "resumed")
         for step in steps:

@@ -1,6 +1,8 @@
 """The training step and loop on real data: losses, optimizers, augmentation, determinism."""
 
 import dataclasses
+import json
+import math
 
 import chex
 import jax
@@ -161,5 +163,39 @@ def test_divergence_stops_the_run_with_its_step(tmp_path):
         train=TrainConfig(epochs=2, batch_size=64, log_every_steps=5),
     )  # fmt: skip
     assert summary["status"] == "diverged"
-    assert "non-finite by step" in summary["error"]
+    step = int(summary["error"].split("non-finite at step ")[1])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] - 5 < step <= records[-1]["step"]  # stopped within a log interval
+    assert not math.isfinite(records[-1]["train/loss"]) or not math.isfinite(
+        records[-1]["train/grad_norm"]
+    )
     assert summary["steps"] <= 10 and not (run_dir / "checkpoint").exists()
+
+
+def test_skip_nonfinite_leaves_the_state_and_counts_the_skipped_updates(fmnist):
+    """A loss that is NaN on the batches whose first label is 3: those updates are skipped."""
+
+    def poisoned(logits, labels, smoothing):
+        loss = LOSSES["cross_entropy"](logits, labels, smoothing)
+        return loss * jnp.where(labels[0] == 3, jnp.nan, 1.0)  # NaN gradients too
+
+    tx, _ = build_optimizer(
+        OptimizerConfig(name="adamw", lr=1e-3, schedule="constant", skip_nonfinite=3), 1, 1
+    )
+    state = create_state(
+        build_model(ModelConfig(padding=[2, 0]), 10), tx, (28, 28, 1), jax.random.key(0)
+    )
+    step = make_train_step(poisoned, 0.0, fmnist.mean, fmnist.std, AugmentConfig())
+    images, labels = jnp.asarray(fmnist.train.images), jnp.asarray(fmnist.train.labels)
+    skipped = 0
+    for i in range(12):
+        idx = np.arange(i * 32, (i + 1) * 32)
+        before = jax.tree.map(np.array, state.params)  # a copy: the step donates the state
+        state, metrics = step(state, images, labels, idx, jax.random.key(1))
+        bad = fmnist.train.labels[idx[0]] == 3
+        skipped += bad
+        assert int(metrics["train/skipped_updates"]) == skipped
+        assert np.isfinite(float(metrics["train/param_norm"]))
+        same = jax.tree.leaves(jax.tree.map(np.array_equal, before, jax.device_get(state.params)))
+        assert all(same) == bad
+    assert skipped >= 1, "no batch started with label 3: pick other batches"

@@ -1,10 +1,11 @@
 """Weights & Biases tracking that never blocks training.
 
-`logger.mode=online` falls back to an offline run, with one warning, when there is no API key or
-the server does not answer within `logger.init_timeout` seconds (wandb.init alone would block for
-about 100 s, then crash). An offline run lives in `<run_dir>/wandb/offline-run-*` and uploads
-later with `wandb sync <that folder>`. Every run is finished, on every path, so each Hydra
-multirun job is its own W&B run.
+`logger.mode=online` falls back to an offline run, with one warning, when there is no API key, or
+the server does not answer an HTTP request within 8 s (`PROBE_SECONDS`; a closed port or a 5xx
+status fails at once, a port that accepts and never replies after 8 s), or wandb.init then fails
+within `logger.init_timeout` seconds (alone it would block for about 100 s, then crash). An
+offline run lives in `<run_dir>/wandb/offline-run-*` and uploads later with `wandb sync <that
+folder>`. Every run is finished, on every path, so each Hydra multirun job is its own W&B run.
 
 A run directory used again (an exact resume, a SLURM requeue) continues the same W&B run:
 `<run_dir>/wandb_run.json` keeps the run's id, its mode and the last step logged (never a
@@ -14,11 +15,13 @@ recomputes them bit-identically, and W&B would refuse steps below the run's curr
 (A step whose records were only partly logged when an attempt died keeps only that part.)
 
 Offline, wandb 0.31 gives each attempt its own `offline-run-<time>-<id>` folder with the same run
-id; the later folders' run records are marked as resumed. `wandb sync <run_dir>/wandb/offline-run-*`
-uploads the folders of one id one after another in order of start time into that one run (its
-`--help`), so the steps arrive once each, in order. To keep that order, an attempt whose
-predecessor logged offline stays offline even if W&B is reachable again: an online run first
-would take the later steps and W&B would then refuse the earlier ones from the offline folders.
+id (`-1` appended to the name if two start in the same second); the later folders' run records
+are marked as resumed (`resume`; `resumed` stays false offline). `wandb sync
+<run_dir>/wandb/offline-run-*` uploads the folders of one id one after another, in order of
+start time, into that one run (its `--help`), so the steps arrive once each, in order. To keep
+that order, an attempt whose predecessor logged offline stays offline even if W&B is reachable
+again: an online run first would take the later steps and W&B would then refuse the earlier ones
+from the offline folders.
 """
 
 import json
@@ -65,8 +68,9 @@ def has_api_key(base_url: str) -> bool:
 
 def reachable(base_url: str, timeout: float) -> bool:
     """Whether the server answers an HTTP request within `timeout` seconds, DNS included, with
-    any status: a closed port is not reachable, and neither is one that accepts connections and
-    never replies (where wandb.init would wait for all of `logger.init_timeout`)."""
+    a status below 500. Not a closed port, nor one that accepts connections and never replies,
+    nor a server failing with 5xx (an outage behind a load balancer): with those wandb.init
+    would retry for all of `logger.init_timeout`."""
     import urllib.error
     import urllib.request
 
@@ -76,8 +80,9 @@ def reachable(base_url: str, timeout: float) -> bool:
         try:
             urllib.request.urlopen(base_url, timeout=timeout).close()
             ok.set()
-        except urllib.error.HTTPError:  # an answer all the same (401, 404, ...)
-            ok.set()
+        except urllib.error.HTTPError as e:  # an answer all the same (401, 404, ...)
+            if e.code < 500:
+                ok.set()
         except (OSError, ValueError):
             pass
 
