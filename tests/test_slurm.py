@@ -13,13 +13,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import cli, needs_fashion_mnist
+from tests.conftest import REPO, cli, needs_fashion_mnist
 
 pytestmark = pytest.mark.slurm
 
@@ -148,3 +149,85 @@ def test_sweep_runs_each_point_as_a_slurm_job(slurm_cluster, tmp_path):
         time.sleep(1)
     assert queue.stdout.strip() == "", f"jobs still queued a minute later:\n{queue.stdout}"
     print(f"SLURM sweep of 2 jobs: {seconds:.0f} s")
+
+
+def _job_state(name: str) -> tuple[str, str] | None:
+    """(job id, state) of our job in the queue, or None once it has left it."""
+    queue = subprocess.run(
+        ["squeue", "-h", "--name", name, "-o", "%i %t"], capture_output=True, text=True
+    ).stdout.split()
+    return (queue[0], queue[1]) if queue else None
+
+
+@needs_fashion_mnist
+def test_a_requeued_job_resumes_in_its_run_directory_and_w_and_b_run(slurm_cluster, tmp_path):
+    """SLURM's warning signal before the time limit (USR2, submitit's) makes the job save a
+    checkpoint and requeue itself; the requeued job resumes in the same run directory and the
+    same W&B run, and no step is logged twice or lost."""
+    sweep = tmp_path / "sweep"
+    name = f"cnnlab-requeue-{os.getpid()}-{time.time_ns() % 10**6}"
+    args = [
+        "train", "-m", "hydra/launcher=slurm", "data.train_limit=6000", "data.test_limit=300",
+        "train.epochs=2", "train.batch_size=64", "train.log_every_steps=5",
+        "checkpoint.every_steps=1000", "logger.mode=offline", f"hydra.sweep.dir={sweep}",
+        "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4",
+        "hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=2",
+        f"hydra.launcher.name={name}",
+    ]  # fmt: skip
+    sweeping = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *args[1:]], cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith("WANDB_")},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    run_dir = sweep / "0"
+    try:
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        while _logged_steps(run_dir)[-1:] < [30]:  # well into the first epoch (93 steps)
+            assert time.monotonic() < deadline, slurm_report(sweep, name)
+            time.sleep(0.5)
+        job, _ = _job_state(name)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+        # SLURM holds a requeued job back for a while (BeginTime); an operator may start it now
+        while (state := _job_state(name)) is None or state[1] != "PD":
+            assert time.monotonic() < deadline, slurm_report(sweep, name)
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        out, _ = sweeping.communicate(timeout=SWEEP_TIMEOUT_S)
+    finally:
+        if sweeping.poll() is None:
+            sweeping.kill()
+            subprocess.run(["scancel", "--name", name], capture_output=True)
+    assert sweeping.returncode == 0, f"{out[-3000:]}\n{slurm_report(sweep, name)}"
+
+    # the requeued attempt's log (it replaces the first one's): it went on from the step where
+    # the signal came, whose checkpoint only the signal wrote (none is due every 1000 steps, and
+    # the epochs end at steps 93 and 186)
+    log = "".join(p.read_text() for p in sorted(sweep.glob(".submitit/*/*_log.*")))
+    resumed = re.search(r"cnnlab: resuming from step (\d+) ", log)
+    assert resumed, log
+    step = int(resumed.group(1))
+    assert step >= 30 and step not in (93, 186), step
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["resumed_from_step"] == step
+    # metrics.jsonl: every train record once, in order; the same steps went to W&B
+    steps = _logged_steps(run_dir)
+    total = summary["steps"]  # 2 epochs
+    assert steps == sorted(set(range(5, total + 1, 5)) | {total // 2, total}), steps
+    from tests.wandb_records import run_record, summary_and_history
+
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2, folders  # one per attempt, the same W&B run
+    files = [next(folder.glob("run-*.wandb")) for folder in folders]
+    assert len({run_record(f).run_id for f in files}) == 1
+    rows = [row for f in files for row in summary_and_history(f)[1] if "train/loss" in row]
+    assert [row["_step"] for row in rows] == steps
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    """The steps of the train records in a run's metrics.jsonl so far."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = [json.loads(line) for line in lines if line.endswith("}")]
+    return [r["step"] for r in records if "train/loss" in r]
