@@ -99,7 +99,7 @@ class LoggerConfig:
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-    init_timeout: float = 15.0  # seconds before an unreachable W&B server falls back to offline
+    init_timeout: float = 10.0  # seconds before an unreachable W&B server falls back to offline
     num_sample_predictions: int = 32  # rows of the W&B table of test images and predictions
 
 

@@ -56,7 +56,7 @@ BAD = [
     ("range dropout", ["model.dropout=1.0"], "model.dropout"),
     ("range lr", ["optimizer.lr=-1"], "optimizer.lr"),
     ("range epochs", ["train.epochs=0"], "train.epochs"),
-    ("range batch", ["train.batch_size=1000"], "train.batch_size"),
+    ("range batch", ["data=idx", "data.path={tmp}/ok", "train.batch_size=64"], "train.batch_size"),
     ("range val_fraction", ["data.val_fraction=1.5"], "data.val_fraction"),
     ("range train_limit", ["data.train_limit=-5"], "data.train_limit"),
     ("range label_smoothing", ["loss.label_smoothing=1"], "loss.label_smoothing"),
@@ -124,10 +124,11 @@ def bad_files(tmp_path) -> Path:
 
 
 def make_bad_files(tmp_path: Path) -> None:
-    """Small broken datasets: a gzipped IDX file cut in half, an IDX file with a bad magic
-    number, a text file named x.zip, a zip with a corrupt JPEG; and a plain file."""
+    """Small datasets: a good IDX folder of 20 images, and broken ones: a gzipped IDX file cut in
+    half, an IDX file with a bad magic number, a text file named x.zip, a zip with a corrupt JPEG;
+    and a plain file."""
     images, labels = np.zeros((20, 28, 28), np.uint8), np.arange(20) % 10
-    for folder in ("truncated", "magic"):
+    for folder in ("ok", "truncated", "magic"):
         (tmp_path / folder).mkdir()
         for prefix in ("train", "t10k"):
             (tmp_path / folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(

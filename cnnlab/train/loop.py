@@ -159,11 +159,17 @@ def fit_lanes(
         meta["lanes"] = [{k: v for k, v in vars(r).items() if k != "state"} for r in results]
         return saver.save(step, state, meta, live if stacked else None)
 
-    def preempted() -> list[FitResult]:
+    def finished(status: str, seconds: float) -> list[FitResult]:
+        """The live lanes' results; `seconds` of training (validation excluded) so far."""
+        steady, steps = seconds - results[0].compile_seconds, step - first - 1
         for s in live:
             r = results[s]
-            r.state, r.status = lane(state, s), "preempted"
-            r.message = f"stopped by a signal after step {step}; rerun in the same run directory"
+            r.state, r.status = lane(state, s), status
+            r.images_per_second = steps * cfg.batch_size / steady if steady > 0 else 0.0
+            if status == "preempted":
+                r.message = (
+                    f"stopped by a signal after step {step}; rerun in the same run directory"
+                )
         return results
 
     try:
@@ -207,7 +213,7 @@ def fit_lanes(
                     if saver and (stopping or saver.due(step)):
                         checkpoint()
                     if stopping:
-                        return preempted()
+                        return finished("preempted", train_seconds + time.perf_counter() - t_epoch)
             train_seconds += time.perf_counter() - t_epoch
             if (epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs) and len(val[1]):
                 records = {}
@@ -225,15 +231,10 @@ def fit_lanes(
             if saver:
                 checkpoint()
             if stop() and epoch < cfg.epochs:
-                return preempted()
+                return finished("preempted", train_seconds)
     finally:
         progress.close()
-    steady = train_seconds - results[0].compile_seconds
-    for s in live:
-        results[s].state = lane(state, s)
-        steps = step - first - 1
-        results[s].images_per_second = steps * cfg.batch_size / steady if steady > 0 else 0.0
-    return results
+    return finished("ok", train_seconds)
 
 
 # Metrics that count since the start (the newest value is logged, not the mean).
