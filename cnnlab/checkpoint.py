@@ -9,9 +9,11 @@ A run directory holds two kinds:
   writes each into a temporary folder and renames it once complete, so an interrupted save is
   never taken for a finished one; leftovers of such saves are deleted at the next start.
 
-`meta` records the versions of cnnlab, jax, flax and orbax, the config hash and the sha256 of the
-state's bytes. Restoring recomputes that hash, so a truncated or altered file is caught, named
-with its step, and the previous checkpoint is used instead. A non-finite state is never saved.
+`meta` records the versions of cnnlab, jax, flax and orbax, the config (what it computes, and its
+hash) and the sha256 of the state's bytes. A run resumes only with the config it was saved with;
+keys added to cnnlab since count only when set off their default. Restoring recomputes the
+sha256, so a truncated or altered file is caught, named with its step, and the previous
+checkpoint is used instead. A non-finite state is never saved.
 """
 
 import hashlib
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cnnlab.config import Config, config_hash, identity, identity_changes
 from cnnlab.errors import CnnlabError, ConfigError
 
 # The layout of `meta`; raise it when the layout changes, and keep reading the older ones
@@ -141,9 +144,9 @@ class Checkpoints:
     and writes it in the background; `restore` takes the newest checkpoint that reads back whole.
     """
 
-    def __init__(self, directory: Path, keep: int, config_hash: str, primary: bool = True):
+    def __init__(self, directory: Path, keep: int, cfg: Config, primary: bool = True):
         self.directory = Path(directory).absolute()
-        self.config_hash = config_hash
+        self.cfg = cfg
         self.primary = primary  # the processes of a multi-host run hold the same state
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -174,7 +177,8 @@ class Checkpoints:
             "step": step,
             "format": FORMAT,
             "versions": versions(),
-            "config_hash": self.config_hash,
+            "config_hash": config_hash(self.cfg),
+            "config": identity(self.cfg),
             "state_sha256": tree_sha256(host),
         }
         args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta))
@@ -206,11 +210,12 @@ class Checkpoints:
             raise CnnlabError(
                 f"checkpoint step {step} is unreadable: {folder}/meta: {reason}"
             ) from e
-        if meta.get("config_hash") != self.config_hash:
+        changes = identity_changes(meta["config"], self.cfg)
+        if changes:
             raise ConfigError(
-                f"{self.directory} holds the checkpoints of another config (hash "
-                f"{meta.get('config_hash')}, this one {self.config_hash}): rerun with that "
-                "config, or give this one a new run directory (hydra.run.dir=...)"
+                f"{self.directory} holds the checkpoints of another config ({changes[0]}"
+                f"{f' and {len(changes) - 1} more' if len(changes) > 1 else ''}): rerun with "
+                "that config, or give this one a new run directory (hydra.run.dir=...)"
             )
         try:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(_placed(like)))

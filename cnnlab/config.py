@@ -170,16 +170,45 @@ class Config:
     deterministic: bool = False
 
 
-def config_hash(cfg: Config) -> str:
-    """Identity of what a run computes: its resolved config without the logging, naming and
-    sweep-control keys, which do not change the results."""
-    import hashlib
-    import json
+def identity(cfg: Config) -> dict:
+    """What a run computes: its resolved config without the logging, naming and sweep-control
+    keys, which do not change the results (a nested dict of plain values)."""
     from dataclasses import asdict
 
     content = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
     content["checkpoint"] = {"init_from": cfg.checkpoint.init_from}  # the rest is bookkeeping
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return content
+
+
+def config_hash(cfg: Config) -> str:
+    """A short hash of `identity`: equal for two configs that compute the same run."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_changes(saved: dict, cfg: Config) -> list[str]:
+    """The dotted keys where `cfg` computes something else than the run whose `identity` was
+    `saved`, as "key: saved -> now". A key that `saved` lacks (added to cnnlab since) counts only
+    when `cfg` moves it off its default; a key that cfg lacks (since removed) does not count."""
+    now, default = _flat(identity(cfg)), _flat(identity(Config()))
+    old = _flat(saved)
+    return [
+        f"{key}: {old.get(key, 'unset')!r} -> {value!r}"
+        for key, value in now.items()
+        if (old[key] != value if key in old else value != default.get(key))
+    ]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # How a run is started, logged and named; `distributed` only says how processes find each other;

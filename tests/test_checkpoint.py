@@ -148,7 +148,9 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path, prepared, uninte
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted[0], run_dir)
     other = resumable_config(seed=1)
-    with pytest.raises(ConfigError, match="holds the checkpoints of another config"):
+    with pytest.raises(
+        ConfigError, match=r"holds the checkpoints of another config \(seed: 0 -> 1\)"
+    ):
         run(other, run_dir, Trackers(), prepared=prepared)
     refuse = resumable_config(checkpoint=CheckpointConfig(resume=False))
     with pytest.raises(ConfigError, match="already holds checkpoints"):
@@ -165,7 +167,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     summary = run(cfg, run_dir, Trackers(LocalTracker(run_dir)))
     assert summary["status"] == "diverged"
     assert "non-finite at step" in summary["error"]
-    saved = checkpoint.Checkpoints(run_dir / "checkpoints", 100, "")
+    saved = checkpoint.Checkpoints(run_dir / "checkpoints", 100, cfg)
     steps = saved.steps()
     bad_step = int(summary["error"].split("at step ")[1].split()[0])
     assert all(step < bad_step for step in steps)

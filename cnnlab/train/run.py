@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from cnnlab import checkpoint, geometry
 from cnnlab.checkpoint import Checkpoints
-from cnnlab.config import Config, config_hash
+from cnnlab.config import Config
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
@@ -237,9 +237,7 @@ def run(
             prepared.model, prepared.tx, prepared.data.image_shape, init_key, prepared.mesh
         )
         primary = jax.process_index() == 0
-        checkpoints = Checkpoints(
-            run_dir / "checkpoints", cfg.checkpoint.keep, config_hash(cfg), primary
-        )
+        checkpoints = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg, primary)
         try:
             state, resume = starting_state(cfg, checkpoints, state, tracker, summary)
             saver = _Saver(checkpoints, cfg.checkpoint.every_steps, tracker)
