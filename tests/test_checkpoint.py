@@ -193,3 +193,33 @@ def test_init_from_starts_from_another_runs_weights(tmp_path, prepared, uninterr
     (tmp_path / "other").mkdir()
     with pytest.raises(CnnlabError, match="cannot read the checkpoint"):
         run(bad, tmp_path / "other", Trackers())
+
+
+def test_a_checkpoint_of_an_earlier_release_still_loads(tmp_path):
+    """tests/data/golden/format1 was written by cnnlab 0.1.0 (its README says how): its final
+    parameters give the logits recorded then, and its training state resumes."""
+    from omegaconf import OmegaConf
+
+    from cnnlab.config import Config
+    from cnnlab.models import build_model
+
+    golden = GOLDEN / "format1"
+    saved = [p for p in golden.rglob("*") if p.is_file()]
+    assert not [p for p in saved if p.read_bytes()[:1] == b"\x80"], "a pickle in a checkpoint"
+    schema = OmegaConf.structured(Config)
+    cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(golden / "config.yaml")))
+    model = build_model(cfg.model, 10)
+    like = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1)))["params"]
+    params = checkpoint.load_params(golden / "checkpoint", like)
+    expected = json.loads((golden / "expected.json").read_text())
+    x = np.linspace(-1, 1, 2 * 28 * 28, dtype=np.float32).reshape(2, 28, 28, 1)
+    logits = model.apply({"params": params}, x, train=False)
+    np.testing.assert_allclose(logits, expected["logits"], rtol=1e-5, atol=1e-6)
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(golden, run_dir)
+    summary = run(cfg, run_dir, Trackers(LocalTracker(run_dir)))
+    assert summary["status"] == "ok" and summary["resumed_from_step"] == 4
+    chex.assert_trees_all_equal(final_params(run_dir), params)
+    meta = json.loads((golden / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["format"] == 1 and meta["versions"]["cnnlab"] and meta["state_sha256"]
