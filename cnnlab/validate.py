@@ -57,6 +57,12 @@ def validate(cfg: Config) -> None:
     )  # fmt: skip
     clip = opt.grad_clip_norm
     _require(clip is None or clip > 0, "optimizer.grad_clip_norm", clip, "use null or a norm > 0")
+    skip = opt.skip_nonfinite
+    _require(skip >= 0, "optimizer.skip_nonfinite", skip, "use 0 (stop) or a count >= 1")
+    ckpt = cfg.checkpoint
+    every = ckpt.every_steps
+    _require(every is None or every >= 1, "checkpoint.every_steps", every, "use null or >= 1")
+    _require(ckpt.keep >= 1, "checkpoint.keep", ckpt.keep, "use a count >= 1")
     check_choice("loss.name", cfg.loss.name, LOSSES)
     smoothing = cfg.loss.label_smoothing
     _require(_in_unit(smoothing), "loss.label_smoothing", smoothing, "use [0, 1)")

@@ -63,6 +63,9 @@ BAD = [
     ("range seed", ["seed=-1"], "seed"),
     ("repeated seeds", ["seeds=[1,1]"], "seeds"),
     ("distributed unused", ["distributed.process_id=1"], "distributed.enabled"),
+    ("range checkpoint keep", ["checkpoint.keep=0"], "checkpoint.keep"),
+    ("range checkpoint every", ["checkpoint.every_steps=0"], "checkpoint.every_steps"),
+    ("range skip_nonfinite", ["optimizer.skip_nonfinite=-1"], "optimizer.skip_nonfinite"),
     # unknown names
     ("unknown model name", ["model.name=resnet"], "model.name"),
     ("unknown model group", ["model=resnet"], "model/resnet"),
@@ -93,6 +96,7 @@ BAD = [
     # a missing offline dataset
     ("missing idx folder", ["data=idx", "data.path=/nonexistent"], "/nonexistent"),
     ("missing zip", ["data=image_folder", "data.path=/nonexistent.zip"], "/nonexistent.zip"),
+    ("missing init_from", ["checkpoint.init_from=/nonexistent/run"], "/nonexistent/run"),
     # corrupt data files (made by bad_files)
     ("truncated gzip idx", ["data=idx", "data.path={tmp}/truncated"], "train-images-idx3"),
     ("bad idx magic", ["data=idx", "data.path={tmp}/magic"], "train-labels-idx1"),
