@@ -126,6 +126,13 @@ def _finite(tree, lanes: list[int] | None) -> bool:
     return True
 
 
+def _host_copy(x) -> np.ndarray:
+    """A host copy of a replicated array (this process's copy of it, in a multi-host run)."""
+    if isinstance(x, jax.Array):
+        x = x.addressable_data(0)
+    return np.array(x, copy=True)
+
+
 def _warn(message: str) -> None:
     print(f"cnnlab: warning: {message}", file=sys.stderr)
 
@@ -133,7 +140,7 @@ def _warn(message: str) -> None:
 @dataclass
 class Restored:
     step: int
-    state: dict  # {"step", "params", "opt_state"} as jax arrays, shaped like the target
+    state: dict  # {"step", "params", "opt_state"} as host arrays, shaped like the target
     meta: dict  # the loop's position and whatever the caller saved with it
 
 
@@ -167,7 +174,7 @@ class Checkpoints:
     def save(self, step: int, state: dict, meta: dict, lanes: list[int] | None = None) -> bool:
         """Save `state` (a tree of arrays) and `meta` (JSON) as step `step`; False, and nothing
         written, when a float in the state (of `lanes`, for stacked models) is not finite."""
-        host = jax.tree.map(lambda x: np.array(x, copy=True), state)  # before the next donation
+        host = jax.tree.map(_host_copy, state)  # now: the next step donates the device buffers
         if not _finite(host, lanes):
             return False
         if not self.primary or step in self.manager.all_steps():
@@ -186,8 +193,9 @@ class Checkpoints:
         return True
 
     def restore(self, like: dict) -> Restored | None:
-        """The newest checkpoint that reads back whole, shaped like `like`; None if there is none.
-        One that does not read back (truncated, altered) is skipped with a warning."""
+        """The newest checkpoint that reads back whole, as host arrays shaped like `like`; None if
+        there is none. One that does not read back (truncated, altered) is skipped with a
+        warning."""
         steps = self.steps()
         for i, step in reversed(list(enumerate(steps))):
             try:
@@ -218,14 +226,15 @@ class Checkpoints:
                 "that config, or give this one a new run directory (hydra.run.dir=...)"
             )
         try:
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(_placed(like)))
-            state = self.manager.restore(step, args=args).state
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(_placed(shapes)))
+            state = jax.device_get(self.manager.restore(step, args=args).state)
         except Exception as e:
             reason = _first(e)
             raise CnnlabError(
                 f"checkpoint step {step} is unreadable: {folder}/state: {reason}"
             ) from e
-        if tree_sha256(jax.device_get(state)) != meta.get("state_sha256"):
+        if tree_sha256(state) != meta.get("state_sha256"):
             raise CnnlabError(
                 f"checkpoint step {step} is damaged: the arrays in {folder}/state do not match "
                 "the sha256 saved with them"

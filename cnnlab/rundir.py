@@ -10,12 +10,28 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cnnlab import geometry
+from cnnlab.config import Config
+from cnnlab.data import INPUT_SHAPES
 from cnnlab.errors import CnnlabError
 
 MB = 1_000_000
 # What a run writes when nothing better is known: a few LeNet-5 or AlexNet-lite checkpoints, the
 # metrics and W&B's offline files, with a margin.
 DEFAULT_NEED_BYTES = 50 * MB
+
+
+def need_bytes(cfg: Config) -> int:
+    """About what a run of `cfg` writes: `checkpoint.keep` training states and one being written
+    (float32 parameters and up to two optimizer slots each, AdamW's moments), the final
+    parameters, per seed, and DEFAULT_NEED_BYTES for the rest. The default alone where the input
+    shape is known only once the data is loaded (image folders, IDX files)."""
+    if cfg.data.name not in INPUT_SHAPES:
+        return DEFAULT_NEED_BYTES
+    shape, num_classes = INPUT_SHAPES[cfg.data.name]
+    params = sum(row.params for row in geometry.layers(cfg.model, shape, num_classes))
+    per_run = ((cfg.checkpoint.keep + 1) * 3 + 1) * params * 4
+    return DEFAULT_NEED_BYTES + per_run * max(1, len(cfg.seeds))
 
 
 def check_run_dir(run_dir: Path, need_bytes: int = DEFAULT_NEED_BYTES) -> None:

@@ -29,22 +29,32 @@ class SweepCallback(Callback):
             return node
 
         params = dict(config.hydra.sweeper.get("params") or {})
+        # Hydra turns a callback's exceptions into warnings; only an exit stops the sweep.
         try:
             jobs = expand(list(config.hydra.overrides.task), params)
         except ContinuousSweep as e:  # e.g. Optuna: every job validates itself when it starts
             print(f"cnnlab: pre-flight skipped: {e}")
             return
+        except ValueError as e:  # e.g. range(1,5,0)
+            overrides = list(config.hydra.overrides.task)
+            bad = [o for o in overrides if _fails(o, params)] or overrides
+            exit_on_user_error(f"malformed sweep {' '.join(bad)}: {e}")
         points = check(jobs, job_config)
         sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         text = report(points)
-        (sweep_dir / "preflight.txt").write_text(text + "\n")
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            (sweep_dir / "preflight.txt").write_text(text + "\n")
+        except OSError as e:
+            exit_on_user_error(
+                f"cannot write the sweep directory {sweep_dir}: {e.strerror or e}; choose a "
+                "writable folder with hydra.sweep.dir=..."
+            )
         invalid = [p for p in points if p.error]
         print(f"cnnlab: pre-flight: {text.splitlines()[-1]} (details: {sweep_dir}/preflight.txt)")
         for point in invalid:
             print(f"cnnlab: invalid: {point.label}: {point.error}")
         if invalid and config.sweep.on_invalid == "refuse":
-            # Hydra turns a callback's exceptions into warnings; only an exit stops the sweep.
             exit_on_user_error(
                 f"{len(invalid)} of {len(points)} sweep points are invalid and "
                 "sweep.on_invalid=refuse; fix them or use sweep.on_invalid=skip"
@@ -67,3 +77,14 @@ class SweepCallback(Callback):
             if tracker is not None:
                 tracker.finish({"status": "ok"})
         print(f"cnnlab: sweep report: {paths['html']} (summary.csv, summary.md, plots beside it)")
+
+
+def _fails(override: str, params: dict) -> bool:
+    """Whether one override alone cannot be expanded into sweep points."""
+    try:
+        expand([override], params)
+    except ValueError:
+        return True
+    except ContinuousSweep:
+        pass
+    return False

@@ -28,7 +28,7 @@ from cnnlab import determinism
 from cnnlab.config import Config, config_hash, from_omegaconf
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.parallel import initialize_distributed
-from cnnlab.rundir import DEFAULT_NEED_BYTES, check_run_dir
+from cnnlab.rundir import check_run_dir, need_bytes
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker, write_json
 from cnnlab.tracking.wandb_run import WandbTracker
@@ -172,7 +172,7 @@ def train(node: DictConfig) -> float:
             print(f"cnnlab: job {hydra_cfg.job.num} is invalid, not trained: {e}", file=sys.stderr)
             return FAILED
         # An unwritable folder or a full disk fails now, not at the first checkpoint.
-        check_run_dir(run_dir, DEFAULT_NEED_BYTES)  # TODO(lead): estimate from checkpoint sizes
+        check_run_dir(run_dir, need_bytes(cfg))  # before hours of training, not after
         _start_jax(cfg, multirun)
         index = done_index(run_dir.parent)
         skip_done = multirun and cfg.sweep.skip_done and not cfg.seeds  # (seed folders: not yet)

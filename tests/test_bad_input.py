@@ -199,7 +199,7 @@ def test_a_nearly_full_disk_stops_the_run_before_training(tiny_filesystem):
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert f"MB free on {tiny_filesystem}" in lines[0] and "needs about 50 MB" in lines[0]
+    assert f"MB free on {tiny_filesystem}" in lines[0] and "this run needs about" in lines[0]
     assert not (tiny_filesystem / "run" / "metrics.jsonl").exists()
 
 
@@ -214,5 +214,5 @@ def test_a_full_disk_where_hydra_cannot_even_write_its_files(tiny_filesystem, mo
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert "Traceback" not in done.stderr and len(lines) <= 3, done.stderr
-    assert lines[-1].startswith("cnnlab: error: cannot create the run directory: No space left")
+    assert "No space left" in lines[-1] and lines[-1].startswith("cnnlab: error: cannot ")
     assert f"{tiny_filesystem}/{'s' if mode else 'run'}" in lines[-1]

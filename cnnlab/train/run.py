@@ -188,7 +188,12 @@ class _Saver:
 
 
 def starting_state(
-    cfg: Config, checkpoints: Checkpoints, state: TrainState, tracker: Tracker, summary: dict
+    cfg: Config,
+    checkpoints: Checkpoints,
+    state: TrainState,
+    mesh: Mesh,
+    tracker: Tracker,
+    summary: dict,
 ) -> tuple[TrainState, dict | None]:
     """The state to train from and the loop's position: the newest good checkpoint of this run
     directory (its trackers' history rewound to it), else `state`, with the parameters of
@@ -205,7 +210,7 @@ def starting_state(
         tracker.rewind(restored.meta["trackers"])
         summary["resumed_from_step"] = restored.step
         print(f"cnnlab: resuming from step {restored.step} ({checkpoints.directory})")
-        return state.replace(**restored.state), restored.meta["loop"]
+        return state.replace(**put(restored.state, replicated(mesh))), restored.meta["loop"]
     if ckpt.init_from:
         params = checkpoint.load_init_params(Path(ckpt.init_from), state.params)
         summary["init_from"] = str(ckpt.init_from)
@@ -239,7 +244,7 @@ def run(
         primary = jax.process_index() == 0
         checkpoints = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg, primary)
         try:
-            state, resume = starting_state(cfg, checkpoints, state, tracker, summary)
+            state, resume = starting_state(cfg, checkpoints, state, prepared.mesh, tracker, summary)
             saver = _Saver(checkpoints, cfg.checkpoint.every_steps, tracker)
             result = fit(
                 state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
