@@ -155,10 +155,12 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         self.cfg = cfg
         self.primary = primary  # the processes of a multi-host run hold the same state
+        if primary:
+            self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             cleanup_tmp_directories=True,
-            create=primary,
+            create=False,  # orbax cannot create it with `active_processes` set
             # one writer: every process of a multi-host run would write the same replicated state
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 primary_host=None, active_processes={jax.process_index()}
