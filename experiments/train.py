@@ -11,31 +11,30 @@ trained, a failing or diverging job records its error and the others go on, and 
 config hash already finished under the same `multirun/<name>/` folder is copied, not retrained.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import jax
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import determinism
 from cnnlab.config import Config, config_hash, from_omegaconf
 from cnnlab.errors import CnnlabError, ConfigError
-from cnnlab.parallel import initialize_distributed
-from cnnlab.rundir import check_run_dir, need_bytes
-from cnnlab.tracking import Trackers
-from cnnlab.tracking.local import LocalTracker, write_json
-from cnnlab.tracking.wandb_run import WandbTracker
-from cnnlab.train.preemption import Preemption
-from cnnlab.train.run import run
-from cnnlab.train.seeds import MakeTracker, run_seeds
-from cnnlab.validate import validate
+
+# JAX, Flax and the training code load inside the functions that use them (a second on start):
+# a mistake that Hydra catches while composing the config answers without them.
+if TYPE_CHECKING:
+    from cnnlab.tracking import Trackers
+    from cnnlab.tracking.wandb_run import WandbTracker
+    from cnnlab.train.seeds import MakeTracker
 from experiments.hydra_conf import (
     conf_dir,
     exit_on_user_error,
@@ -68,6 +67,11 @@ def sweep_group(sweep_dir: Path) -> str:
 
 def _start_jax(cfg: Config, multirun: bool) -> None:
     """Process-wide JAX settings, before the first computation."""
+    import jax
+
+    from cnnlab import determinism
+    from cnnlab.parallel import initialize_distributed
+
     if multirun:  # parallel jobs on one GPU must not each take 75% of its memory
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if cfg.deterministic:  # XLA reads its flags when the backend starts, below at the latest
@@ -84,6 +88,8 @@ def _start_jax(cfg: Config, multirun: bool) -> None:
 
 def _copy_done(cfg: Config, run_dir: Path, index: Path) -> dict | None:
     """The summary of an identical point that already finished, copied into `run_dir`."""
+    from cnnlab.tracking.local import write_json
+
     entry = index / f"{config_hash(cfg)}.json"
     if not entry.is_file():
         return None
@@ -100,6 +106,8 @@ def _copy_done(cfg: Config, run_dir: Path, index: Path) -> dict | None:
 
 
 def _record_done(cfg: Config, run_dir: Path, index: Path) -> None:
+    from cnnlab.tracking.local import write_json
+
     index.mkdir(parents=True, exist_ok=True)
     write_json(index / f"{config_hash(cfg)}.json", {"run_dir": str(run_dir)})
 
@@ -121,6 +129,8 @@ def _sweep_logger(cfg: Config, hydra_cfg) -> None:
 
 
 def _wandb_tracker(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> WandbTracker:
+    from cnnlab.tracking.wandb_run import WandbTracker
+
     _sweep_logger(cfg, hydra_cfg)
     config = OmegaConf.to_container(node, resolve=True)
     return WandbTracker(cfg.logger, run_dir, config, _run_name(run_dir))
@@ -129,6 +139,12 @@ def _wandb_tracker(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> W
 def _seed_trackers(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> MakeTracker:
     """Each seed's tracker: its local files, and a W&B run `<run name>-seed<s>` in one group (the
     logger's, else the sweep's, else `<name>/<run folder>`), tagged `seeds`."""
+    import jax
+
+    from cnnlab.tracking import Trackers
+    from cnnlab.tracking.local import LocalTracker
+    from cnnlab.tracking.wandb_run import WandbTracker
+
     _sweep_logger(cfg, hydra_cfg)
     name = _run_name(run_dir)
     logger = dataclasses.replace(
@@ -155,6 +171,16 @@ def train(node: DictConfig) -> float:
     """One Hydra job. Returns the best validation accuracy (with `seeds`, its mean over them), the
     objective for sweepers such as Optuna's (NaN for a job that did not finish, which Optuna
     records as a failed trial)."""
+    import jax
+
+    from cnnlab.rundir import check_run_dir, need_bytes
+    from cnnlab.tracking import Trackers
+    from cnnlab.tracking.local import LocalTracker, write_json
+    from cnnlab.train.preemption import Preemption
+    from cnnlab.train.run import run
+    from cnnlab.train.seeds import run_seeds
+    from cnnlab.validate import validate
+
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
