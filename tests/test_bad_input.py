@@ -2,7 +2,7 @@
 ends in a short error that names the key or file (and, for a typo, the key they meant), a non-zero
 exit and no traceback. Each case is a real `cnnlab-train` run.
 
-`{tmp}` in a case is the test's tmp_path, where `bad_files` put the broken data files and a plain
+`{tmp}` in a case is the folder where `make_bad_files` put the broken data files and a plain
 file (`{tmp}/file`) to put a run directory under.
 """
 
@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ BAD = [
     ("missing idx folder", ["data=idx", "data.path=/nonexistent"], "/nonexistent"),
     ("missing zip", ["data=image_folder", "data.path=/nonexistent.zip"], "/nonexistent.zip"),
     ("missing init_from", ["checkpoint.init_from=/nonexistent/run"], "/nonexistent/run"),
-    # corrupt data files (made by bad_files)
+    # corrupt data files (made by make_bad_files)
     ("truncated gzip idx", ["data=idx", "data.path={tmp}/truncated"], "train-images-idx3"),
     ("bad idx magic", ["data=idx", "data.path={tmp}/magic"], "train-labels-idx1"),
     ("not a zip", ["data=image_folder", "data.path={tmp}/x.zip"], "x.zip"),
@@ -119,12 +120,6 @@ def _jpeg(value: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buffer, "JPEG")
     return buffer.getvalue()
-
-
-@pytest.fixture
-def bad_files(tmp_path) -> Path:
-    make_bad_files(tmp_path)
-    return tmp_path
 
 
 def make_bad_files(tmp_path: Path) -> None:
@@ -151,18 +146,33 @@ def make_bad_files(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("a file, not a folder")
 
 
-@pytest.mark.parametrize("overrides, named", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
-def test_bad_input_is_a_short_error_naming_the_key_or_file(bad_files, overrides, named):
-    overrides = [o.format(tmp=bad_files) for o in overrides]
-    flag = overrides[:1] if overrides[:1] == ["-m"] else []  # before the short-run settings
-    dirs = [f"hydra.run.dir={bad_files}/run", f"hydra.sweep.dir={bad_files}/sweep"]
-    dirs = [d for d in dirs if not any(o.startswith(d.split("=")[0]) for o in overrides)]
-    done = cli("train", *flag, *SHORT, *overrides[len(flag) :], *dirs)
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """Every invocation of BAD, run once up front, two at a time: each is a process that spends
+    most of its second starting Python, so the corpus takes half as long on two cores."""
+    root = tmp_path_factory.mktemp("bad")
+    make_bad_files(root)
+
+    def invoke(number: int, overrides: list[str]) -> subprocess.CompletedProcess:
+        overrides = [o.format(tmp=root) for o in overrides]
+        flag = overrides[:1] if overrides[:1] == ["-m"] else []  # before the short-run settings
+        dirs = [f"hydra.run.dir={root}/run-{number}", f"hydra.sweep.dir={root}/sweep-{number}"]
+        dirs = [d for d in dirs if not any(o.startswith(d.split("=")[0]) for o in overrides)]
+        return cli("train", *flag, *SHORT, *overrides[len(flag) :], *dirs)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = pool.map(invoke, range(len(BAD)), [case[1] for case in BAD])
+        return root, dict(zip([case[0] for case in BAD], done, strict=True))
+
+
+@pytest.mark.parametrize("name, named", [(c[0], c[2]) for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_input_is_a_short_error_naming_the_key_or_file(outcomes, name, named):
+    root, done = outcomes[0], outcomes[1][name]
     assert done.returncode != 0, done.stdout[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert 1 <= len(lines) <= 3 and lines[-1].startswith("cnnlab: error: "), done.stderr
-    assert named.format(tmp=bad_files) in done.stderr, done.stderr
+    assert named.format(tmp=root) in done.stderr, done.stderr
 
 
 def test_run_dir_check_refuses_a_folder_below_a_file(tmp_path):
