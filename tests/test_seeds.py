@@ -153,3 +153,29 @@ def test_cli_trains_every_seed_with_one_wandb_run_each_in_one_group(tmp_path):
     bad = cli("train", "seeds=[3,3]", f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode != 0 and "repeats seed 3" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@needs_fashion_mnist
+def test_stopped_vmapped_seeds_resume_exactly(tmp_path):
+    """The stacked models' checkpoints: stopped after 5 steps and run again, the seeds end as a
+    vmapped run that never stopped."""
+
+    class StopAfter:
+        calls = 0
+
+        def __call__(self) -> bool:
+            self.calls += 1
+            return self.calls >= 5
+
+    cfg = config(seeds_strategy="vmap")
+    whole = run_seeds(cfg, tmp_path / "whole", local)
+    stopped = run_seeds(cfg, tmp_path / "stopped", local, stop=StopAfter())
+    assert stopped["status"] == "preempted"
+    resumed = run_seeds(cfg, tmp_path / "stopped", local)
+    assert resumed["status"] == "ok"
+    for seed in SEEDS:
+        a, b = tmp_path / "whole" / f"seed_{seed}", tmp_path / "stopped" / f"seed_{seed}"
+        chex.assert_trees_all_equal(params(a), params(b))
+        assert metrics(a) == metrics(b)
+        assert json.loads((b / "summary.json").read_text())["resumed_from_step"] == 5
+    assert resumed["test/accuracy"] == whole["test/accuracy"]

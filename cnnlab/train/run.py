@@ -171,7 +171,7 @@ def end_run(
     checkpoint.save_params(run_dir / "checkpoint", result.state.params)  # replaces a stale one
 
 
-class _Saver:
+class CheckpointSaver:
     """The loop's checkpoints (`cnnlab.train.loop.Saver`): the training state, the loop's position
     and the trackers' (how much of metrics.jsonl belongs to the history up to that step)."""
 
@@ -245,7 +245,7 @@ def run(
         checkpoints = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg, primary)
         try:
             state, resume = starting_state(cfg, checkpoints, state, prepared.mesh, tracker, summary)
-            saver = _Saver(checkpoints, cfg.checkpoint.every_steps, tracker)
+            saver = CheckpointSaver(checkpoints, cfg.checkpoint.every_steps, tracker)
             result = fit(
                 state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
                 cfg.train, cfg.seed, put(train_key, replicated(prepared.mesh)), tracker.log,

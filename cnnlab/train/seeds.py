@@ -26,13 +26,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnlab.checkpoint import Checkpoints
 from cnnlab.config import Config
 from cnnlab.errors import ConfigError
 from cnnlab.parallel import put, replicated
 from cnnlab.tracking import Tracker
 from cnnlab.tracking.local import write_json
 from cnnlab.train.loop import fit_lanes
-from cnnlab.train.run import end_run, new_summary, prepare, recording, run, start_run
+from cnnlab.train.run import (
+    CheckpointSaver,
+    end_run,
+    new_summary,
+    prepare,
+    recording,
+    run,
+    start_run,
+    starting_state,
+)
 from cnnlab.train.step import create_state
 
 MakeTracker = Callable[[Config, Path], Tracker]  # (a seed's config, its folder) -> its tracker
@@ -65,8 +75,8 @@ def run_seeds(
 ) -> dict:
     """Train every seed of `cfg.seeds`; returns the aggregate written to `<run_dir>/summary.json`
     (written whatever happens, like a single run's). `stop` as in `cnnlab.train.run.run`: with
-    the sequential strategy each seed resumes from its own checkpoints when run again; the vmap
-    strategy saves no checkpoints yet, so a stopped vmap job starts over."""
+    the sequential strategy each seed resumes from its own checkpoints, with vmap the stacked
+    models from `<run_dir>/checkpoints/`, when the job runs again."""
     run_dir = Path(run_dir)
     summary = {"status": "failed", "seeds": list(cfg.seeds), "model": cfg.model.name}
     summary.update(dataset=cfg.data.name, backend=jax.default_backend())
@@ -97,6 +107,11 @@ def _sequential(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> 
 
 
 def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> dict[int, dict]:
+    if cfg.checkpoint.init_from:
+        raise ConfigError(
+            "checkpoint.init_from starts one model, not a stack of them: use "
+            "seeds_strategy=sequential with it"
+        )
     prepared = prepare(cfg, lanes=True)
     configs = [seed_config(cfg, seed) for seed in cfg.seeds]
     folders = [seed_dir(run_dir, seed) for seed in cfg.seeds]
@@ -111,16 +126,43 @@ def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> dic
         init_keys, train_keys = keys[:, 0], put(keys[:, 1], replicated(prepared.mesh))  # [S]
         shape, mesh = prepared.data.image_shape, prepared.mesh
         state = create_state(prepared.model, prepared.tx, shape, init_keys, mesh, lanes=True)
-        results = fit_lanes(
-            state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
-            cfg.train, list(cfg.seeds), train_keys, [t.log for t in trackers], prepared.schedule,
-            stop=stop,
-        )  # fmt: skip
+        # the stacked state's checkpoints, beside the seeds' folders; each seed's history with it
+        primary = jax.process_index() == 0
+        checkpoints = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg, primary)
+        lanes = _LaneTrackers(trackers)
+        try:
+            resumed: dict = {}
+            state, resume = starting_state(cfg, checkpoints, state, mesh, lanes, resumed)
+            for summary in summaries:
+                summary.update(resumed)
+            results = fit_lanes(
+                state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
+                cfg.train, list(cfg.seeds), train_keys, [t.log for t in trackers],
+                prepared.schedule, resume=resume,
+                saver=CheckpointSaver(checkpoints, cfg.checkpoint.every_steps, lanes), stop=stop,
+            )  # fmt: skip
+            checkpoints.wait()
+        finally:
+            checkpoints.close()
         for result, folder, tracker, summary in zip(
             results, folders, trackers, summaries, strict=True
         ):
             end_run(result, prepared, cfg.train.eval_batch_size, folder, tracker, summary)
     return dict(zip(cfg.seeds, summaries, strict=True))
+
+
+class _LaneTrackers:
+    """The seeds' trackers as the one tracker a checkpoint marks and a resume rewinds."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def mark(self) -> dict:
+        return {str(i): t.mark() for i, t in enumerate(self.trackers)}
+
+    def rewind(self, mark: dict) -> None:
+        for i, t in enumerate(self.trackers):
+            t.rewind(mark[str(i)])
 
 
 def aggregate(summaries: dict[int, dict]) -> dict:

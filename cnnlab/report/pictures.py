@@ -1,0 +1,448 @@
+"""Pictures of what one trained network learned, as PNG files in its run directory.
+
+- `filters.png`: the first conv layer's kernels, one small image per filter;
+- `feature_maps.png`: one test image and its feature maps after each conv (with its activation)
+  and each pool layer, each map drawn on the input's pixel grid, so that padding and stride show;
+- `confusion_matrix.png`: test counts, rows true class, columns predicted;
+- `curves.png`: loss and accuracy against step, train and validation (and the final test);
+- `confidently_wrong.png`: the test images the model got wrong with the highest confidence.
+
+`<name>_figure` builds a matplotlib `Figure` from plain arrays, `draw_<name>` writes it to a path
+and returns the path, and `draw_all(run_dir)` draws all five for a finished run. Matplotlib's
+object API (`Figure`) without pyplot, as in `cnnlab.report.plots`.
+
+Glossary: `N` images, `H, W` spatial, `C` channels, `K` classes, `F` filters.
+"""
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from omegaconf import OmegaConf
+
+from cnnlab import checkpoint, geometry
+from cnnlab.config import Config
+from cnnlab.data import load_dataset
+from cnnlab.errors import CnnlabError
+from cnnlab.models import Architecture, build_model, resolve
+from cnnlab.models.layers import ACTIVATIONS, POOLS
+from cnnlab.report.plots import _color, _no_data
+from cnnlab.tracking import confusion_matrix
+from cnnlab.train.step import normalize
+
+DPI = 110
+PANEL = "panel"  # the label of the axes that hold one filter, map or image (the tests count them)
+PICTURES = ("filters", "feature_maps", "confusion_matrix", "curves", "confidently_wrong")
+RUN_FILES = ("config.yaml", "dataset.json", "metrics.jsonl", "checkpoint")
+
+
+def save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _grid(n: int, max_cols: int) -> tuple[int, int]:
+    cols = min(max_cols, max(1, math.ceil(math.sqrt(n))))
+    return math.ceil(n / cols), cols
+
+
+def _bare(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# --- first-layer filters ----------------------------------------------------------------------
+
+
+def filters_figure(kernel: np.ndarray, layer: str = "conv1") -> Figure:
+    """`kernel` [kh, kw, C, F] as F small images: grey on one scale shared by all filters (mid
+    grey = 0) for C = 1, RGB stretched per filter for C = 3, the mean over channels otherwise."""
+    kernel = np.asarray(kernel, np.float32)
+    kh, kw, c, f = kernel.shape
+    rows, cols = _grid(f, 12)
+    side = 1.0 if f <= 16 else 0.8
+    fig = Figure(figsize=(cols * side + 1.4, rows * side + 0.9), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    limit = float(np.abs(kernel).max()) or 1.0
+    image = None
+    for i, ax in enumerate(axes):
+        if i >= f:
+            ax.remove()
+            continue
+        w = kernel[..., i]  # [kh, kw, C]
+        if c == 3:
+            lo, hi = w.min(), w.max()
+            image = ax.imshow((w - lo) / (hi - lo or 1.0), interpolation="nearest")
+        else:
+            grey = w[..., 0] if c == 1 else w.mean(-1)
+            image = ax.imshow(grey, cmap="gray", vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.set_label(PANEL)
+        ax.set_title(f"{i + 1}", fontsize=8, pad=2)
+        _bare(ax)
+    how = {1: "grey, one scale for all (mid grey = 0)", 3: "RGB, each stretched to its range"}
+    fig.suptitle(
+        f"{layer}: {f} learned filters, kernel {kh}x{kw}x{c}x{f} "
+        f"({how.get(c, f'mean over the {c} input channels')})",
+        fontsize=10,
+    )
+    if c != 3 and image is not None:
+        fig.colorbar(image, ax=list(axes[:f]), label="weight", shrink=0.8)
+    return fig
+
+
+def draw_filters(kernel: np.ndarray, path: Path, layer: str = "conv1") -> Path:
+    return save(filters_figure(kernel, layer), path)
+
+
+# --- feature maps -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    name: str  # conv1, pool1, ... as in the per-layer table
+    detail: str  # e.g. "5x5/1 pad 2 + relu", "max 2x2/2"
+    values: np.ndarray  # [H, W, C] for one image
+    extent: tuple[float, float, float, float]  # (left, right, bottom, top) in input pixels
+
+
+def feature_maps(
+    model, params, arch: Architecture, image: np.ndarray, mean: np.ndarray, std: np.ndarray
+) -> list[FeatureMap]:
+    """The maps of one uint8 `image` [H, W, C] after each conv (with its activation) and pool.
+
+    The conv outputs come from Flax's `capture_intermediates`; the activation and pooling that the
+    model applies after each conv are applied here with the model's own functions (they are not
+    submodules, so Flax does not capture them). Each map's extent places its pixels on the input's
+    grid: a pixel covers `jump x jump` input pixels, where jump is the product of the strides so
+    far, and is centred where the centre of its receptive field lies.
+    """
+    x = normalize(jnp.asarray(image[None]), np.float32(mean), np.float32(std))  # [1, H, W, C]
+    _, state = model.apply(
+        {"params": params}, x, capture_intermediates=True, mutable=["intermediates"]
+    )
+    captured = state["intermediates"]
+    act, pool = ACTIVATIONS[arch.activation], POOLS[arch.pool]
+    size = np.array(image.shape[:2])  # (H, W) of the current map
+    centre = np.zeros(2)  # input coordinates (row, column) of the centre of the map's pixel 0
+    jump = 1  # input pixels per map pixel, along each side
+    maps = []
+    for i, conv in enumerate(arch.convs, start=1):
+        y = act(captured[f"conv{i}"]["__call__"][0])  # [1, H', W', F]
+        k, s = conv.kernel, conv.stride
+        lo = np.array([geometry.pads(conv.padding, int(n), k, s)[0] for n in size])
+        centre = centre + ((k - 1) / 2 - lo) * jump
+        jump *= s
+        detail = f"{k}x{k}/{s} pad {conv.padding}, {arch.activation}"
+        maps.append(FeatureMap(f"conv{i}", detail, np.asarray(y[0]), _extent(y, centre, jump)))
+        size = np.array(y.shape[1:3])
+        if conv.pool:
+            y = pool(y, arch.pool_size, arch.pool_stride)  # [1, H'', W'', F]
+            centre = centre + (arch.pool_size - 1) / 2 * jump
+            jump *= arch.pool_stride
+            detail = f"{arch.pool} pool {arch.pool_size}x{arch.pool_size}/{arch.pool_stride}"
+            maps.append(FeatureMap(f"pool{i}", detail, np.asarray(y[0]), _extent(y, centre, jump)))
+            size = np.array(y.shape[1:3])
+    return maps
+
+
+def _extent(y, centre: np.ndarray, jump: int) -> tuple[float, float, float, float]:
+    """imshow's (left, right, bottom, top) of map `y` [1, H, W, C] in input pixel coordinates."""
+    h, w = y.shape[1:3]
+    top, left = centre - jump / 2
+    return (float(left), float(left + w * jump), float(top + h * jump), float(top))
+
+
+def feature_maps_figure(
+    image: np.ndarray, maps: list[FeatureMap], title: str = "", channels: int = 16
+) -> Figure:
+    """The input `image` [H, W, C] uint8, then one row per map with its first `channels`."""
+    h, w, c = image.shape
+    shown = min(channels, max((m.values.shape[-1] for m in maps), default=1))
+    fig = Figure(figsize=(1.0 * shown + 2.2, 1.05 * (len(maps) + 1) + 0.6), layout="constrained")
+    axes = fig.subplots(len(maps) + 1, shown + 1, squeeze=False)
+    frame = (-0.5, w - 0.5, h - 0.5, -0.5)
+    label = axes[0, 0]
+    label.axis("off")
+    label.text(0, 0.5, f"input\n{h}x{w}x{c}", va="center", fontsize=9, transform=label.transAxes)
+    axes[0, 1].imshow(image[..., 0] if c == 1 else image, cmap="gray", extent=frame)
+    axes[0, 1].set_label(PANEL)
+    _bare(axes[0, 1])
+    for ax in axes[0, 2:]:
+        ax.axis("off")
+    for r, m in enumerate(maps, start=1):
+        mh, mw, mc = m.values.shape
+        axes[r, 0].axis("off")
+        axes[r, 0].text(
+            0, 0.5, f"{m.name}\n{mh}x{mw}x{mc}\n{m.detail}",
+            va="center", fontsize=8, transform=axes[r, 0].transAxes, linespacing=1.3,
+        )  # fmt: skip
+        for k, ax in enumerate(axes[r, 1:]):
+            if k >= mc:
+                ax.axis("off")
+                continue
+            values = m.values[..., k]
+            lo, hi = float(values.min()), float(values.max())
+            ax.imshow(values, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6),
+                      extent=m.extent, interpolation="nearest")  # fmt: skip
+            # the input's extent: a map smaller than it lost border pixels to valid padding
+            ax.add_patch(Rectangle((-0.5, -0.5), w, h, fill=False, ec="0.5", lw=0.8, ls=":"))
+            ax.set_xlim(min(frame[0], m.extent[0]), max(frame[1], m.extent[1]))
+            ax.set_ylim(max(frame[2], m.extent[2]), min(frame[3], m.extent[3]))
+            ax.set_label(PANEL)
+            _bare(ax)
+            if hi == lo:  # a dead ReLU channel, for example
+                ax.text(0.5, 0.5, f"all {lo:g}", color="0.3", ha="center", va="center",
+                        fontsize=7, transform=ax.transAxes)  # fmt: skip
+            if r == 1 or k >= maps[r - 2].values.shape[-1]:
+                ax.set_title(f"ch {k + 1}", fontsize=7, pad=2)
+    fig.suptitle(
+        (title + "\n" if title else "")
+        + f"first {shown} channels of each layer after it, each map on its own colour scale "
+        "(yellow = its highest value)\nmaps are drawn on the input's pixel grid: one pixel covers "
+        "stride x stride input pixels; white inside a frame is border lost to valid padding",
+        fontsize=9,
+    )
+    return fig
+
+
+def draw_feature_maps(
+    image: np.ndarray, maps: list[FeatureMap], path: Path, title: str = "", channels: int = 16
+) -> Path:
+    return save(feature_maps_figure(image, maps, title, channels), path)
+
+
+# --- confusion matrix -------------------------------------------------------------------------
+
+
+def confusion_figure(counts: np.ndarray, class_names: list[str]) -> Figure:
+    """`counts` [K, K], rows true class, columns predicted, with each class's recall."""
+    counts = np.asarray(counts)
+    k = len(class_names)
+    size = max(5.0, 0.62 * k + 2.5)
+    fig = Figure(figsize=(size + 1.6, size), layout="constrained")
+    ax = fig.subplots()
+    norm = PowerNorm(0.5, vmin=0, vmax=max(int(counts.max()), 1))  # errors visible beside hits
+    image = ax.imshow(counts, cmap="Blues", norm=norm)
+    for i in range(k):
+        for j in range(k):
+            dark = norm(counts[i, j]) > 0.55
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8 if k > 12 else 9,
+                    color="white" if dark else ("black" if counts[i, j] else "0.7"))  # fmt: skip
+    recall = np.diag(counts) / np.maximum(counts.sum(1), 1)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(
+        range(k), [f"{n} ({100 * r:.0f}%)" for n, r in zip(class_names, recall, strict=True)]
+    )
+    ax.set(xlabel="predicted class", ylabel="true class (recall)")
+    total = int(counts.sum())
+    accuracy = np.trace(counts) / max(total, 1)
+    ax.set_title(f"Test confusion matrix: {100 * accuracy:.1f}% of {total:,} images correct")
+    fig.colorbar(image, ax=ax, label="test images (square-root colour scale)", shrink=0.8)
+    return fig
+
+
+def draw_confusion(counts: np.ndarray, class_names: list[str], path: Path) -> Path:
+    return save(confusion_figure(counts, class_names), path)
+
+
+def read_confusion_csv(path: Path) -> tuple[np.ndarray, list[str]]:
+    """`confusion_matrix.csv` as written by `cnnlab.tracking.local`: counts [K, K] and names."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return np.array([[int(v) for v in row[1:]] for row in rows[1:]]), rows[0][1:]
+
+
+# --- training curves --------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of `metrics.jsonl` (a half-written last line is skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def curves_figure(records: list[dict]) -> Figure:
+    """Loss and accuracy against step: train (every log step), validation (every epoch) and the
+    final test result where the records hold one."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    epochs = max((r.get("epoch", 0) for r in records), default=0)
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for split, style in (("train", {"lw": 1.2}), ("val", {"marker": "o", "lw": 2})):
+            points = [
+                (r["step"], r[f"{split}/{metric}"]) for r in records if f"{split}/{metric}" in r
+            ]
+            if points:
+                x, y = zip(*points, strict=True)
+                label = {"train": "train (running, per log step)", "val": "validation"}[split]
+                ax.plot(x, y, color=_color(split == "val"), label=label, **style)
+        test = [(r["step"], r[f"test/{metric}"]) for r in records if f"test/{metric}" in r]
+        if test:
+            step, value = test[-1]
+            ax.axhline(
+                value, color=_color(2), ls="--", lw=1, label=f"test at the end ({value:.3f})"
+            )
+        ax.set(xlabel="step", ylabel=metric, title=f"{metric.capitalize()} against step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            _no_data(ax)
+    fig.suptitle(f"Training curves ({epochs} epoch{'s' * (epochs != 1)})", fontsize=11)
+    return fig
+
+
+def draw_curves(records: list[dict], path: Path) -> Path:
+    return save(curves_figure(records), path)
+
+
+# --- most confidently wrong -------------------------------------------------------------------
+
+
+def most_confidently_wrong(labels: np.ndarray, probs: np.ndarray, n: int = 16) -> np.ndarray:
+    """Indices of the (up to) `n` misclassified examples with the highest predicted probability,
+    most confident first. labels [N], probs [N, K]."""
+    preds = np.argmax(probs, -1)
+    wrong = np.flatnonzero(preds != labels)
+    confidence = probs[wrong, preds[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")[:n]]
+
+
+def wrong_figure(
+    images: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: list[str], n: int = 16
+) -> Figure:
+    """The `n` most confidently wrong of `images` [N, H, W, C] uint8, most confident first."""
+    chosen = most_confidently_wrong(labels, probs, n)
+    rows, cols = _grid(max(len(chosen), 1), 8)
+    fig = Figure(figsize=(cols * 1.75, rows * 2.05 + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(chosen) :]:
+        ax.axis("off")
+    for ax, i in zip(axes, chosen, strict=False):
+        image, pred = images[i], int(np.argmax(probs[i]))
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+        ax.set_title(f"{class_names[labels[i]]} ->\n{class_names[pred]} ({probs[i, pred]:.2f})",
+                     fontsize=8, pad=3)  # fmt: skip
+        ax.set_label(PANEL)
+        _bare(ax)
+    wrong = int((np.argmax(probs, -1) != labels).sum())
+    if not len(chosen):
+        _no_data(axes[0])
+    fig.suptitle(
+        f"The {len(chosen)} most confidently wrong of {len(labels):,} test images "
+        f"({wrong:,} wrong): true -> predicted (probability)",
+        fontsize=10,
+    )
+    return fig
+
+
+def draw_wrong(
+    images: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: list[str],
+    path: Path,
+    n: int = 16,
+) -> Path:
+    return save(wrong_figure(images, labels, probs, class_names, n), path)
+
+
+# --- a finished run ---------------------------------------------------------------------------
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise CnnlabError unless `run_dir` holds a finished run (final parameters included)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CnnlabError(f"no run directory at {run_dir}")
+    missing = [name for name in RUN_FILES if not (run_dir / name).exists()]
+    if missing:
+        why = (
+            "; it has not finished ok (see its summary.json)"
+            if "config.yaml" not in missing[:1]
+            else ""
+        )
+        raise CnnlabError(
+            f"{run_dir} is not a finished cnnlab run (no {', '.join(missing)}){why}: "
+            "pass the folder that cnnlab-train wrote (one seed_<s>/ folder for a multi-seed run)"
+        )
+
+
+def load_config(run_dir: Path) -> Config:
+    node = OmegaConf.merge(
+        OmegaConf.structured(Config), OmegaConf.load(Path(run_dir) / "config.yaml")
+    )
+    return OmegaConf.to_object(node)
+
+
+def predict_probs(model, params, images: np.ndarray, mean, std, batch: int = 500) -> np.ndarray:
+    """Softmax outputs [N, K] of uint8 `images` [N, H, W, C], in float32."""
+
+    @jax.jit
+    def probs(x):
+        return jax.nn.softmax(model.apply({"params": params}, normalize(x, mean, std)))
+
+    return np.concatenate(
+        [np.asarray(probs(images[i : i + batch])) for i in range(0, len(images), batch)]
+    )
+
+
+def draw_all(
+    run_dir: Path, out_dir: Path | None = None, image_index: int = 0, n_wrong: int = 16
+) -> dict[str, Path]:
+    """Draw the five pictures of a finished run into `out_dir` (default `<run_dir>/pictures/`);
+    returns picture name -> PNG path. Reads the run's config, dataset.json, metrics.jsonl,
+    confusion_matrix.csv and final parameters, and its test split again from the data source."""
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "pictures"
+    cfg = load_config(run_dir)
+    meta = json.loads((run_dir / "dataset.json").read_text())
+    shape, names = tuple(meta["image_shape"]), list(meta["class_names"])
+    mean, std = np.float32(meta["mean"]), np.float32(meta["std"])
+    model = build_model(cfg.model, len(names))
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+    params = checkpoint.load_params(run_dir / "checkpoint", like)
+    test = load_dataset(cfg.data).test
+    if not 0 <= image_index < len(test.images):
+        raise CnnlabError(
+            f"image index {image_index} is outside the {len(test.images)} test images"
+        )
+    probs = predict_probs(model, params, test.images, mean, std)
+    paths = {}
+    kernel = np.asarray(params["conv1"]["kernel"])
+    paths["filters"] = draw_filters(kernel, out_dir / "filters.png", "conv1")
+    image = test.images[image_index]
+    maps = feature_maps(model, params, resolve(cfg.model), image, mean, std)
+    label, pred = int(test.labels[image_index]), int(np.argmax(probs[image_index]))
+    title = (f"{cfg.model.name}: test image {image_index}, true class {names[label]}, "
+             f"predicted {names[pred]} ({probs[image_index, pred]:.2f})")  # fmt: skip
+    paths["feature_maps"] = draw_feature_maps(image, maps, out_dir / "feature_maps.png", title)
+    csv_path = run_dir / "confusion_matrix.csv"
+    if csv_path.is_file():
+        counts, names_csv = read_confusion_csv(csv_path)
+    else:
+        counts = confusion_matrix(test.labels, np.argmax(probs, -1), len(names))
+        names_csv = names
+    paths["confusion_matrix"] = draw_confusion(counts, names_csv, out_dir / "confusion_matrix.png")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    paths["curves"] = draw_curves(records, out_dir / "curves.png")
+    paths["confidently_wrong"] = draw_wrong(
+        test.images, test.labels, probs, names, out_dir / "confidently_wrong.png", n_wrong
+    )
+    return paths
