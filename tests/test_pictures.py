@@ -1,5 +1,6 @@
 """Pictures of a trained run: a real two-epoch LeNet-5 run, drawn and checked picture by picture."""
 
+import csv
 import dataclasses
 import json
 import shutil
@@ -13,18 +14,22 @@ from PIL import Image
 from cnnlab import checkpoint, geometry
 from cnnlab.config import ModelConfig, TrainConfig
 from cnnlab.data import load_dataset
+from cnnlab.errors import CnnlabError
 from cnnlab.models import build_model, resolve
 from cnnlab.models.layers import ACTIVATIONS
 from cnnlab.report import pictures
 from cnnlab.report.pictures import PANEL
-from cnnlab.tracking import Trackers
+from cnnlab.tracking import Trackers, confusion_matrix
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.run import run
 from experiments import pictures as cli_module
 from tests.conftest import cli, needs_fashion_mnist, small_config
 
 pytestmark = needs_fashion_mnist
-CFG = small_config(train=TrainConfig(epochs=2, batch_size=64, log_every_steps=10))
+CFG = small_config(
+    train=TrainConfig(epochs=2, batch_size=64, log_every_steps=10),
+    data=dataclasses.replace(small_config().data, val_fraction=0.02),  # 1,200 val images: fast
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +120,10 @@ def test_feature_maps_of_alexnet_lite_show_every_conv_and_its_three_pools(tmp_pa
     cfg = ModelConfig(name="alexnet_lite", depth=8, kernel_size=[5, 5, 3, 3, 3],
                       stride=[1, 2, 1, 1, 1], pool_size=3, dense=[16])  # fmt: skip
     model = build_model(cfg, 10)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), like)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     maps = pictures.feature_maps(
         model, params, resolve(cfg), image, np.full(3, 120.0), np.full(3, 60.0)
     )
@@ -128,9 +135,9 @@ def test_feature_maps_of_alexnet_lite_show_every_conv_and_its_three_pools(tmp_pa
     extents = {m.name: m.extent[:2] for m in maps}
     assert extents["conv1"] == (-0.5, 31.5) and extents["pool1"] == (0.0, 30.0)
     assert extents["conv2"] == (-1.0, 31.0) and extents["pool2"] == (1.0, 25.0)
-    conv1 = np.asarray(ACTIVATIONS["relu"](model.apply(
-        {"params": params}, (image[None] - 120.0) / 60.0, capture_intermediates=True,
-        mutable=["intermediates"])[1]["intermediates"]["conv1"]["__call__"][0][0]))  # fmt: skip
+    x = (image[None] - np.float32(120)) / np.float32(60)
+    _, state = model.apply({"params": params}, x, capture_intermediates=True, mutable=True)
+    conv1 = ACTIVATIONS["relu"](state["intermediates"]["conv1"]["__call__"][0][0])
     np.testing.assert_allclose(maps[0].values, conv1, rtol=1e-5, atol=1e-5)
     fig = pictures.feature_maps_figure(image, maps, channels=4)
     assert len(_panels(fig)) == 1 + 4 * len(maps)
@@ -140,10 +147,12 @@ def test_feature_maps_of_alexnet_lite_show_every_conv_and_its_three_pools(tmp_pa
 
 
 def test_the_confusion_matrix_shows_the_run_s_counts(trained):
-    counts, names = pictures.read_confusion_csv(trained.run_dir / "confusion_matrix.csv")
+    with open(trained.run_dir / "confusion_matrix.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    counts, names = np.array([[int(v) for v in row[1:]] for row in rows]), header[1:]
     assert names == list(trained.data.class_names) and counts.sum() == len(trained.data.test)
-    preds = np.argmax(trained.probs, -1)
-    assert np.trace(counts) == (preds == trained.data.test.labels).sum()
+    preds = np.argmax(trained.probs, -1)  # the parameters read back give the run's own counts
+    np.testing.assert_array_equal(counts, confusion_matrix(trained.data.test.labels, preds, 10))
     fig = pictures.confusion_figure(counts, names)
     ax = fig.axes[0]
     assert len(ax.texts) == 100 and ax.texts[0].get_text() == str(counts[0, 0])
@@ -159,8 +168,12 @@ def test_the_curves_hold_every_train_and_val_point(trained):
     fig = pictures.curves_figure(records)
     loss_ax, acc_ax = fig.axes
     lines = {line.get_label(): line for line in acc_ax.lines}
-    np.testing.assert_array_equal(lines["validation"].get_xdata(), [r["step"] for r in val])
-    np.testing.assert_allclose(lines["validation"].get_ydata(), [r["val/accuracy"] for r in val])
+    np.testing.assert_array_equal(
+        lines["validation (each epoch)"].get_xdata(), [r["step"] for r in val]
+    )
+    np.testing.assert_allclose(
+        lines["validation (each epoch)"].get_ydata(), [r["val/accuracy"] for r in val]
+    )
     train = [r for r in records if "train/loss" in r]
     loss_lines = {line.get_label(): line for line in loss_ax.lines}
     assert len(loss_lines["train (running, per log step)"].get_xdata()) == len(train)
@@ -182,7 +195,7 @@ def test_most_confidently_wrong_are_wrong_and_sorted(trained):
     fig = pictures.wrong_figure(trained.data.test.images, labels, probs, names, 16)
     titles = [ax.get_title() for ax in _panels(fig)]
     i = chosen[0]
-    assert titles[0] == f"{names[labels[i]]} ->\n{names[preds[i]]} ({confidence[0]:.2f})"
+    assert titles[0] == f"{names[labels[i]]} ->\n{names[preds[i]]} ({confidence[0]:.4f})"
     np.testing.assert_array_equal(
         _panels(fig)[3].images[0].get_array(), trained.data.test.images[chosen[3], ..., 0]
     )
@@ -195,15 +208,26 @@ def test_most_confidently_wrong_of_a_small_case():
     assert pictures.most_confidently_wrong(np.array([0, 1]), probs[:2], 3).size == 0
 
 
-def test_the_cli_refuses_a_missing_or_unfinished_run_in_one_line(trained, tmp_path):
+def test_the_cli_refuses_a_missing_or_unfinished_run_in_one_line(trained, tmp_path, capsys):
+    result = cli("pictures", str(tmp_path / "nowhere"), timeout=120)  # as a user runs it
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"cnnlab: error: no run directory at {tmp_path / 'nowhere'}\n"
     unfinished = tmp_path / "unfinished"
     shutil.copytree(trained.run_dir, unfinished, ignore=shutil.ignore_patterns("checkpoint"))
-    for path, expected in (
-        (tmp_path / "nowhere", "no run directory at"),
-        (unfinished, "is not a finished cnnlab run (no checkpoint)"),
-    ):
-        result = cli("pictures", str(path), timeout=120)
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), result.stderr
-        assert expected in lines[0]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main([str(unfinished)])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), lines
+    assert f"{unfinished} holds no finished run (no checkpoint)" in lines[0]
+
+
+def test_pictures_refuse_a_run_whose_data_reads_back_differently(trained, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(trained.run_dir, moved, ignore=shutil.ignore_patterns("pictures"))
+    meta = json.loads((moved / "dataset.json").read_text())
+    meta["mean"] = [m + 1 for m in meta["mean"]]
+    (moved / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(CnnlabError, match=r"reads back differently now \(mean differ"):
+        pictures.draw_all(moved)
+    assert not (moved / "pictures").exists()

@@ -14,7 +14,6 @@ object API (`Figure`) without pyplot, as in `cnnlab.report.plots`.
 Glossary: `N` images, `H, W` spatial, `C` channels, `K` classes, `F` filters.
 """
 
-import csv
 import json
 import math
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from matplotlib.patches import Rectangle
 from omegaconf import OmegaConf
 
 from cnnlab import checkpoint, geometry
-from cnnlab.config import Config
-from cnnlab.data import load_dataset
+from cnnlab.config import Config, ModelConfig
+from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.models import Architecture, build_model, resolve
 from cnnlab.models.layers import ACTIVATIONS, POOLS
@@ -200,16 +199,17 @@ def feature_maps_figure(
             ax.set_ylim(max(frame[2], m.extent[2]), min(frame[3], m.extent[3]))
             ax.set_label(PANEL)
             _bare(ax)
-            if hi == lo:  # a dead ReLU channel, for example
-                ax.text(0.5, 0.5, f"all {lo:g}", color="0.3", ha="center", va="center",
-                        fontsize=7, transform=ax.transAxes)  # fmt: skip
+            if hi == lo:  # one pixel, or a dead ReLU channel: no pattern to colour, so the value
+                ax.text(0.5, 0.5, f"{'' if mh * mw == 1 else 'all '}{lo:.2g}", color="white",
+                        ha="center", va="center", fontsize=7, transform=ax.transAxes)  # fmt: skip
             if r == 1 or k >= maps[r - 2].values.shape[-1]:
                 ax.set_title(f"ch {k + 1}", fontsize=7, pad=2)
     fig.suptitle(
         (title + "\n" if title else "")
         + f"first {shown} channels of each layer after it, each map on its own colour scale "
         "(yellow = its highest value)\nmaps are drawn on the input's pixel grid: one pixel covers "
-        "stride x stride input pixels; white inside a frame is border lost to valid padding",
+        "stride x stride input pixels; white inside a frame is input border the map does not "
+        "cover (valid padding, or pool windows that do not fit)",
         fontsize=9,
     )
     return fig
@@ -255,13 +255,6 @@ def draw_confusion(counts: np.ndarray, class_names: list[str], path: Path) -> Pa
     return save(confusion_figure(counts, class_names), path)
 
 
-def read_confusion_csv(path: Path) -> tuple[np.ndarray, list[str]]:
-    """`confusion_matrix.csv` as written by `cnnlab.tracking.local`: counts [K, K] and names."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    return np.array([[int(v) for v in row[1:]] for row in rows[1:]]), rows[0][1:]
-
-
 # --- training curves --------------------------------------------------------------------------
 
 
@@ -289,7 +282,10 @@ def curves_figure(records: list[dict]) -> Figure:
             ]
             if points:
                 x, y = zip(*points, strict=True)
-                label = {"train": "train (running, per log step)", "val": "validation"}[split]
+                label = {
+                    "train": "train (running, per log step)",
+                    "val": "validation (each epoch)",
+                }[split]
                 ax.plot(x, y, color=_color(split == "val"), label=label, **style)
         test = [(r["step"], r[f"test/{metric}"]) for r in records if f"test/{metric}" in r]
         if test:
@@ -336,7 +332,7 @@ def wrong_figure(
     for ax, i in zip(axes, chosen, strict=False):
         image, pred = images[i], int(np.argmax(probs[i]))
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
-        ax.set_title(f"{class_names[labels[i]]} ->\n{class_names[pred]} ({probs[i, pred]:.2f})",
+        ax.set_title(f"{class_names[labels[i]]} ->\n{class_names[pred]} ({probs[i, pred]:.4f})",
                      fontsize=8, pad=3)  # fmt: skip
         ax.set_label(PANEL)
         _bare(ax)
@@ -371,15 +367,28 @@ def check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise CnnlabError(f"no run directory at {run_dir}")
     missing = [name for name in RUN_FILES if not (run_dir / name).exists()]
-    if missing:
-        why = (
-            "; it has not finished ok (see its summary.json)"
-            if "config.yaml" not in missing[:1]
-            else ""
-        )
+    if "config.yaml" in missing or "dataset.json" in missing:
         raise CnnlabError(
-            f"{run_dir} is not a finished cnnlab run (no {', '.join(missing)}){why}: "
-            "pass the folder that cnnlab-train wrote (one seed_<s>/ folder for a multi-seed run)"
+            f"{run_dir} is not a cnnlab run directory (no {' or '.join(missing[:2])}): pass a "
+            "folder that cnnlab-train wrote (for a multi-seed run, one of its seed_<s>/ folders)"
+        )
+    if missing:
+        raise CnnlabError(
+            f"{run_dir} holds no finished run (no {' or '.join(missing)}): it is still running "
+            "or it ended without status ok (see its summary.json)"
+        )
+
+
+def _check_same_data(run_dir: Path, data: Dataset) -> None:
+    """The data read again must be what the run trained on (dataset.json records it)."""
+    meta = json.loads((run_dir / "dataset.json").read_text())
+    now = {"class_names": list(data.class_names), "image_shape": list(data.image_shape),
+           "mean": data.mean.tolist(), "std": data.std.tolist()}  # fmt: skip
+    changed = [key for key, value in now.items() if meta.get(key) != value]
+    if changed:
+        raise CnnlabError(
+            f"the data of {run_dir} reads back differently now ({', '.join(changed)} differ "
+            "from its dataset.json): restore the data the run was trained on"
         )
 
 
@@ -406,41 +415,54 @@ def draw_all(
     run_dir: Path, out_dir: Path | None = None, image_index: int = 0, n_wrong: int = 16
 ) -> dict[str, Path]:
     """Draw the five pictures of a finished run into `out_dir` (default `<run_dir>/pictures/`);
-    returns picture name -> PNG path. Reads the run's config, dataset.json, metrics.jsonl,
-    confusion_matrix.csv and final parameters, and its test split again from the data source."""
+    returns picture name -> PNG path. Reads the run's config, final parameters and metrics.jsonl,
+    and its data again from the data source (the same config gives the same arrays)."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir / "pictures"
     cfg = load_config(run_dir)
-    meta = json.loads((run_dir / "dataset.json").read_text())
-    shape, names = tuple(meta["image_shape"]), list(meta["class_names"])
-    mean, std = np.float32(meta["mean"]), np.float32(meta["std"])
-    model = build_model(cfg.model, len(names))
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
-    params = checkpoint.load_params(run_dir / "checkpoint", like)
-    test = load_dataset(cfg.data).test
+    data = load_dataset(cfg.data)
+    _check_same_data(run_dir, data)
+    model = build_model(cfg.model, data.num_classes)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *data.image_shape)))
+    params = checkpoint.load_params(run_dir / "checkpoint", like["params"])
+    probs = predict_probs(model, params, data.test.images, data.mean, data.std)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    out_dir = Path(out_dir) if out_dir else run_dir / "pictures"
+    return draw_run(out_dir, cfg.model, model, params, data, probs, records, image_index, n_wrong)
+
+
+def draw_run(
+    out_dir: Path,
+    model_cfg: ModelConfig,
+    model,
+    params,
+    data: Dataset,
+    probs: np.ndarray,
+    records: list[dict],
+    image_index: int = 0,
+    n_wrong: int = 16,
+) -> dict[str, Path]:
+    """The five pictures from a run's objects in memory: its model config, Flax module, parameters,
+    dataset, test probabilities [N, K] and metric records (what `cnnlab.train.run.end_run` holds
+    at the end of a run). Returns picture name -> PNG path."""
+    test, names = data.test, list(data.class_names)
     if not 0 <= image_index < len(test.images):
         raise CnnlabError(
             f"image index {image_index} is outside the {len(test.images)} test images"
         )
-    probs = predict_probs(model, params, test.images, mean, std)
+    out_dir, probs = Path(out_dir), np.asarray(probs)
+    preds = np.argmax(probs, -1)
     paths = {}
-    kernel = np.asarray(params["conv1"]["kernel"])
+    kernel = np.asarray(params["conv1"]["kernel"])  # [kh, kw, C, F]
     paths["filters"] = draw_filters(kernel, out_dir / "filters.png", "conv1")
     image = test.images[image_index]
-    maps = feature_maps(model, params, resolve(cfg.model), image, mean, std)
-    label, pred = int(test.labels[image_index]), int(np.argmax(probs[image_index]))
-    title = (f"{cfg.model.name}: test image {image_index}, true class {names[label]}, "
+    maps = feature_maps(model, params, resolve(model_cfg), image, data.mean, data.std)
+    label, pred = int(test.labels[image_index]), int(preds[image_index])
+    title = (f"{model_cfg.name}: test image {image_index}, true class {names[label]}, "
              f"predicted {names[pred]} ({probs[image_index, pred]:.2f})")  # fmt: skip
     paths["feature_maps"] = draw_feature_maps(image, maps, out_dir / "feature_maps.png", title)
-    csv_path = run_dir / "confusion_matrix.csv"
-    if csv_path.is_file():
-        counts, names_csv = read_confusion_csv(csv_path)
-    else:
-        counts = confusion_matrix(test.labels, np.argmax(probs, -1), len(names))
-        names_csv = names
-    paths["confusion_matrix"] = draw_confusion(counts, names_csv, out_dir / "confusion_matrix.png")
-    records = read_metrics(run_dir / "metrics.jsonl")
+    counts = confusion_matrix(test.labels, preds, len(names))  # as confusion_matrix.csv
+    paths["confusion_matrix"] = draw_confusion(counts, names, out_dir / "confusion_matrix.png")
     paths["curves"] = draw_curves(records, out_dir / "curves.png")
     paths["confidently_wrong"] = draw_wrong(
         test.images, test.labels, probs, names, out_dir / "confidently_wrong.png", n_wrong
