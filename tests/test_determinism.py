@@ -73,7 +73,7 @@ def test_two_runs_of_one_config_train_bit_identical_parameters(tmp_path):
     run fills the compilation cache, the others load from it; the third sets deterministic=true,
     which changes nothing on the CPU."""
     args = [
-        "data.train_limit=1000", "data.test_limit=200", "train.epochs=2", "train.batch_size=64",
+        "data.train_limit=640", "data.test_limit=200", "train.epochs=1", "train.batch_size=64",
         "model.dropout=0.3", "data.augment.crop_padding=2", "data.augment.flip=true",
         "logger.mode=disabled", f"compilation_cache={tmp_path / 'jax'}",
     ]  # fmt: skip

@@ -88,10 +88,16 @@ def test_each_seed_has_the_files_of_a_single_run_and_the_summary_aggregates(sequ
     assert metrics(run_dir / "seed_0") != metrics(run_dir / "seed_1")  # different seeds
 
 
+@pytest.fixture(scope="module")
+def vmapped(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("vmapped")
+    return run_dir, run_seeds(config(seeds_strategy="vmap"), run_dir, local)
+
+
 @needs_fashion_mnist
-def test_vmapped_seeds_match_sequential_ones(sequential, tmp_path):
+def test_vmapped_seeds_match_sequential_ones(sequential, vmapped):
     run_dir, expected = sequential
-    summary = run_seeds(config(seeds_strategy="vmap"), tmp_path, local)
+    tmp_path, summary = vmapped
     assert summary["status"] == "ok" and summary["strategy"] == "vmap"
     for seed in SEEDS:
         vmapped, one_by_one = tmp_path / f"seed_{seed}", run_dir / f"seed_{seed}"
@@ -156,7 +162,7 @@ def test_cli_trains_every_seed_with_one_wandb_run_each_in_one_group(tmp_path):
 
 
 @needs_fashion_mnist
-def test_stopped_vmapped_seeds_resume_exactly(tmp_path):
+def test_stopped_vmapped_seeds_resume_exactly(vmapped, tmp_path):
     """The stacked models' checkpoints: stopped after 5 steps and run again, the seeds end as a
     vmapped run that never stopped."""
 
@@ -168,13 +174,13 @@ def test_stopped_vmapped_seeds_resume_exactly(tmp_path):
             return self.calls >= 5
 
     cfg = config(seeds_strategy="vmap")
-    whole = run_seeds(cfg, tmp_path / "whole", local)
+    whole_dir, whole = vmapped
     stopped = run_seeds(cfg, tmp_path / "stopped", local, stop=StopAfter())
     assert stopped["status"] == "preempted"
     resumed = run_seeds(cfg, tmp_path / "stopped", local)
     assert resumed["status"] == "ok"
     for seed in SEEDS:
-        a, b = tmp_path / "whole" / f"seed_{seed}", tmp_path / "stopped" / f"seed_{seed}"
+        a, b = whole_dir / f"seed_{seed}", tmp_path / "stopped" / f"seed_{seed}"
         chex.assert_trees_all_equal(params(a), params(b))
         assert metrics(a) == metrics(b)
         assert json.loads((b / "summary.json").read_text())["resumed_from_step"] == 5
