@@ -189,6 +189,10 @@ def test_a_run_directory_used_again_continues_its_wandb_run(tmp_path, monkeypatc
         for step in steps:
             tracker.log({"train/loss": 1.0 / step}, step)
         tracker.finish({"status": "ok"})
+        # A real attempt is a new process, seconds later. wandb names its folders by the second,
+        # and of two attempts in one second (`-1` appended) the later folder can lack its run
+        # record (seen in CI).
+        time.sleep(1.1)
     folders = sorted((tmp_path / "wandb").glob("offline-run-*"))  # one per attempt, time order
     assert len(folders) == 2
     runs = [next(folder.glob("run-*.wandb")) for folder in folders]
