@@ -192,8 +192,8 @@ def identity_changes(saved: dict, cfg: Config) -> list[str]:
     """The dotted keys where `cfg` computes something else than the run whose `identity` was
     `saved`, as "key: saved -> now". A key that `saved` lacks (added to cnnlab since) counts only
     when `cfg` moves it off its default; a key that cfg lacks (since removed) does not count."""
-    now, default = _flat(identity(cfg)), _flat(identity(Config()))
-    old = _flat(saved)
+    now, default = flatten(identity(cfg)), flatten(identity(Config()))
+    old = flatten(saved)
     return [
         f"{key}: {old.get(key, 'unset')!r} -> {value!r}"
         for key, value in now.items()
@@ -201,14 +201,15 @@ def identity_changes(saved: dict, cfg: Config) -> list[str]:
     ]
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"model.depth": 6, ...}; lists stay values."""
+    flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value
-    return out
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # How a run is started, logged and named; `distributed` only says how processes find each other;

@@ -40,3 +40,18 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess
         [sys.executable, "-m", f"experiments.{module}", *rest],
         cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def final_params(run_dir: Path):
+    """A finished run's final parameters (its `checkpoint/`), as saved."""
+    from cnnlab import checkpoint
+
+    return checkpoint.load_params(run_dir / "checkpoint", None)
+
+
+def history(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl records without their wall-clock times."""
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]

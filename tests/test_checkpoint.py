@@ -18,7 +18,7 @@ from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.run import prepare, run
-from tests.conftest import needs_fashion_mnist, small_config
+from tests.conftest import final_params, history, needs_fashion_mnist, small_config
 
 pytestmark = needs_fashion_mnist
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -56,15 +56,6 @@ def train(run_dir: Path, prepared, cfg=None, stop=lambda: False) -> dict:
     run_dir.mkdir(exist_ok=True)
     cfg = cfg or resumable_config()
     return run(cfg, run_dir, Trackers(LocalTracker(run_dir)), prepared=prepared, stop=stop)
-
-
-def final_params(run_dir: Path):
-    return checkpoint.load_params(run_dir / "checkpoint", None)
-
-
-def history(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "time"} for r in records]
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnnlab import checkpoint
-from tests.conftest import REPO, needs_fashion_mnist
+from tests.conftest import REPO, final_params, history, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
 
@@ -113,15 +112,6 @@ def interrupted_run(run_dir: Path, kills: int, rng: random.Random, broken: bool 
     return during_save, out
 
 
-def params(run_dir: Path):
-    return checkpoint.load_params(run_dir / "checkpoint", None)
-
-
-def history(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "time"} for r in records]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("kill") / "whole"
@@ -136,7 +126,7 @@ def test_sigkill_at_random_steps_and_during_saves_resumes_exactly(tmp_path, unin
     during_save, out = interrupted_run(run_dir, kills=10, rng=random.Random(5))
     assert during_save >= 2, "no kill landed in the middle of a save"
     assert "cnnlab: resuming from step" in out
-    chex.assert_trees_all_equal(params(run_dir), params(uninterrupted))
+    chex.assert_trees_all_equal(final_params(run_dir), final_params(uninterrupted))
     assert history(run_dir) == history(uninterrupted)  # no record twice, none missing
     summary = json.loads((run_dir / "summary.json").read_text())
     whole = json.loads((uninterrupted / "summary.json").read_text())
@@ -148,7 +138,7 @@ def test_the_comparison_catches_a_resume_that_loses_the_data_order(tmp_path, uni
     run_dir = tmp_path / "broken"
     _, out = interrupted_run(run_dir, kills=2, rng=random.Random(1), broken=True)
     assert "cnnlab: resuming from step" in out
-    same = jax.tree.map(np.array_equal, params(run_dir), params(uninterrupted))
+    same = jax.tree.map(np.array_equal, final_params(run_dir), final_params(uninterrupted))
     assert not all(jax.tree.leaves(same)), "a broken resume went unnoticed"
 
 
@@ -175,5 +165,5 @@ def test_a_signal_saves_and_stops_within_seconds_and_the_rerun_resumes(
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert f"cnnlab: resuming from step {summary['steps']} " in out
-    chex.assert_trees_all_equal(params(run_dir), params(uninterrupted))
+    chex.assert_trees_all_equal(final_params(run_dir), final_params(uninterrupted))
     assert history(run_dir) == history(uninterrupted)

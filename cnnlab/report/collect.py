@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from cnnlab.config import flatten
 from cnnlab.errors import CnnlabError
 
 # Config keys that name, log or steer a run without changing what it computes (compare
@@ -95,17 +96,6 @@ def read_point(job: Path) -> Point:
         final_val_accuracy=_final_val_accuracy(job / "metrics.jsonl"),
         layers=layers.read_text() if layers.is_file() else "",
     )
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"model.depth": 6, ...}; lists stay values."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def swept_keys(points: list[Point]) -> list[str]:
