@@ -101,6 +101,9 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     init_timeout: float = 10.0  # seconds before an unreachable W&B server falls back to offline
     num_sample_predictions: int = 32  # rows of the W&B table of test images and predictions
+    # Draw filters, feature maps, confusion matrix, curves and the most confidently wrong test
+    # images into <run dir>/pictures/ at the end of a run, and log them to W&B (a few seconds).
+    pictures: bool = True
 
 
 @dataclass

@@ -1,12 +1,15 @@
 """The one exception type for mistakes a user can make (bad config, missing data, corrupt files).
 
-Entry points catch `CnnlabError`, print its message as a single line and exit non-zero; anything
+Entry points catch `CnnlabError`, print its message as a single line and exit with its
+`exit_code` (2; 3 for missing data); anything
 else is a bug in cnnlab and keeps its traceback.
 """
 
 
 class CnnlabError(Exception):
     """A user-facing error whose message is one line: what is wrong and how to fix it."""
+
+    exit_code = 2  # of an entry point that stops on it
 
 
 class ConfigError(CnnlabError):
@@ -23,6 +26,8 @@ class GeometryError(ConfigError):
 
 class DataError(CnnlabError):
     """A dataset cannot be found, downloaded or decoded."""
+
+    exit_code = 3  # apart from 2, so that `cnnlab-verify` can tell "no data here" from a failure
 
 
 def check_choice(key: str, value, options) -> None:

@@ -28,10 +28,10 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def exit_on_user_error(error: CnnlabError | str, code: int = 2):
-    """One line on stderr, no traceback, non-zero exit."""
+def exit_on_user_error(error: CnnlabError | str, code: int | None = None):
+    """One line on stderr, no traceback, non-zero exit (the error's `exit_code`, else 2)."""
     print(f"cnnlab: error: {error}", file=sys.stderr)
-    sys.exit(code)
+    sys.exit(code or getattr(error, "exit_code", 2))
 
 
 _NOISE = ("reference_type=", "object_type=", "full_key:", "Set the environment variable")

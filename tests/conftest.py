@@ -26,7 +26,7 @@ def small_config(**changes) -> Config:
         model=ModelConfig(padding=[2, 0]),
         data=DataConfig(train_limit=2000, test_limit=1000),
         train=TrainConfig(epochs=1, batch_size=64, log_every_steps=10),
-        logger=LoggerConfig(mode="disabled"),
+        logger=LoggerConfig(mode="disabled", pictures=False),
     )
     return dataclasses.replace(cfg, **changes)
 

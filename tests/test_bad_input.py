@@ -24,7 +24,7 @@ from cnnlab.rundir import check_run_dir
 from tests.conftest import cli
 
 # First, so that a bad override after them wins and a missed error trains only briefly.
-SHORT = ["logger.mode=disabled", "train.epochs=1", "data.train_limit=500"]
+SHORT = ["logger.mode=disabled", "logger.pictures=false", "train.epochs=1", "data.train_limit=500"]
 
 BAD = [
     # wrong types

@@ -70,6 +70,25 @@ def test_wandb_without_api_key_falls_back_to_an_offline_run(trained):
 
 
 @needs_fashion_mnist
+def test_pictures_are_drawn_into_the_run_directory_and_logged_to_wandb(trained):
+    run_dir, _ = trained
+    names = {"filters", "feature_maps", "confusion_matrix", "curves", "confidently_wrong"}
+    drawn = {path.stem: path for path in (run_dir / "pictures").glob("*.png")}
+    assert set(drawn) == names
+    for path in drawn.values():
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 200
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pictures_seconds"] > 0
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    (run_file,) = offline.glob("run-*.wandb")
+    wandb_summary = summary_and_history(run_file)[2]
+    for name in names:  # one W&B image per picture, its file in the run's media
+        assert wandb_summary[f"pictures/{name}/_type"] == "image-file"
+        assert (offline / "files" / wandb_summary[f"pictures/{name}/path"]).is_file()
+
+
+@needs_fashion_mnist
 def test_predict_prints_probabilities_from_the_checkpoint(trained, tmp_path):
     run_dir, _ = trained
     test = load_dataset(small_config().data).test

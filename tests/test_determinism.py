@@ -75,7 +75,7 @@ def test_two_runs_of_one_config_train_bit_identical_parameters(tmp_path):
     args = [
         "data.train_limit=640", "data.test_limit=200", "train.epochs=1", "train.batch_size=64",
         "model.dropout=0.3", "data.augment.crop_padding=2", "data.augment.flip=true",
-        "logger.mode=disabled", f"compilation_cache={tmp_path / 'jax'}",
+        "logger.mode=disabled", "logger.pictures=false", f"compilation_cache={tmp_path / 'jax'}",
     ]  # fmt: skip
     like = jax.eval_shape(
         functools.partial(_init_params, small_config().model)

@@ -29,7 +29,8 @@ pytestmark = needs_fashion_mnist
 
 STEPS = 62  # 2 epochs of 31 batches of 32
 ARGS = [
-    "logger.mode=disabled", "model.padding=[2,0]", "model.dropout=0.2", "data.train_limit=1000",
+    "logger.mode=disabled", "logger.pictures=false", "model.padding=[2,0]", "model.dropout=0.2",
+    "data.train_limit=1000",
     "data.test_limit=500", "train.epochs=2", "train.batch_size=32", "train.log_every_steps=1",
     "checkpoint.every_steps=3", "checkpoint.keep=2",
 ]  # fmt: skip

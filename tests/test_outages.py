@@ -23,7 +23,8 @@ from tests.wandb_records import run_record, summary_and_history
 
 SMALL = [
     "data.train_limit=500", "data.test_limit=100", "train.epochs=1", "train.batch_size=64",
-    "train.log_every_steps=2", "compilation_cache=null",  # every run compiles: same start cost
+    "train.log_every_steps=2", "logger.pictures=false",
+    "compilation_cache=null",  # every run compiles: same start cost
 ]  # fmt: skip
 FAKE_KEY = "cnnlabFAKEkey" + "0123456789abcdefghijklmn" + "xyz"  # 40 characters, like a real one
 FAKE_TOKEN = "hf_cnnlabFAKEtoken0123456789"  # another credential in the environment

@@ -54,7 +54,7 @@ SMALL = [
     "data.train_limit=1000", "data.val_fraction=0.01", "data.test_limit=500", "train.epochs=1",
     "train.batch_size=64", "train.eval_batch_size=100", "train.log_every_steps=5",
     "model.dropout=0.3", "data.augment.crop_padding=2", "data.augment.flip=true",
-    "logger.mode=disabled",
+    "logger.mode=disabled", "logger.pictures=false",
     # SGD: Adam divides by the gradient's running size, which turns the float rounding of a sum
     # over 8 devices into updates of +-lr where a gradient is near 0 (5e-4 apart after 15 steps)
     "optimizer=sgd",

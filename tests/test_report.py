@@ -15,7 +15,7 @@ from tests.conftest import cli, needs_fashion_mnist, small_config
 
 TINY = [
     "data.train_limit=300", "data.test_limit=100", "train.epochs=1", "train.batch_size=32",
-    "logger.mode=disabled",
+    "logger.mode=disabled", "logger.pictures=false",
 ]  # fmt: skip
 PLOTS = ("accuracy", "heatmap", "accuracy_vs_flops")
 

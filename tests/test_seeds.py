@@ -148,6 +148,8 @@ def test_cli_trains_every_seed_with_one_wandb_run_each_in_one_group(tmp_path):
     assert "mean and std of 2 seeds" in done.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["strategy"] == "sequential"
+    for seed in (0, 1):  # each seed's own pictures (logger.pictures is on by default)
+        assert len(list((run_dir / f"seed_{seed}" / "pictures").glob("*.png"))) == 5
     assert set(summary["per_seed"]) == {"0", "1"}
     for seed in SEEDS:
         (run_file,) = (run_dir / f"seed_{seed}" / "wandb").glob("offline-run-*/run-*.wandb")

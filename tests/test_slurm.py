@@ -79,7 +79,7 @@ def test_sweep_runs_each_point_as_a_slurm_job(slurm_cluster, tmp_path):
     sweep = tmp_path / "sweep"
     name = f"cnnlab-test-{os.getpid()}-{time.time_ns() % 10**6}"  # to find (or cancel) our jobs
     args = [
-        "train", "-m", "hydra/launcher=slurm", "model.depth=3,6",
+        "train", "-m", "hydra/launcher=slurm", "model.depth=3,6", "logger.pictures=false",
         "data.train_limit=600", "data.test_limit=300", "train.epochs=1", "train.batch_size=64",
         "logger.mode=offline", f"hydra.sweep.dir={sweep}",
         # both jobs at once on a 2-core node, each in a small allocation, and a job name to find
@@ -167,7 +167,8 @@ def test_a_requeued_job_resumes_in_its_run_directory_and_w_and_b_run(slurm_clust
     sweep = tmp_path / "sweep"
     name = f"cnnlab-requeue-{os.getpid()}-{time.time_ns() % 10**6}"
     args = [
-        "train", "-m", "hydra/launcher=slurm", "data.train_limit=6000", "data.test_limit=300",
+        "train", "-m", "hydra/launcher=slurm", "logger.pictures=false", "data.train_limit=6000",
+        "data.test_limit=300",
         "train.epochs=2", "train.batch_size=64", "train.log_every_steps=5",
         "checkpoint.every_steps=1000", "logger.mode=offline", f"hydra.sweep.dir={sweep}",
         "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4",

@@ -13,6 +13,7 @@ from tests.wandb_records import records
 SWEEP = [
     "-m", "model.depth=3", "model.stride=1,2", "model.padding=same,valid", "data.train_limit=300",
     "data.test_limit=200", "train.epochs=1", "train.batch_size=50", "train.log_every_steps=2",
+    "logger.pictures=false",
 ]  # fmt: skip
 
 
@@ -114,7 +115,7 @@ def test_optuna_search_maximises_validation_accuracy(tmp_path):
     done = cli(
         "train", "sweep=lenet5_optuna", "hydra.sweeper.n_trials=2", "data.train_limit=300",
         "data.test_limit=100", "train.epochs=1", "train.batch_size=50", "logger.mode=disabled",
-        f"hydra.sweep.dir={tmp_path}",
+        "logger.pictures=false", f"hydra.sweep.dir={tmp_path}",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pre-flight skipped" in done.stdout

@@ -33,7 +33,7 @@ from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.models import Architecture, build_model, resolve
 from cnnlab.models.layers import ACTIVATIONS, POOLS
-from cnnlab.report.plots import _color, _no_data
+from cnnlab.report.plots import no_data, series_color
 from cnnlab.tracking import confusion_matrix
 from cnnlab.train.step import normalize
 
@@ -286,19 +286,19 @@ def curves_figure(records: list[dict]) -> Figure:
                     "train": "train (running, per log step)",
                     "val": "validation (each epoch)",
                 }[split]
-                ax.plot(x, y, color=_color(split == "val"), label=label, **style)
+                ax.plot(x, y, color=series_color(split == "val"), label=label, **style)
         test = [(r["step"], r[f"test/{metric}"]) for r in records if f"test/{metric}" in r]
         if test:
             step, value = test[-1]
             ax.axhline(
-                value, color=_color(2), ls="--", lw=1, label=f"test at the end ({value:.3f})"
+                value, color=series_color(2), ls="--", lw=1, label=f"test at the end ({value:.3f})"
             )
         ax.set(xlabel="step", ylabel=metric, title=f"{metric.capitalize()} against step")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
         else:
-            _no_data(ax)
+            no_data(ax)
     fig.suptitle(f"Training curves ({epochs} epoch{'s' * (epochs != 1)})", fontsize=11)
     return fig
 
@@ -338,7 +338,7 @@ def wrong_figure(
         _bare(ax)
     wrong = int((np.argmax(probs, -1) != labels).sum())
     if not len(chosen):
-        _no_data(axes[0])
+        no_data(axes[0])
     fig.suptitle(
         f"The {len(chosen)} most confidently wrong of {len(labels):,} test images "
         f"({wrong:,} wrong): true -> predicted (probability)",

@@ -79,7 +79,7 @@ def accuracy_plot(rows: list[Row], layout: Layout) -> Figure:
     x_label = layout.labels.get(layout.x, "point") if layout.x else "point"
     n_series = len(layout.series_values)
     for s, combo in enumerate(layout.series_values):
-        color = _color(s)
+        color = series_color(s)
         dodge = (s - (n_series - 1) / 2) * min(0.08, 0.4 / max(n_series, 1))
         mine = [r for r in rows if layout.series_of(r) == s]
         pos = [layout.x_values.index(r.values.get(layout.x)) + dodge for r in mine]
@@ -131,7 +131,7 @@ def accuracy_plot(rows: list[Row], layout: Layout) -> Figure:
     if any(r.cost["flops"] for r in rows):
         cost_ax.set_yscale("log")
     if not any(r.n for r in rows):
-        _no_data(acc_ax)
+        no_data(acc_ax)
     if layout.series_values and n_series > 1 or layout.series:
         fig.legend(
             *acc_ax.get_legend_handles_labels(),
@@ -247,7 +247,7 @@ def flops_plot(rows: list[Row], layout: Layout) -> Figure:
     if plotted:
         ax.set_xscale("log")
     else:
-        _no_data(ax)
+        no_data(ax)
     ax.set(
         xlabel="forward FLOPs per image (log scale)",
         ylabel=ACC,
@@ -317,7 +317,7 @@ def _pct(value: float | None) -> float:
     return math.nan if value is None else 100 * value
 
 
-def _color(i: int):
+def series_color(i: int):
     return colormaps["tab10"](i % 10)
 
 
@@ -325,7 +325,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _no_data(ax) -> None:
+def no_data(ax) -> None:
     ax.text(
         0.5,
         0.5,

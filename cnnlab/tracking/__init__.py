@@ -3,6 +3,7 @@
 The training code only sees the `Tracker` interface; `Trackers` fans out to several.
 """
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +20,9 @@ class Tracker(Protocol):
         self, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: tuple
     ) -> None:
         """Test images [N, H, W, C] uint8, labels [N] and softmax outputs [N, K]."""
+
+    def log_pictures(self, paths: dict[str, Path]) -> None:
+        """PNG files already written into the run directory, by picture name."""
 
     def finish(self, summary: dict) -> None: ...
 
@@ -46,6 +50,10 @@ class Trackers:
     def log_predictions(self, images, labels, probs, class_names):
         for t in self.trackers:
             t.log_predictions(images, labels, probs, class_names)
+
+    def log_pictures(self, paths):
+        for t in self.trackers:
+            t.log_pictures(paths)
 
     def mark(self):
         return {k: v for t in self.trackers if hasattr(t, "mark") for k, v in t.mark().items()}

@@ -5,6 +5,7 @@
   resumed from a checkpoint first cuts it back to what it held at that checkpoint (`rewind`);
 - `layers.txt`: the per-layer table;
 - `confusion_matrix.csv`: test confusion counts, rows true class, columns predicted;
+- `pictures/*.png`: drawn by `cnnlab.train.run.draw_pictures` (`logger.pictures`);
 - `summary.json`: the final summary, written atomically.
 """
 
@@ -58,6 +59,9 @@ class LocalTracker:
             writer.writerows(
                 [name, *row] for name, row in zip(class_names, counts.tolist(), strict=False)
             )
+
+    def log_pictures(self, paths: dict[str, Path]) -> None:
+        pass  # drawn into <run_dir>/pictures/ already
 
     def finish(self, summary: dict) -> None:
         self.metrics.close()

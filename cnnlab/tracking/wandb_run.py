@@ -189,6 +189,12 @@ class WandbTracker:
             )  # fmt: skip
         self.run.log({"test/confusion_matrix": chart, "test/predictions": table})
 
+    def log_pictures(self, paths: dict[str, Path]) -> None:
+        """One image panel per picture, `pictures/<name>`, in the run's media."""
+        self.run.log(
+            {f"pictures/{name}": self.wandb.Image(str(path)) for name, path in paths.items()}
+        )
+
     def finish(self, summary: dict) -> None:
         self.run.summary.update(summary)
         self.run.finish(exit_code=0 if summary.get("status") == "ok" else 1)

@@ -7,6 +7,7 @@ and a tracker, and always finishes the tracker with a summary whose `status` say
 """
 
 import json
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -137,17 +138,17 @@ def start_run(cfg: Config, run_dir: Path, tracker: Tracker, prepared: Prepared, 
 def end_run(
     result: FitResult,
     prepared: Prepared,
-    eval_batch_size: int,
+    cfg: Config,
     run_dir: Path,
     tracker: Tracker,
     summary: dict,
 ) -> None:
-    """Test a trained model, save its parameters and complete its summary (a diverged one only
-    gets its error)."""
+    """Test a trained model, save its parameters, draw its pictures (`logger.pictures`) and
+    complete its summary (a diverged one only gets its error)."""
     test = None
     if result.status == "ok":
         params = result.state.params
-        test = evaluate(prepared.eval_step, params, *prepared.test, eval_batch_size)
+        test = evaluate(prepared.eval_step, params, *prepared.test, cfg.train.eval_batch_size)
         tracker.log(
             {"test/loss": test.loss, "test/accuracy": test.accuracy}, int(result.state.step)
         )
@@ -169,6 +170,36 @@ def end_run(
     data = prepared.data
     tracker.log_predictions(data.test.images, data.test.labels, test.probs, data.class_names)
     checkpoint.save_params(run_dir / "checkpoint", result.state.params)  # replaces a stale one
+    if cfg.logger.pictures and jax.process_index() == 0:
+        draw_pictures(cfg, prepared, result.state.params, test.probs, run_dir, tracker, summary)
+
+
+def draw_pictures(
+    cfg: Config,
+    prepared: Prepared,
+    params,
+    probs: np.ndarray,
+    run_dir: Path,
+    tracker: Tracker,
+    summary: dict,
+) -> None:
+    """The pictures of `cnnlab.report.pictures` in `<run_dir>/pictures/`, logged to the trackers.
+    A picture that cannot be drawn costs a warning, never the trained run."""
+    from cnnlab.report import pictures  # matplotlib: only runs that draw load it
+
+    start = time.perf_counter()
+    try:
+        records = pictures.read_metrics(run_dir / "metrics.jsonl")
+        host_params = jax.device_get(params)
+        paths = pictures.draw_run(
+            run_dir / "pictures", cfg.model, prepared.model, host_params, prepared.data,
+            probs, records,
+        )  # fmt: skip
+    except Exception as e:
+        print(f"cnnlab: warning: pictures not drawn ({type(e).__name__}: {e})", file=sys.stderr)
+        return
+    tracker.log_pictures(paths)
+    summary["pictures_seconds"] = round(time.perf_counter() - start, 3)
 
 
 class CheckpointSaver:
@@ -254,5 +285,5 @@ def run(
             checkpoints.wait()
         finally:
             checkpoints.close()
-        end_run(result, prepared, cfg.train.eval_batch_size, run_dir, tracker, summary)
+        end_run(result, prepared, cfg, run_dir, tracker, summary)
     return summary

@@ -147,7 +147,7 @@ def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> dic
         for result, folder, tracker, summary in zip(
             results, folders, trackers, summaries, strict=True
         ):
-            end_run(result, prepared, cfg.train.eval_batch_size, folder, tracker, summary)
+            end_run(result, prepared, cfg, folder, tracker, summary)
     return dict(zip(cfg.seeds, summaries, strict=True))
 
 

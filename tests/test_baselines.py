@@ -1,0 +1,158 @@
+"""The registry of baselines (cnnlab.baselines) and cnnlab-verify, on real presets and data."""
+
+import json
+import math
+
+import pytest
+import tensorflow_datasets as tfds
+from hydra import compose, initialize_config_dir
+
+from cnnlab import baselines
+from cnnlab.baselines import Band, Result
+from cnnlab.config import from_omegaconf
+from cnnlab.errors import ConfigError
+from cnnlab.tracking.local import LocalTracker
+from cnnlab.train.run import run
+from cnnlab.validate import validate
+from experiments import verify
+from experiments.hydra_conf import conf_dir, register_schema
+from tests.conftest import REPO, cli, needs_fashion_mnist
+
+REGISTRY = baselines.registry(conf_dir() / "experiment")
+# The issue's minimum test accuracy (%) of each baseline; its band must lie above it.
+MINIMUM = {
+    "lenet5_fashion_mnist": 91.0,
+    "alexnet_lite_fashion_mnist": 93.5,
+    "alexnet_lite_cifar10": 85.0,
+    "lenet5_mnist": 98.8,
+}
+
+
+def compose_baseline(name: str, *overrides: str):
+    register_schema()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return from_omegaconf(compose("config", overrides=[f"experiment={name}", *overrides]))
+
+
+def test_the_registry_holds_every_baseline_of_the_issue():
+    assert set(REGISTRY) == {*MINIMUM, "lenet5_classic_fashion_mnist"}
+    for name, minimum in MINIMUM.items():
+        assert REGISTRY[name].tiers["full"].low >= minimum, name
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_each_baseline_header_is_complete_and_its_preset_valid(name):
+    baseline = REGISTRY[name]
+    full, quick = baseline.tiers["full"], baseline.tiers["quick"]
+    assert len(full.seeds) >= 3 and set(quick.seeds) <= set(full.seeds)
+    assert name in baseline.command and baseline.source and baseline.compute
+    assert 0 < full.tol < full.mean <= 100 and not full.overrides and quick.overrides
+    cfg = compose_baseline(name, *quick.overrides)
+    validate(cfg)  # the geometry of its model on its data, its values
+    assert cfg.name == name and cfg.train.epochs < compose_baseline(name).train.epochs
+
+
+def test_both_lenet5_variants_are_baselines():
+    classic = compose_baseline("lenet5_classic_fashion_mnist").model
+    modern = compose_baseline("lenet5_fashion_mnist").model
+    assert (classic.activation, classic.pool) == ("tanh", "avg")
+    assert (modern.activation, modern.pool) == ("relu", "max")
+
+
+@pytest.mark.parametrize(
+    "text", ["91 +- 0.3", "91 +/- 0.3 over seeds 0,1", "91 +- 0.3 over seeds", "high"]
+)
+def test_a_malformed_band_is_one_clear_error(text):
+    with pytest.raises(ConfigError, match="write it as '<mean> \\+- <tolerance> over seeds"):
+        baselines.parse_band(text, "x.yaml band")
+
+
+def test_a_band_passes_its_inside_and_fails_either_side_and_a_missing_seed():
+    band = baselines.parse_band("91.3 +- 0.3 over seeds 0,1,2 with train.epochs=2", "here")
+    assert band == Band(91.3, 0.3, (0, 1, 2), ("train.epochs=2",))
+    assert baselines.judge(band, {0: 91.0, 1: 91.2, 2: 91.4})[0] == "pass"
+    status, mean, std = baselines.judge(band, {0: 91.5, 1: 91.7, 2: 91.9})
+    assert (status, mean) == ("fail", pytest.approx(91.7)) and std == pytest.approx(0.2)
+    assert baselines.judge(band, {0: 90.0, 1: 90.9, 2: 91.0})[0] == "fail"
+    status, mean, _ = baselines.judge(band, {0: 91.3, 1: 91.3})  # seed 2 did not finish
+    assert status == "fail" and math.isnan(mean)
+
+
+def test_the_readme_results_table_is_generated_from_the_recorded_results():
+    readme = (REPO / "README.md").read_text()
+    table = baselines.results_table(verify.recorded(), REGISTRY)
+    assert baselines.replace_table(readme, table) == readme, "run cnnlab-verify --readme"
+
+
+def test_recording_writes_the_result_and_regenerates_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(verify, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(verify, "PICTURES", tmp_path / "docs")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{baselines.MARKERS[0]}\nold\n{baselines.MARKERS[1]}\n\nend\n")
+    monkeypatch.setattr(verify, "README", readme)
+    run_dir = tmp_path / "run"
+    (run_dir / "seed_0" / "pictures").mkdir(parents=True)
+    (run_dir / "seed_0" / "pictures" / "filters.png").write_bytes(b"png")
+    band = {"mean": 91.3, "tol": 0.3, "seeds": [0, 1, 2]}
+    result = Result("lenet5_fashion_mnist", "full", "pass", band, {"0": 91.25, "1": 91.4},
+                    91.3, 0.1, 700.0, "abc1234", "2026-12-01T10:00:00+00:00", "cpu, 2 cores",
+                    str(run_dir))  # fmt: skip
+    verify.record(result)
+    verify.write_readme(REGISTRY)
+    assert json.loads((tmp_path / "results" / "lenet5_fashion_mnist-full.json").read_text())[
+        "accuracies"
+    ] == {"0": 91.25, "1": 91.4}
+    assert (tmp_path / "docs" / "lenet5_fashion_mnist" / "filters.png").read_bytes() == b"png"
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("\n\nend\n")
+    row = next(line for line in text.splitlines() if "lenet5_fashion_mnist" in line)
+    assert "| full | 91.30 +- 0.10 | 91.3 +- 0.3 | 3 | **pass** | 12 min |" in row
+    assert "abc1234, 2026-12-01" in row
+
+
+@needs_fashion_mnist
+def test_verify_judges_a_run_reuses_it_and_restarts_a_changed_config(tmp_path):
+    out = tmp_path / "verify"
+    short = ["data.train_limit=600", "train.epochs=1", "logger.mode=disabled", "--out", str(out)]
+    done = cli("verify", "lenet5_fashion_mnist", *short, "logger.pictures=false")
+    # one short epoch on 600 images lands far below the quick band: an honest FAIL, exit 1
+    assert done.returncode == 1, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    band = REGISTRY["lenet5_fashion_mnist"].tiers["quick"]
+    assert line.startswith("FAIL lenet5_fashion_mnist (quick): ")
+    assert f"band {band.low:g}..{band.high:g}%" in line
+    run_dir = out / "lenet5_fashion_mnist" / "quick"
+    record = json.loads((run_dir / "verify.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert record["status"] == "fail" and record["band"]["seeds"] == [0]
+    assert record["mean"] == pytest.approx(100 * summary["test/accuracy"])
+    assert record["machine"].startswith("cpu") and record["commit"]
+    again = cli("verify", "lenet5_fashion_mnist", *short, "logger.pictures=false")
+    assert "already finished" in again.stdout and again.stdout.endswith(f"{line}\n")
+    changed = cli("verify", "lenet5_fashion_mnist", *short, "logger.pictures=false", "seed=5")
+    assert "holds another config; moved to" in changed.stderr
+    assert len(list(run_dir.parent.glob("quick.*"))) == 1
+
+
+def test_verify_reports_missing_data_as_unavailable_not_failed(tmp_path):
+    done = cli("verify", "lenet5_mnist", f"data.path={tmp_path}", "--out", str(tmp_path / "o"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("UNAVAILABLE lenet5_mnist (quick): ")
+
+
+def test_verify_refuses_an_unknown_baseline_in_one_line():
+    done = cli("verify", "lenet5_fashion_mnst")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("cnnlab: error: no baseline 'lenet5_fashion_mnst'")
+
+
+def test_the_mnist_baseline_trains_through_tfds_mock_data(tmp_path):
+    quick = REGISTRY["lenet5_mnist"].tiers["quick"]
+    cfg = compose_baseline("lenet5_mnist", *quick.overrides, "train.batch_size=32")
+    cfg.logger.mode, cfg.logger.pictures = "disabled", False
+    with tfds.testing.mock_data(num_examples=320):
+        summary = run(cfg, tmp_path, LocalTracker(tmp_path))
+    assert summary["status"] == "ok" and summary["dataset"] == "mnist"
+    assert summary["steps"] == 2 * (288 // 32)  # 2 epochs of 288 = 320 - 10% held out
+    sizes = json.loads((tmp_path / "dataset.json").read_text())["sizes"]
+    assert sizes == {"train": 288, "val": 32, "test": 320}
