@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="list the baselines and stop")
     parser.add_argument("--record", action="store_true", help="record results and the README")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README table")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # names, overrides and options in any order
     try:
         registry = baselines.registry(conf_dir() / "experiment")
         names = [a for a in args.args if "=" not in a] or list(registry)
