@@ -126,9 +126,9 @@ class Result:
     mean: float = math.nan
     std: float = math.nan
     wall_seconds: float = 0.0
-    commit: str = ""
-    date: str = ""  # UTC, ISO 8601
-    machine: str = ""  # backend and device, e.g. "cpu: 2 cores"
+    commit: str = ""  # of the checkout that trained it (`git describe --dirty`)
+    date: str = ""  # when its training finished, UTC, ISO 8601
+    machine: str = ""  # what trained it: "cpu, 2 cores", "gpu: NVIDIA H200"
     run_dir: str = ""
     message: str = ""
 

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 PICTURES = REPO / "docs" / "baselines"
 README = REPO / "README.md"
+TRAINED = "verify_trained.json"  # in a tier's folder: the commit and machine that trained it
 
 
 def commit() -> str:
@@ -126,6 +127,10 @@ def verify(
     if finished:
         print(f"cnnlab-verify: {baseline.name} ({tier}) already finished in {run_dir}")
     else:
+        trained = run_dir / TRAINED
+        if not trained.is_file():  # a resumed tier keeps where it started
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trained.write_text(json.dumps({"commit": commit(), "machine": machine()}) + "\n")
         code, last = train([*overrides, f"hydra.run.dir={run_dir}"])
         if code == DataError.exit_code:
             result.status, result.message = "unavailable", last.removeprefix("cnnlab: error: ")
@@ -148,7 +153,10 @@ def verify(
     result.date = datetime.datetime.fromtimestamp(
         summary_path.stat().st_mtime, datetime.timezone.utc
     ).isoformat(timespec="seconds")
-    result.commit, result.machine = commit(), machine()
+    trained = run_dir / TRAINED  # absent for a tier trained by an older cnnlab-verify
+    where = json.loads(trained.read_text()) if trained.is_file() else {}
+    result.commit = where.get("commit") or commit()
+    result.machine = where.get("machine") or machine()
     (run_dir / "verify.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
 

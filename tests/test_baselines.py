@@ -126,7 +126,9 @@ def test_verify_judges_a_run_reuses_it_and_restarts_a_changed_config(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert record["status"] == "fail" and record["band"]["seeds"] == [0]
     assert record["mean"] == pytest.approx(100 * summary["test/accuracy"])
-    assert record["machine"].startswith("cpu") and record["commit"]
+    trained = json.loads((run_dir / verify.TRAINED).read_text())  # written before training
+    assert record["machine"] == trained["machine"] and record["machine"].startswith("cpu")
+    assert record["commit"] == trained["commit"] == verify.commit()
     again = cli("verify", "lenet5_fashion_mnist", *short, "logger.pictures=false")
     assert "already finished" in again.stdout and again.stdout.endswith(f"{line}\n")
     changed = cli("verify", "lenet5_fashion_mnist", *short, "logger.pictures=false", "seed=5")
