@@ -55,3 +55,25 @@ def history(run_dir: Path) -> list[dict]:
 
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+
+# LeNet-5 with 3 filters over stride x padding: 3 trainable points and 1 impossible one (stride 2,
+# valid padding: pool2 gets a 1x1 map). test_sweep and test_report share one run of it.
+SWEEP = [
+    "-m", "model.depth=3", "model.stride=1,2", "model.padding=same,valid", "data.train_limit=300",
+    "data.test_limit=200", "train.epochs=1", "train.batch_size=50", "train.log_every_steps=2",
+    "logger.pictures=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def lenet_sweep(tmp_path_factory):
+    """(multirun root, the CompletedProcess): the sweep in `<root>/first`, W&B offline, its jobs
+    sharing a compilation cache in `<root>/jax-cache`."""
+    root = tmp_path_factory.mktemp("multirun")
+    first = cli(
+        "train", *SWEEP, "logger.mode=offline", f"hydra.sweep.dir={root}/first",
+        f"compilation_cache={root}/jax-cache",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    return root, first

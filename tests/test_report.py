@@ -13,21 +13,13 @@ from cnnlab.config import Config, ModelConfig, OptimizerConfig
 from cnnlab.report import aggregate, collect, swept_keys, write_report
 from tests.conftest import cli, needs_fashion_mnist, small_config
 
-TINY = [
-    "data.train_limit=300", "data.test_limit=100", "train.epochs=1", "train.batch_size=32",
-    "logger.mode=disabled", "logger.pictures=false",
-]  # fmt: skip
 PLOTS = ("accuracy", "heatmap", "accuracy_vs_flops")
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """stride x padding on LeNet-5 with 3 filters: 3 trainable points and 1 impossible one
-    (stride 2, valid padding: pool2 gets a 1x1 map), then cnnlab-report on it."""
-    sweep_dir = tmp_path_factory.mktemp("sweep") / "demo"
-    done = cli("train", "-m", "model.depth=3", "model.stride=1,2", "model.padding=same,valid",
-               *TINY, f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+def sweep(lenet_sweep):
+    """The shared stride x padding sweep (conftest), reported again by cnnlab-report."""
+    sweep_dir = lenet_sweep[0] / "first"
     report = cli("report", str(sweep_dir))
     assert report.returncode == 0, report.stderr[-3000:]
     return sweep_dir

@@ -7,14 +7,8 @@ import time
 import pytest
 
 from experiments.preflight import expand
-from tests.conftest import cli, needs_fashion_mnist
+from tests.conftest import SWEEP, cli, needs_fashion_mnist
 from tests.wandb_records import records
-
-SWEEP = [
-    "-m", "model.depth=3", "model.stride=1,2", "model.padding=same,valid", "data.train_limit=300",
-    "data.test_limit=200", "train.epochs=1", "train.batch_size=50", "train.log_every_steps=2",
-    "logger.pictures=false",
-]  # fmt: skip
 
 
 def test_expand_is_the_cartesian_product_and_the_command_line_wins():
@@ -25,14 +19,8 @@ def test_expand_is_the_cartesian_product_and_the_command_line_wins():
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multirun")
-    first = cli(
-        "train", *SWEEP, "logger.mode=offline", f"hydra.sweep.dir={root}/first",
-        f"compilation_cache={root}/jax-cache",
-    )  # fmt: skip
-    assert first.returncode == 0, first.stderr[-3000:]
-    return root, first
+def sweep(lenet_sweep):
+    return lenet_sweep
 
 
 @needs_fashion_mnist
