@@ -164,21 +164,21 @@ MARKERS = ("<!-- verify:begin -->", "<!-- verify:end -->")
 
 
 def results_table(results: list[Result], baselines: dict[str, Baseline]) -> str:
-    """The README's table of recorded results (Markdown), one row per baseline and tier."""
+    """The README's table of recorded results (Markdown), one row per baseline and tier, in the
+    registry's order."""
     rows = [
-        "| baseline | tier | test accuracy (%) | band (%) | seeds | result | wall time | "
+        "| baseline | tier | test accuracy (%) | per seed | band (%) | result | wall time | "
         "machine | commit, date |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {name: i for i, name in enumerate(baselines)}
     for r in sorted(results, key=lambda r: (order.get(r.baseline, 99), TIERS.index(r.tier))):
-        band = r.band
         spread = f"{r.mean:.2f} +- {r.std:.2f}" if math.isfinite(r.mean) else "-"
-        title = baselines[r.baseline].title if r.baseline in baselines else r.baseline
+        seeds = ", ".join(f"{a:.2f}" for a in r.accuracies.values())
         rows.append(
-            f"| `{r.baseline}`: {title} | {r.tier} | {spread} | "
-            f"{band['mean']:g} +- {band['tol']:g} | {len(band['seeds'])} | **{r.status}** | "
-            f"{_duration(r.wall_seconds)} | {r.machine} | {r.commit}, {r.date[:10]} |"
+            f"| `{r.baseline}` | {r.tier} | {spread} | {seeds} | {r.band['mean']:g} +- "
+            f"{r.band['tol']:g} | **{r.status}** | {_duration(r.wall_seconds)} | {r.machine} | "
+            f"{r.commit}, {r.date[:10]} |"
         )
     return "\n".join(rows)
 
