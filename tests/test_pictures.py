@@ -231,3 +231,16 @@ def test_pictures_refuse_a_run_whose_data_reads_back_differently(trained, tmp_pa
     with pytest.raises(CnnlabError, match=r"reads back differently now \(mean differ"):
         pictures.draw_all(moved)
     assert not (moved / "pictures").exists()
+
+
+def test_a_picture_that_fails_to_draw_warns_and_keeps_the_run(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise ValueError("no room on the canvas")
+
+    monkeypatch.setattr(pictures, "draw_run", broken)  # the end of run's only drawing call
+    cfg = small_config(logger=dataclasses.replace(small_config().logger, pictures=True))
+    summary = run(cfg, tmp_path, Trackers(LocalTracker(tmp_path)))
+    assert summary["status"] == "ok" and "pictures_seconds" not in summary
+    assert (tmp_path / "checkpoint").is_dir() and (tmp_path / "summary.json").is_file()
+    warning = capsys.readouterr().err
+    assert "cnnlab: warning: pictures not drawn (ValueError: no room on the canvas)" in warning
