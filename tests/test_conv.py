@@ -77,9 +77,11 @@ def test_conv2d_mixes_formulations_per_pass(how):
     chex.assert_trees_all_close(ours(x, w), ref(x, w), atol=1e-4, rtol=1e-4)
 
 
-def test_plan_uses_xla_off_the_cpu_and_taps_for_one_input_channel():
+def test_plan_uses_xla_off_the_cpu_and_taps_for_an_images_channels():
     assert plan((128, 28, 28, 1), (5, 5, 1, 6), "gpu") == ("xla", "xla", "xla")
     assert plan((128, 28, 28, 1), (5, 5, 1, 6), "cpu")[0] == "taps"
+    assert plan((128, 32, 32, 3), (5, 5, 3, 24), "cpu")[0] == "taps"
+    assert plan((128, 13, 13, 24), (5, 5, 24, 64), "cpu")[0] == "xla"
     for shape in [(5, 5, 6, 16), (3, 3, 64, 96)]:
         assert all(form in FORMULATIONS for form in plan((128, 14, 14, shape[2]), shape, "cpu"))
 
