@@ -458,7 +458,9 @@ def draw_run(
     image = test.images[image_index]
     maps = feature_maps(model, params, resolve(model_cfg), image, data.mean, data.std)
     label, pred = int(test.labels[image_index]), int(preds[image_index])
-    title = (f"{model_cfg.name}: test image {image_index}, true class {names[label]}, "
+    # The activation and pooling tell LeNet-5's classic variant (tanh, avg) from the modern one.
+    title = (f"{model_cfg.name} ({model_cfg.activation}, {model_cfg.pool} pooling): "
+             f"test image {image_index}, true class {names[label]}, "
              f"predicted {names[pred]} ({probs[image_index, pred]:.2f})")  # fmt: skip
     paths["feature_maps"] = draw_feature_maps(image, maps, out_dir / "feature_maps.png", title)
     counts = confusion_matrix(test.labels, preds, len(names))  # as confusion_matrix.csv
