@@ -9,6 +9,7 @@ import pytest
 
 from cnnlab import geometry
 from cnnlab.config import ModelConfig
+from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, resolve
 
 LENET5 = ModelConfig()  # the dataclass defaults are LeNet-5's, with padding "same"
@@ -39,6 +40,8 @@ def count(tree) -> int:
          + 400 * 2 * 120 + 120 + 10_164 + 850),
         (ALEXNET_LITE, (32, 32, 3), 797_290),
         (dataclasses.replace(ALEXNET_LITE, depth=96), (32, 32, 3), 5_167_498),  # AlexNet widths
+        # GroupNorm adds a scale and a bias per filter: 2 * (24 + 64 + 96 + 96 + 64)
+        (dataclasses.replace(ALEXNET_LITE, norm="group"), (32, 32, 3), 797_290 + 688),
     ],
 )  # fmt: skip
 def test_parameter_counts_are_pinned(cfg, shape, expected):
@@ -78,6 +81,8 @@ VARIANTS = [
                          kernel_size=3),
      (32, 32, 3)),
     (dataclasses.replace(ALEXNET_LITE, conv_layers=3, kernel_size=3, depth=8), (28, 28, 1)),
+    (dataclasses.replace(LENET5_FMNIST, norm="group", norm_groups=2), (28, 28, 1)),
+    (dataclasses.replace(ALEXNET_LITE, norm="group", padding=[4, "same", 1, 1, 1]), (28, 28, 1)),
 ]  # fmt: skip
 
 
@@ -90,8 +95,12 @@ def test_geometry_table_matches_the_real_network(cfg, shape):
     variables = model.init(jax.random.key(0), x)
     logits, state = model.apply(variables, x, capture_intermediates=True)
     chex.assert_shape(logits, (2, 10))
-    for name, params in variables["params"].items():
-        assert count(params) == rows[name].params, name
+    layers = variables["params"]
+    for name, params in layers.items():
+        if name.startswith("norm"):  # the table counts a conv's normalization in its row
+            continue
+        norm = layers.get(name.replace("conv", "norm"), {}) if name.startswith("conv") else {}
+        assert count(params) + count(norm) == rows[name].params, name
         (out,) = state["intermediates"][name]["__call__"]
         assert out.shape[1:] == rows[name].out_shape, name
 
@@ -105,3 +114,34 @@ def test_dropout_is_active_only_in_training():
     train_a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
     train_b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
     assert not jnp.allclose(train_a, train_b)
+
+
+def test_group_norm_normalizes_each_example_on_its_own():
+    cfg = dataclasses.replace(LENET5_FMNIST, norm="group", norm_groups=2)
+    model = build_model(cfg, 10)
+    x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
+    variables = model.init(jax.random.key(0), x)
+    _, state = model.apply(variables, x, capture_intermediates=True)
+    normed = state["intermediates"]["norm1"]["__call__"][0]  # [3, 28, 28, 6], scale 1, bias 0
+    groups = normed.reshape(3, 28, 28, 2, 3)  # each example's 2 groups of 3 channels
+    chex.assert_trees_all_close(groups.mean((1, 2, 4)), jnp.zeros((3, 2)), atol=1e-4)
+    chex.assert_trees_all_close(groups.std((1, 2, 4)), jnp.ones((3, 2)), atol=1e-3)
+    # no batch statistics: an example's logits do not depend on the rest of its batch
+    alone = model.apply(variables, x[:1], train=True, rngs={"dropout": jax.random.key(2)})
+    batch = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    chex.assert_trees_all_close(alone[0], batch[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"norm": "batch"}, "model.norm"),
+        ({"norm": "group", "norm_groups": 0}, "norm_groups=0 must be a whole number"),
+        ({"norm": "group", "norm_groups": 4}, "does not divide conv1's 6 filters"),
+    ],
+)
+def test_bad_normalization_settings_say_what_would_work(changes, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        resolve(dataclasses.replace(LENET5_FMNIST, **changes))
+    if "divide" in message:
+        assert "[1, 2]" in str(error.value)  # the groups that divide both 6 and 16

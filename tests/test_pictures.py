@@ -244,3 +244,20 @@ def test_a_picture_that_fails_to_draw_warns_and_keeps_the_run(tmp_path, monkeypa
     assert (tmp_path / "checkpoint").is_dir() and (tmp_path / "summary.json").is_file()
     warning = capsys.readouterr().err
     assert "cnnlab: warning: pictures not drawn (ValueError: no room on the canvas)" in warning
+
+
+def test_feature_maps_with_group_norm_show_the_normalized_conv(tmp_path):
+    cfg = ModelConfig(padding=[2, 0], norm="group", norm_groups=2)  # LeNet-5, GroupNorm
+    model = build_model(cfg, 10)
+    rng = np.random.default_rng(0)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), like)
+    image = rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)
+    maps = pictures.feature_maps(
+        model, params, resolve(cfg), image, np.full(1, 70.0), np.full(1, 90.0)
+    )
+    x = (image[None] - np.float32(70)) / np.float32(90)
+    _, state = model.apply({"params": params}, x, capture_intermediates=True, mutable=True)
+    norm1 = ACTIVATIONS["relu"](state["intermediates"]["norm1"]["__call__"][0][0])
+    np.testing.assert_allclose(maps[0].values, norm1, rtol=1e-5, atol=1e-5)
+    assert "group norm, relu" in maps[0].detail

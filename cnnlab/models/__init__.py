@@ -13,7 +13,7 @@ import flax.linen as nn
 from cnnlab.config import ModelConfig
 from cnnlab.errors import ConfigError, check_choice
 from cnnlab.models.alexnet_lite import AlexNetLite
-from cnnlab.models.layers import ACTIVATIONS, POOLS
+from cnnlab.models.layers import ACTIVATIONS, NORMS, POOLS
 from cnnlab.models.lenet5 import LeNet5
 
 MODELS = {"lenet5": LeNet5, "alexnet_lite": AlexNetLite}
@@ -37,6 +37,8 @@ class Architecture:
     pool_size: int
     pool_stride: int
     dropout: float
+    norm: str = "none"  # a key of NORMS
+    norm_groups: int = 8
 
     @property
     def num_conv(self) -> int:
@@ -112,6 +114,9 @@ def resolve(cfg: ModelConfig) -> Architecture:
         raise ConfigError(f"model.dense={list(cfg.dense)} must list widths >= 1 (or be empty)")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.dropout} must be in [0, 1)")
+    check_choice("model.norm", cfg.norm, NORMS)
+    if cfg.norm == "group":
+        _check_groups(cfg.norm_groups, widths)
     pools = module.pools(n)
     return Architecture(
         name=cfg.name,
@@ -122,7 +127,21 @@ def resolve(cfg: ModelConfig) -> Architecture:
         pool_size=cfg.pool_size,
         pool_stride=cfg.pool_stride,
         dropout=cfg.dropout,
+        norm=cfg.norm,
+        norm_groups=cfg.norm_groups,
     )
+
+
+def _check_groups(groups: Any, widths: tuple[int, ...]) -> None:
+    if not _positive_int(groups):
+        raise ConfigError(f"model.norm_groups={groups!r} must be a whole number >= 1")
+    for i, width in enumerate(widths, start=1):
+        if width % groups:
+            fits = [g for g in range(1, width + 1) if all(w % g == 0 for w in widths)]
+            raise ConfigError(
+                f"model.norm_groups={groups} does not divide conv{i}'s {width} filters; "
+                f"groups that divide every conv width {list(widths)}: {fits}"
+            )
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -140,4 +159,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         pool_size=arch.pool_size,
         pool_stride=arch.pool_stride,
         dropout=arch.dropout,
+        norm=arch.norm,
+        norm_groups=arch.norm_groups,
     )

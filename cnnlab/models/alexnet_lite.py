@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, fused
+from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, fused, norm
 
 
 class AlexNetLite(nn.Module):
@@ -32,6 +32,8 @@ class AlexNetLite(nn.Module):
     pool_size: int = 3  # AlexNet's overlapping pooling: 3x3 windows...
     pool_stride: int = 2  # ...every 2 pixels
     dropout: float = 0.5  # dropout before each hidden dense layer, as in AlexNet
+    norm: str = "none"  # key of NORMS: after each conv, before its activation (AlexNet had LRN)
+    norm_groups: int = 8  # GroupNorm's groups, for norm="group"
 
     # AlexNet's conv widths; `model.depth` scales them so that conv1 has `depth` filters.
     BASE_WIDTHS = (96, 256, 384, 384, 256)
@@ -49,7 +51,8 @@ class AlexNetLite(nn.Module):
             zip(layers, self.pools(len(self.features)), strict=False)
         ):
             after_fused = fused(x.shape, (k, k, x.shape[-1], width))
-            x = act(Conv(width, k, s, p, name=f"conv{i + 1}")(x))
+            x = Conv(width, k, s, p, name=f"conv{i + 1}")(x)
+            x = act(norm(self.norm, self.norm_groups, f"norm{i + 1}")(x))
             if pooled:
                 x = pool(x, self.pool_size, self.pool_stride, after_fused)  # [B, H', W', width]
         x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']

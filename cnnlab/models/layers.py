@@ -28,6 +28,14 @@ def avg_pool(x: jax.Array, window: int, stride: int, after_fused: bool = False) 
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh}
 POOLS = {"max": max_pool, "avg": avg_pool}
+NORMS = ("none", "group")  # what may follow each conv, before its activation
+
+
+def norm(kind: str, groups: int, name: str):
+    """The normalization after a conv layer (`ModelConfig.norm`): a module, or identity."""
+    if kind == "group":
+        return nn.GroupNorm(num_groups=groups, name=name)
+    return lambda x: x
 
 
 class Conv(nn.Module):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, fused
+from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, fused, norm
 
 
 class LeNet5(nn.Module):
@@ -29,6 +29,8 @@ class LeNet5(nn.Module):
     pool_size: int = 2  # pooling window side
     pool_stride: int = 2  # pooling stride
     dropout: float = 0.0  # dropout before each hidden dense layer (the paper had none)
+    norm: str = "none"  # key of NORMS: after each conv, before its activation (the paper had none)
+    norm_groups: int = 8  # GroupNorm's groups, for norm="group"
 
     # The base widths that `model.depth` scales; see cnnlab.models.resolve.
     BASE_WIDTHS = (6, 16)
@@ -45,6 +47,7 @@ class LeNet5(nn.Module):
         for i, (width, k, s, p) in enumerate(layers, start=1):
             after_fused = fused(x.shape, (k, k, x.shape[-1], width))
             x = Conv(width, k, s, p, name=f"conv{i}")(x)
+            x = norm(self.norm, self.norm_groups, f"norm{i}")(x)
             x = pool(act(x), self.pool_size, self.pool_stride, after_fused)  # [B, H', W', width]
         x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']
         for j, width in enumerate(self.dense, start=1):

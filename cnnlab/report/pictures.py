@@ -136,12 +136,15 @@ def feature_maps(
     jump = 1  # input pixels per map pixel, along each side
     maps = []
     for i, conv in enumerate(arch.convs, start=1):
-        y = act(captured[f"conv{i}"]["__call__"][0])  # [1, H', W', F]
+        # the conv's output, or the normalization's that follows it
+        layer = f"norm{i}" if arch.norm != "none" else f"conv{i}"
+        y = act(captured[layer]["__call__"][0])  # [1, H', W', F]
         k, s = conv.kernel, conv.stride
         lo = np.array([geometry.pads(conv.padding, int(n), k, s)[0] for n in size])
         centre = centre + ((k - 1) / 2 - lo) * jump
         jump *= s
-        detail = f"{k}x{k}/{s} pad {conv.padding}, {arch.activation}"
+        normed = f", {arch.norm} norm" if arch.norm != "none" else ""
+        detail = f"{k}x{k}/{s} pad {conv.padding}{normed}, {arch.activation}"
         maps.append(FeatureMap(f"conv{i}", detail, np.asarray(y[0]), _extent(y, centre, jump)))
         size = np.array(y.shape[1:3])
         if conv.pool:
