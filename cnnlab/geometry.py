@@ -96,8 +96,9 @@ def _walk(arch: Architecture, input_shape, num_classes) -> tuple[list[Layer], st
         weights = k * k * c * conv.features
         out = (max(oh, 0), max(ow, 0), conv.features)
         macs = out[0] * out[1] * weights  # one multiply-add per weight per output pixel
-        params = weights + conv.features + (2 * conv.features if arch.norm != "none" else 0)
-        if arch.norm != "none":  # its scale and bias per filter
+        params = weights + conv.features
+        if arch.norm != "none":  # and the normalization's scale and bias per filter
+            params += 2 * conv.features
             detail += f" + {arch.norm} norm"
         rows.append(Layer(f"conv{i}", "conv", detail, out, params, macs, rf))
         if oh < 1 or ow < 1:

@@ -116,14 +116,19 @@ def test_feature_maps_are_the_network_s_own_one_row_per_conv_and_pool(trained):
     assert len(fig.axes) == (1 + len(maps)) * (1 + 16)  # one row per layer, a label column
 
 
+def _untrained(cfg: ModelConfig, shape: tuple[int, int, int]):
+    """The model of `cfg`, random parameters (from numpy: no init to compile) and a random image."""
+    model = build_model(cfg, 10)
+    rng = np.random.default_rng(0)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), like)
+    return model, params, rng.integers(0, 256, shape, dtype=np.uint8)
+
+
 def test_feature_maps_of_alexnet_lite_show_every_conv_and_its_three_pools(tmp_path):
     cfg = ModelConfig(name="alexnet_lite", depth=8, kernel_size=[5, 5, 3, 3, 3],
                       stride=[1, 2, 1, 1, 1], pool_size=3, dense=[16])  # fmt: skip
-    model = build_model(cfg, 10)
-    rng = np.random.default_rng(0)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), like)
-    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    model, params, image = _untrained(cfg, (32, 32, 3))
     maps = pictures.feature_maps(
         model, params, resolve(cfg), image, np.full(3, 120.0), np.full(3, 60.0)
     )
@@ -246,13 +251,9 @@ def test_a_picture_that_fails_to_draw_warns_and_keeps_the_run(tmp_path, monkeypa
     assert "cnnlab: warning: pictures not drawn (ValueError: no room on the canvas)" in warning
 
 
-def test_feature_maps_with_group_norm_show_the_normalized_conv(tmp_path):
+def test_feature_maps_with_group_norm_show_the_normalized_conv():
     cfg = ModelConfig(padding=[2, 0], norm="group", norm_groups=2)  # LeNet-5, GroupNorm
-    model = build_model(cfg, 10)
-    rng = np.random.default_rng(0)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), like)
-    image = rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)
+    model, params, image = _untrained(cfg, (28, 28, 1))
     maps = pictures.feature_maps(
         model, params, resolve(cfg), image, np.full(1, 70.0), np.full(1, 90.0)
     )
