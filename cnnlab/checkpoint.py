@@ -2,9 +2,11 @@
 
 A run directory holds two kinds:
 
-- `checkpoint/`: the final parameters alone (`save_params`, `load_params`), what `cnnlab-predict`
-  and `checkpoint.init_from` read.
-- `checkpoints/<step>/`: the whole training state (step, parameters, optimizer state) and the
+- `checkpoint/`: the final model alone (`save_variables`, `load_variables`), what `cnnlab-predict`
+  and `checkpoint.init_from` read: the parameters tree, or for a model with batch normalization
+  the Flax variables `{"params", "batch_stats"}`.
+- `checkpoints/<step>/`: the whole training state (step, parameters, optimizer state, running
+  statistics where the model has them) and the
   loop's position (`meta`, JSON), kept by orbax's `CheckpointManager` (`Checkpoints`). orbax
   writes each into a temporary folder and renames it once complete, so an interrupted save is
   never taken for a finished one; leftovers of such saves are deleted at the next start.
@@ -38,6 +40,20 @@ def save_params(path: Path, params) -> None:
     """Write `params` (a pytree of arrays) to the directory `path`, replacing what is there."""
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(Path(path).absolute(), params, force=True)
+
+
+def save_variables(path: Path, model_vars: dict) -> None:
+    """Write a model's Flax variables to `path`: the parameters alone where they are all there is
+    (the layout every earlier cnnlab wrote), else the whole dict."""
+    save_params(path, model_vars["params"] if model_vars.keys() == {"params"} else model_vars)
+
+
+def load_variables(path: Path, like: dict) -> dict:
+    """Read what `save_variables` wrote; `like` is the model's variables (e.g. `jax.eval_shape`
+    of its init), whose collections say which layout to expect."""
+    if like.keys() == {"params"}:
+        return {"params": load_params(path, like["params"])}
+    return load_params(path, like)
 
 
 def _placed(like):
@@ -81,23 +97,23 @@ def params_source(path: Path) -> Path:
     return path
 
 
-def load_init_params(path: Path, like):
-    """Parameters for `checkpoint.init_from`, checked against the model's (`like`)."""
+def load_init_variables(path: Path, like: dict) -> dict:
+    """The model variables for `checkpoint.init_from` (parameters, and running statistics where
+    the model has them), checked against the model's (`like`, as `load_variables` takes it)."""
     source = params_source(path)
     if not source.is_dir():
         raise CnnlabError(f"checkpoint.init_from={path}: no run directory or checkpoint there")
-    if source.name == "state":  # a full training state: take its parameters
-        state = load_params(source, _like_state_params(source, like))
-        return state["params"]
-    return load_params(source, like)
+    if source.name == "state":  # a full training state: take the model's part of it
+        state = load_params(source, _like_state_variables(source, like))
+        return {k: state[k] for k in like}
+    return load_variables(source, like)
 
 
-def _like_state_params(source: Path, params_like):
-    """A target that restores only the `params` of a saved training state."""
+def _like_state_variables(source: Path, like: dict):
+    """A target that restores a saved training state with the model's variables as in `like`."""
     metadata = ocp.StandardCheckpointer().metadata(source).item_metadata
     tree = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(metadata))
-    tree["params"] = params_like
-    return tree
+    return {**tree, **like}
 
 
 def versions() -> dict[str, str]:

@@ -31,8 +31,9 @@ class ModelConfig:
     pool_stride: int = 2  # pooling stride (== pool_size: non-overlapping, < pool_size: overlapping)
     dense: list[int] = field(default_factory=lambda: [120, 84])  # hidden fully connected widths
     dropout: float = 0.0  # dropout rate before each hidden dense layer, in [0, 1)
-    # none | group: GroupNorm (Wu & He, 2018) after each conv, before the activation. It normalizes
-    # each example on its own (no batch statistics), so training and evaluation compute the same.
+    # none | batch | group: a normalization after each conv, before the activation. batch:
+    # BatchNorm (Ioffe & Szegedy, 2015), batch statistics in training, running averages in
+    # evaluation. group: GroupNorm (Wu & He, 2018), each example on its own, the same in both.
     norm: str = "none"
     norm_groups: int = 8  # GroupNorm's channel groups; every conv width must split into them
 

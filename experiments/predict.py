@@ -49,11 +49,11 @@ def predict(run_dir: Path, images: list[Path]) -> list[list[tuple[str, float]]]:
     meta = json.loads((run_dir / "dataset.json").read_text())
     shape, names = tuple(meta["image_shape"]), meta["class_names"]
     model = build_model(model_cfg, len(names))
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
-    params = checkpoint.load_params(run_dir / "checkpoint", like)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+    model_vars = checkpoint.load_variables(run_dir / "checkpoint", like)
     batch = np.stack([load_image(p, shape) for p in images])  # [N, H, W, C]
     x = normalize(batch, np.float32(meta["mean"]), np.float32(meta["std"]))
-    probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, x)))  # [N, K]
+    probs = np.asarray(jax.nn.softmax(model.apply(model_vars, x)))  # [N, K]
     return [sorted(zip(names, map(float, p), strict=False), key=lambda t: -t[1]) for p in probs]
 
 

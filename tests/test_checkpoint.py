@@ -214,3 +214,42 @@ def test_a_checkpoint_of_an_earlier_release_still_loads(tmp_path):
     chex.assert_trees_all_equal(final_params(run_dir), params)
     meta = json.loads((golden / "checkpoints" / "4" / "meta" / "metadata").read_text())
     assert meta["format"] == 1 and meta["versions"]["cnnlab"] and meta["state_sha256"]
+
+
+def test_batch_norm_statistics_resume_start_fine_tunes_and_predict(tmp_path):
+    """A model with batch normalization keeps its running statistics through everything that
+    keeps parameters: a resumed run ends bit-identical, both kinds of checkpoint start a
+    fine-tune with them, and the final checkpoint predicts what the run's test measured."""
+    cfg = resumable_config(model=ModelConfig(padding=[2, 0], dropout=0.2, norm="batch"))
+    prepared = prepare(cfg)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train(whole, prepared, cfg)["status"] == "ok"
+    assert train(resumed, prepared, cfg, stop=StopAfter(5))["status"] == "preempted"
+    summary = train(resumed, prepared, cfg)
+    assert summary["status"] == "ok" and summary["resumed_from_step"] == 5
+    final = final_params(whole)
+    assert set(final) == {"params", "batch_stats"}
+    chex.assert_trees_all_equal(final_params(resumed), final)
+    assert np.abs(final["batch_stats"]["norm1"]["mean"]).max() > 0.01  # they were updated
+
+    model = prepare(cfg).model
+    like = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1)))
+    for source in (whole, newest(whole) / "state"):
+        loaded = checkpoint.load_init_variables(source, like)
+        chex.assert_trees_all_equal(loaded["batch_stats"], final["batch_stats"])
+
+    # the final checkpoint gives the test accuracy the run measured, here and in cnnlab-predict
+    from PIL import Image
+
+    from cnnlab.report.pictures import predict_probs
+    from experiments.predict import predict
+
+    test = prepared.data.test
+    mean, std = prepared.data.mean, prepared.data.std
+    probs = predict_probs(model, checkpoint.load_variables(whole / "checkpoint", like),
+                          test.images, mean, std)  # fmt: skip
+    whole_summary = json.loads((whole / "summary.json").read_text())
+    assert np.mean(probs.argmax(-1) == test.labels) == whole_summary["test/accuracy"]
+    Image.fromarray(test.images[0][..., 0]).save(tmp_path / "test0.png")
+    (ranked,) = predict(whole, [tmp_path / "test0.png"])
+    assert ranked[0][1] == pytest.approx(probs[0].max(), abs=1e-5)

@@ -42,6 +42,8 @@ def count(tree) -> int:
         (dataclasses.replace(ALEXNET_LITE, depth=96), (32, 32, 3), 5_167_498),  # AlexNet widths
         # GroupNorm adds a scale and a bias per filter: 2 * (24 + 64 + 96 + 96 + 64)
         (dataclasses.replace(ALEXNET_LITE, norm="group"), (32, 32, 3), 797_290 + 688),
+        # BatchNorm's trainable part is the same; its running statistics are not parameters
+        (dataclasses.replace(ALEXNET_LITE, norm="batch"), (32, 32, 3), 797_290 + 688),
     ],
 )  # fmt: skip
 def test_parameter_counts_are_pinned(cfg, shape, expected):
@@ -83,6 +85,7 @@ VARIANTS = [
     (dataclasses.replace(ALEXNET_LITE, conv_layers=3, kernel_size=3, depth=8), (28, 28, 1)),
     (dataclasses.replace(LENET5_FMNIST, norm="group", norm_groups=2), (28, 28, 1)),
     (dataclasses.replace(ALEXNET_LITE, norm="group", padding=[4, "same", 1, 1, 1]), (28, 28, 1)),
+    (dataclasses.replace(ALEXNET_LITE, norm="batch", padding=[4, "same", 1, 1, 1]), (28, 28, 1)),
 ]  # fmt: skip
 
 
@@ -132,10 +135,34 @@ def test_group_norm_normalizes_each_example_on_its_own():
     chex.assert_trees_all_close(alone[0], batch[0], atol=1e-5)
 
 
+def test_batch_norm_uses_the_batch_in_training_and_running_averages_in_evaluation():
+    cfg = dataclasses.replace(LENET5_FMNIST, norm="batch")
+    model = build_model(cfg, 10)
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (16, 28, 28, 1))
+    variables = model.init(jax.random.key(0), x)
+    stats = variables["batch_stats"]["norm1"]  # mean and var [6]: 0 and 1 before training
+    chex.assert_trees_all_equal(stats["mean"], jnp.zeros(6))
+    (_, state) = model.apply(
+        variables, x, train=True, mutable=["batch_stats", "intermediates"],
+        capture_intermediates=True,
+    )  # fmt: skip
+    conv1 = state["intermediates"]["conv1"]["__call__"][0]  # [16, 28, 28, 6]
+    normed = state["intermediates"]["norm1"]["__call__"][0]  # over the batch: mean 0, std 1
+    chex.assert_trees_all_close(normed.mean((0, 1, 2)), jnp.zeros(6), atol=1e-4)
+    chex.assert_trees_all_close(normed.std((0, 1, 2)), jnp.ones(6), atol=1e-3)
+    # the running mean moved a tenth of the way (momentum 0.9) to the batch's
+    new = state["batch_stats"]["norm1"]
+    chex.assert_trees_all_close(new["mean"], 0.1 * conv1.mean((0, 1, 2)), atol=1e-5)
+    # evaluation reads the running statistics: an example's logits do not depend on its batch
+    alone = model.apply({**variables, "batch_stats": state["batch_stats"]}, x[:1])
+    batch = model.apply({**variables, "batch_stats": state["batch_stats"]}, x)
+    chex.assert_trees_all_close(alone[0], batch[0], atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"norm": "batch"}, "model.norm"),
+        ({"norm": "layer"}, "model.norm"),
         ({"norm": "group", "norm_groups": 0}, "norm_groups=0 must be a whole number"),
         ({"norm": "group", "norm_groups": 4}, "does not divide conv1's 6 filters"),
     ],

@@ -41,20 +41,27 @@ from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
 from cnnlab.train.run import run
-from cnnlab.train.step import PRECISIONS, create_state, make_eval_step, make_train_step
+from cnnlab.train.step import (
+    PRECISIONS,
+    create_state,
+    make_eval_step,
+    make_train_step,
+    variables,
+)
 from cnnlab.validate import check_devices, validate
 from experiments.hydra_conf import conf_dir, register_schema
 from tests.conftest import REPO, cli, needs_fashion_mnist
 from tests.test_slurm import slurm_report, why_no_slurm
 
 # LeNet-5 on 1,000 training images, 15 steps of 64, with dropout and augmentation so that every
-# random draw must also agree across devices; 100 per eval batch, which 8 devices pad to 104;
-# 600 validation and 500 test images.
+# random draw must also agree across devices, and BatchNorm, whose statistics must be the global
+# batch's, not each device's eighth; 100 per eval batch, which 8 devices pad to 104; 600
+# validation and 500 test images.
 SMALL = [
     "data.train_limit=1000", "data.val_fraction=0.01", "data.test_limit=500", "train.epochs=1",
     "train.batch_size=64", "train.eval_batch_size=100", "train.log_every_steps=5",
-    "model.dropout=0.3", "data.augment.crop_padding=2", "data.augment.flip=true",
-    "logger.mode=disabled", "logger.pictures=false",
+    "model.dropout=0.3", "model.norm=batch", "data.augment.crop_padding=2",
+    "data.augment.flip=true", "logger.mode=disabled", "logger.pictures=false",
     # SGD: Adam divides by the gradient's running size, which turns the float rounding of a sum
     # over 8 devices into updates of +-lr where a gradient is near 0 (5e-4 apart after 15 steps)
     "optimizer=sgd",
@@ -83,9 +90,10 @@ def free_port() -> int:
 
 
 def params(run_dir, cfg: Config):
+    """The final parameters and BatchNorm statistics."""
     model = build_model(cfg.model, 10)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    return checkpoint.load_params(run_dir / "checkpoint", like)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    return checkpoint.load_variables(run_dir / "checkpoint", like)
 
 
 def records(run_dir) -> list[dict]:
@@ -286,7 +294,7 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
     for precision in PRECISIONS:
         evaluate = make_eval_step(model.apply, LOSSES["cross_entropy"], data.mean, data.std,
                                   precision)  # fmt: skip
-        out[precision] = evaluate(state.params, images, labels, idx, np.ones(64, bool))
+        out[precision] = evaluate(variables(state), images, labels, idx, np.ones(64, bool))
         chex.assert_type(out[precision]["probs"], jnp.float32)
     bf16, f32 = out["bfloat16"], out["float32"]
     assert float(bf16["loss_sum"]) != float(f32["loss_sum"])  # rounded, so not the same numbers

@@ -40,12 +40,13 @@ def trained(tmp_path_factory):
     summary = run(CFG, run_dir, Trackers(LocalTracker(run_dir)))
     assert summary["status"] == "ok"
     model = build_model(CFG.model, 10)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    params = checkpoint.load_params(run_dir / "checkpoint", like)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    model_vars = checkpoint.load_variables(run_dir / "checkpoint", like)
     data = load_dataset(CFG.data)
-    probs = pictures.predict_probs(model, params, data.test.images, data.mean, data.std)
-    return dataclasses.make_dataclass("Trained", ["run_dir", "model", "params", "data", "probs"])(
-        run_dir, model, params, data, probs
+    probs = pictures.predict_probs(model, model_vars, data.test.images, data.mean, data.std)
+    fields = ["run_dir", "model", "variables", "params", "data", "probs"]
+    return dataclasses.make_dataclass("Trained", fields)(
+        run_dir, model, model_vars, model_vars["params"], data, probs
     )
 
 
@@ -89,7 +90,7 @@ def test_the_filter_grid_has_one_panel_per_filter(trained):
 def test_feature_maps_are_the_network_s_own_one_row_per_conv_and_pool(trained):
     arch, image = resolve(CFG.model), trained.data.test.images[0]
     maps = pictures.feature_maps(
-        trained.model, trained.params, arch, image, trained.data.mean, trained.data.std
+        trained.model, trained.variables, arch, image, trained.data.mean, trained.data.std
     )
     rows = [r for r in geometry.layers(CFG.model, (28, 28, 1), 10) if r.kind in ("conv", "pool")]
     assert [m.name for m in maps] == [r.name for r in rows] == ["conv1", "pool1", "conv2", "pool2"]
@@ -98,7 +99,7 @@ def test_feature_maps_are_the_network_s_own_one_row_per_conv_and_pool(trained):
     # the last map, flattened, is what the network's first dense layer really receives
     x = (image[None].astype(np.float32) - trained.data.mean) / trained.data.std
     _, state = trained.model.apply(
-        {"params": trained.params}, x, capture_intermediates=True, mutable=["intermediates"]
+        trained.variables, x, capture_intermediates=True, mutable=["intermediates"]
     )
     dense1 = trained.params["dense1"]
     np.testing.assert_allclose(
@@ -117,20 +118,27 @@ def test_feature_maps_are_the_network_s_own_one_row_per_conv_and_pool(trained):
 
 
 def _untrained(cfg: ModelConfig, shape: tuple[int, int, int]):
-    """The model of `cfg`, random parameters (from numpy: no init to compile) and a random image."""
+    """The model of `cfg`, random variables (from numpy: no init to compile; running variances
+    positive) and a random image."""
     model = build_model(cfg, 10)
     rng = np.random.default_rng(0)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
-    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), like)
-    return model, params, rng.integers(0, 256, shape, dtype=np.uint8)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+
+    def draw(path, s):
+        if path[-1].key == "var":
+            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+        return rng.normal(0, 0.2, s.shape).astype(np.float32)
+
+    model_vars = jax.tree_util.tree_map_with_path(draw, like)
+    return model, model_vars, rng.integers(0, 256, shape, dtype=np.uint8)
 
 
 def test_feature_maps_of_alexnet_lite_show_every_conv_and_its_three_pools(tmp_path):
     cfg = ModelConfig(name="alexnet_lite", depth=8, kernel_size=[5, 5, 3, 3, 3],
                       stride=[1, 2, 1, 1, 1], pool_size=3, dense=[16])  # fmt: skip
-    model, params, image = _untrained(cfg, (32, 32, 3))
+    model, model_vars, image = _untrained(cfg, (32, 32, 3))
     maps = pictures.feature_maps(
-        model, params, resolve(cfg), image, np.full(3, 120.0), np.full(3, 60.0)
+        model, model_vars, resolve(cfg), image, np.full(3, 120.0), np.full(3, 60.0)
     )
     rows = [r for r in geometry.layers(cfg, (32, 32, 3), 10) if r.kind in ("conv", "pool")]
     assert [m.name for m in maps] == [r.name for r in rows]
@@ -141,7 +149,7 @@ def test_feature_maps_of_alexnet_lite_show_every_conv_and_its_three_pools(tmp_pa
     assert extents["conv1"] == (-0.5, 31.5) and extents["pool1"] == (0.0, 30.0)
     assert extents["conv2"] == (-1.0, 31.0) and extents["pool2"] == (1.0, 25.0)
     x = (image[None] - np.float32(120)) / np.float32(60)
-    _, state = model.apply({"params": params}, x, capture_intermediates=True, mutable=True)
+    _, state = model.apply(model_vars, x, capture_intermediates=True, mutable=True)
     conv1 = ACTIVATIONS["relu"](state["intermediates"]["conv1"]["__call__"][0][0])
     np.testing.assert_allclose(maps[0].values, conv1, rtol=1e-5, atol=1e-5)
     fig = pictures.feature_maps_figure(image, maps, channels=4)
@@ -251,14 +259,15 @@ def test_a_picture_that_fails_to_draw_warns_and_keeps_the_run(tmp_path, monkeypa
     assert "cnnlab: warning: pictures not drawn (ValueError: no room on the canvas)" in warning
 
 
-def test_feature_maps_with_group_norm_show_the_normalized_conv():
-    cfg = ModelConfig(padding=[2, 0], norm="group", norm_groups=2)  # LeNet-5, GroupNorm
-    model, params, image = _untrained(cfg, (28, 28, 1))
+@pytest.mark.parametrize("kind", ["group", "batch"])
+def test_feature_maps_with_a_norm_show_the_normalized_conv(kind):
+    cfg = ModelConfig(padding=[2, 0], norm=kind, norm_groups=2)  # LeNet-5
+    model, model_vars, image = _untrained(cfg, (28, 28, 1))
     maps = pictures.feature_maps(
-        model, params, resolve(cfg), image, np.full(1, 70.0), np.full(1, 90.0)
+        model, model_vars, resolve(cfg), image, np.full(1, 70.0), np.full(1, 90.0)
     )
     x = (image[None] - np.float32(70)) / np.float32(90)
-    _, state = model.apply({"params": params}, x, capture_intermediates=True, mutable=True)
+    _, state = model.apply(model_vars, x, capture_intermediates=True, mutable=True)
     norm1 = ACTIVATIONS["relu"](state["intermediates"]["norm1"]["__call__"][0][0])
     np.testing.assert_allclose(maps[0].values, norm1, rtol=1e-5, atol=1e-5)
-    assert "group norm, relu" in maps[0].detail
+    assert f"{kind} norm, relu" in maps[0].detail

@@ -52,7 +52,7 @@ class AlexNetLite(nn.Module):
         ):
             after_fused = fused(x.shape, (k, k, x.shape[-1], width))
             x = Conv(width, k, s, p, name=f"conv{i + 1}")(x)
-            x = act(norm(self.norm, self.norm_groups, f"norm{i + 1}")(x))
+            x = act(norm(self.norm, self.norm_groups, f"norm{i + 1}", train, x.dtype)(x))
             if pooled:
                 x = pool(x, self.pool_size, self.pool_stride, after_fused)  # [B, H', W', width]
         x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']

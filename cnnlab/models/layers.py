@@ -28,13 +28,21 @@ def avg_pool(x: jax.Array, window: int, stride: int, after_fused: bool = False) 
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh}
 POOLS = {"max": max_pool, "avg": avg_pool}
-NORMS = ("none", "group")  # what may follow each conv, before its activation
+NORMS = ("none", "batch", "group")  # what may follow each conv, before its activation
 
 
-def norm(kind: str, groups: int, name: str):
-    """The normalization after a conv layer (`ModelConfig.norm`): a module, or identity."""
+def norm(kind: str, groups: int, name: str, train: bool, dtype=None):
+    """The normalization after a conv layer (`ModelConfig.norm`): a module, or identity. Its
+    output has `dtype` (the conv's, so bfloat16 stays bfloat16; the statistics are float32).
+
+    "batch": BatchNorm (Ioffe & Szegedy, 2015) with the batch's statistics in training and the
+    running averages (momentum 0.9, in the `batch_stats` collection) otherwise; "group":
+    GroupNorm over `groups` groups of channels, per example, the same in training and test.
+    """
+    if kind == "batch":
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, name=name)
     if kind == "group":
-        return nn.GroupNorm(num_groups=groups, name=name)
+        return nn.GroupNorm(num_groups=groups, dtype=dtype, name=name)
     return lambda x: x
 
 

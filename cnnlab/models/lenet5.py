@@ -47,7 +47,7 @@ class LeNet5(nn.Module):
         for i, (width, k, s, p) in enumerate(layers, start=1):
             after_fused = fused(x.shape, (k, k, x.shape[-1], width))
             x = Conv(width, k, s, p, name=f"conv{i}")(x)
-            x = norm(self.norm, self.norm_groups, f"norm{i}")(x)
+            x = norm(self.norm, self.norm_groups, f"norm{i}", train, x.dtype)(x)
             x = pool(act(x), self.pool_size, self.pool_stride, after_fused)  # [B, H', W', width]
         x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']
         for j, width in enumerate(self.dense, start=1):

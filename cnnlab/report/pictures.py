@@ -115,9 +115,15 @@ class FeatureMap:
 
 
 def feature_maps(
-    model, params, arch: Architecture, image: np.ndarray, mean: np.ndarray, std: np.ndarray
+    model,
+    model_vars: dict,
+    arch: Architecture,
+    image: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
 ) -> list[FeatureMap]:
-    """The maps of one uint8 `image` [H, W, C] after each conv (with its activation) and pool.
+    """The maps of one uint8 `image` [H, W, C] after each conv (with its activation) and pool;
+    `model_vars` are the model's Flax variables (`{"params": ...}` and any running statistics).
 
     The conv outputs come from Flax's `capture_intermediates`; the activation and pooling that the
     model applies after each conv are applied here with the model's own functions (they are not
@@ -126,9 +132,7 @@ def feature_maps(
     far, and is centred where the centre of its receptive field lies.
     """
     x = normalize(jnp.asarray(image[None]), np.float32(mean), np.float32(std))  # [1, H, W, C]
-    _, state = model.apply(
-        {"params": params}, x, capture_intermediates=True, mutable=["intermediates"]
-    )
+    _, state = model.apply(model_vars, x, capture_intermediates=True, mutable=["intermediates"])
     captured = state["intermediates"]
     act, pool = ACTIVATIONS[arch.activation], POOLS[arch.pool]
     size = np.array(image.shape[:2])  # (H, W) of the current map
@@ -402,12 +406,14 @@ def load_config(run_dir: Path) -> Config:
     return OmegaConf.to_object(node)
 
 
-def predict_probs(model, params, images: np.ndarray, mean, std, batch: int = 500) -> np.ndarray:
+def predict_probs(
+    model, model_vars: dict, images: np.ndarray, mean, std, batch: int = 500
+) -> np.ndarray:
     """Softmax outputs [N, K] of uint8 `images` [N, H, W, C], in float32."""
 
     @jax.jit
     def probs(x):
-        return jax.nn.softmax(model.apply({"params": params}, normalize(x, mean, std)))
+        return jax.nn.softmax(model.apply(model_vars, normalize(x, mean, std)))
 
     return np.concatenate(
         [np.asarray(probs(images[i : i + batch])) for i in range(0, len(images), batch)]
@@ -427,18 +433,20 @@ def draw_all(
     _check_same_data(run_dir, data)
     model = build_model(cfg.model, data.num_classes)
     like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *data.image_shape)))
-    params = checkpoint.load_params(run_dir / "checkpoint", like["params"])
-    probs = predict_probs(model, params, data.test.images, data.mean, data.std)
+    model_vars = checkpoint.load_variables(run_dir / "checkpoint", like)
+    probs = predict_probs(model, model_vars, data.test.images, data.mean, data.std)
     records = read_metrics(run_dir / "metrics.jsonl")
     out_dir = Path(out_dir) if out_dir else run_dir / "pictures"
-    return draw_run(out_dir, cfg.model, model, params, data, probs, records, image_index, n_wrong)
+    return draw_run(
+        out_dir, cfg.model, model, model_vars, data, probs, records, image_index, n_wrong
+    )
 
 
 def draw_run(
     out_dir: Path,
     model_cfg: ModelConfig,
     model,
-    params,
+    model_vars: dict,
     data: Dataset,
     probs: np.ndarray,
     records: list[dict],
@@ -456,10 +464,10 @@ def draw_run(
     out_dir, probs = Path(out_dir), np.asarray(probs)
     preds = np.argmax(probs, -1)
     paths = {}
-    kernel = np.asarray(params["conv1"]["kernel"])  # [kh, kw, C, F]
+    kernel = np.asarray(model_vars["params"]["conv1"]["kernel"])  # [kh, kw, C, F]
     paths["filters"] = draw_filters(kernel, out_dir / "filters.png", "conv1")
     image = test.images[image_index]
-    maps = feature_maps(model, params, resolve(model_cfg), image, data.mean, data.std)
+    maps = feature_maps(model, model_vars, resolve(model_cfg), image, data.mean, data.std)
     label, pred = int(test.labels[image_index]), int(preds[image_index])
     # The activation and pooling tell LeNet-5's classic variant (tanh, avg) from the modern one.
     title = (f"{model_cfg.name} ({model_cfg.activation}, {model_cfg.pool} pooling): "

@@ -19,10 +19,10 @@ from typing import Protocol
 
 import jax
 import numpy as np
-from flax.training.train_state import TrainState
 
 from cnnlab.config import TrainConfig
 from cnnlab.train.progress import Progress
+from cnnlab.train.step import TrainState, variables
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -47,15 +47,16 @@ class FitResult:
     last: dict[str, float] = field(default_factory=dict)  # the last logged train metrics
 
 
-def evaluate(eval_step, params, images, labels, batch_size: int) -> EvalResult:
-    """Loss, accuracy and probabilities over a device-resident split, in fixed-size batches."""
+def evaluate(eval_step, model_vars, images, labels, batch_size: int) -> EvalResult:
+    """Loss, accuracy and probabilities over a device-resident split, in fixed-size batches;
+    `model_vars` as `cnnlab.train.step.variables` gives them."""
     n = int(labels.shape[0])
     loss_sum, correct, probs = 0.0, 0, []
     outputs = []
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         mask = idx < n
-        outputs.append(eval_step(params, images, labels, np.minimum(idx, n - 1), mask))
+        outputs.append(eval_step(model_vars, images, labels, np.minimum(idx, n - 1), mask))
     for out, start in zip(jax.device_get(outputs), range(0, n, batch_size), strict=False):
         loss_sum += float(out["loss_sum"])
         correct += int(out["correct"])
@@ -219,7 +220,7 @@ def fit_lanes(
                 records = {}
                 for s in live:
                     r = results[s]
-                    ev = evaluate(eval_step, lane(state, s).params, *val, cfg.eval_batch_size)
+                    ev = evaluate(eval_step, variables(lane(state, s)), *val, cfg.eval_batch_size)
                     if not ev.accuracy <= r.best_val_accuracy:  # also replaces the initial NaN
                         r.best_val_accuracy, r.best_epoch = ev.accuracy, epoch
                     record = {"val/loss": ev.loss, "val/accuracy": ev.accuracy, "epoch": epoch}

@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 from omegaconf import OmegaConf
 
@@ -35,7 +34,7 @@ from cnnlab.train.loop import FitResult, evaluate, fit
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
 from cnnlab.train.progress import Progress
-from cnnlab.train.step import create_state, make_eval_step, make_train_step
+from cnnlab.train.step import TrainState, create_state, make_eval_step, make_train_step, variables
 from cnnlab.validate import check_devices, validate
 
 
@@ -143,12 +142,13 @@ def end_run(
     tracker: Tracker,
     summary: dict,
 ) -> None:
-    """Test a trained model, save its parameters, draw its pictures (`logger.pictures`) and
+    """Test a trained model, save its variables, draw its pictures (`logger.pictures`) and
     complete its summary (a diverged one only gets its error)."""
     test = None
+    model_vars = variables(result.state)
     if result.status == "ok":
-        params = result.state.params
-        test = evaluate(prepared.eval_step, params, *prepared.test, cfg.train.eval_batch_size)
+        batch_size = cfg.train.eval_batch_size
+        test = evaluate(prepared.eval_step, model_vars, *prepared.test, batch_size)
         tracker.log(
             {"test/loss": test.loss, "test/accuracy": test.accuracy}, int(result.state.step)
         )
@@ -169,15 +169,15 @@ def end_run(
     summary["params_sha256"] = checkpoint.tree_sha256(jax.device_get(result.state.params))
     data = prepared.data
     tracker.log_predictions(data.test.images, data.test.labels, test.probs, data.class_names)
-    checkpoint.save_params(run_dir / "checkpoint", result.state.params)  # replaces a stale one
+    checkpoint.save_variables(run_dir / "checkpoint", model_vars)  # replaces a stale one
     if cfg.logger.pictures and jax.process_index() == 0:
-        draw_pictures(cfg, prepared, result.state.params, test.probs, run_dir, tracker, summary)
+        draw_pictures(cfg, prepared, model_vars, test.probs, run_dir, tracker, summary)
 
 
 def draw_pictures(
     cfg: Config,
     prepared: Prepared,
-    params,
+    model_vars: dict,
     probs: np.ndarray,
     run_dir: Path,
     tracker: Tracker,
@@ -190,9 +190,9 @@ def draw_pictures(
     start = time.perf_counter()
     try:
         records = pictures.read_metrics(run_dir / "metrics.jsonl")
-        host_params = jax.device_get(params)
         paths = pictures.draw_run(
-            run_dir / "pictures", cfg.model, prepared.model, host_params, prepared.data,
+            run_dir / "pictures", cfg.model, prepared.model, jax.device_get(model_vars),
+            prepared.data,
             probs, records,
         )  # fmt: skip
     except Exception as e:
@@ -213,9 +213,17 @@ class CheckpointSaver:
         return bool(self.every_steps) and step % self.every_steps == 0
 
     def save(self, step: int, state: TrainState, meta: dict, lanes: list[int] | None) -> bool:
-        tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
         meta = {"loop": meta, "trackers": self.tracker.mark()}
-        return self.checkpoints.save(step, tree, meta, lanes)
+        return self.checkpoints.save(step, state_tree(state), meta, lanes)
+
+
+def state_tree(state: TrainState) -> dict:
+    """What a training checkpoint holds of `state`: the step, parameters, optimizer state and,
+    for a model with batch normalization, its running statistics."""
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if state.batch_stats:
+        tree["batch_stats"] = state.batch_stats
+    return tree
 
 
 def starting_state(
@@ -235,17 +243,16 @@ def starting_state(
             f"{checkpoints.directory} already holds checkpoints and checkpoint.resume=false: "
             "give this run a new directory (hydra.run.dir=...), or resume it"
         )
-    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-    restored = checkpoints.restore(tree) if ckpt.resume else None
+    restored = checkpoints.restore(state_tree(state)) if ckpt.resume else None
     if restored is not None:
         tracker.rewind(restored.meta["trackers"])
         summary["resumed_from_step"] = restored.step
         print(f"cnnlab: resuming from step {restored.step} ({checkpoints.directory})")
         return state.replace(**put(restored.state, replicated(mesh))), restored.meta["loop"]
     if ckpt.init_from:
-        params = checkpoint.load_init_params(Path(ckpt.init_from), state.params)
+        loaded = checkpoint.load_init_variables(Path(ckpt.init_from), variables(state))
         summary["init_from"] = str(ckpt.init_from)
-        return state.replace(params=params), None
+        return state.replace(**loaded), None
     return state, None
 
 

@@ -8,6 +8,11 @@ Both steps run data-parallel over a mesh (`cnnlab.parallel`): the state and the 
 replicated, the indices and so the batch are split over the devices, and the loss's mean over the
 global batch makes the gradient the same as on one device. One device is a mesh of one.
 
+A model with batch normalization (`model.norm=batch`) also carries its running statistics, the
+Flax collection `batch_stats`, in the state: the train step normalizes with the batch's statistics
+(over the global batch, on every device) and updates the running ones, and evaluation uses those.
+`variables(state)` is what `model.apply` takes.
+
 With `precision="bfloat16"` the forward and backward pass run in bfloat16 (tensor cores on GPUs
 and TPUs, half the activation memory) while the master parameters, the optimizer state, the
 logits fed to the loss, the loss and the gradients the optimizer sees all stay float32.
@@ -24,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training.train_state import TrainState
+from flax import struct
+from flax.training import train_state
 from jax.sharding import Mesh
 
 from cnnlab.config import AugmentConfig
@@ -34,6 +40,23 @@ Metrics = dict[str, jax.Array]
 
 # train.precision: the dtype of the forward and backward pass
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(train_state.TrainState):
+    """Flax's train state (step, params, optimizer state) and the model's other variables: the
+    running statistics of its batch normalization, `{}` for a model without."""
+
+    batch_stats: Any = struct.field(default_factory=dict)
+
+
+def variables(state: TrainState) -> dict:
+    """What `model.apply` takes: `{"params": ...}`, with `"batch_stats"` where the model has any."""
+    return collect(state.params, state.batch_stats)
+
+
+def collect(params, batch_stats) -> dict:
+    """The Flax variables of `params` and `batch_stats` (left out when empty)."""
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
 def create_state(
@@ -53,8 +76,13 @@ def create_state(
     """
 
     def init(key: jax.Array) -> TrainState:
-        params = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
-        return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+        init_vars = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=init_vars["params"],
+            tx=tx,
+            batch_stats=init_vars.get("batch_stats", {}),
+        )
 
     if lanes:
         init = jax.vmap(init)
@@ -125,17 +153,19 @@ def make_train_step(
         x = normalize(x, mean, std)
 
         def loss(params):
-            logits = state.apply_fn(
-                {"params": to_dtype(params, dtype)},
+            logits, updates = state.apply_fn(
+                collect(to_dtype(params, dtype), state.batch_stats),
                 to_dtype(x, dtype),
                 train=True,
                 rngs={"dropout": dropout_key},
-            ).astype(jnp.float32)  # [B, K]
-            return loss_fn(logits, y, label_smoothing).mean(), logits
+                mutable=["batch_stats"],  # the running statistics' new values, if there are any
+            )
+            logits = logits.astype(jnp.float32)  # [B, K]
+            return loss_fn(logits, y, label_smoothing).mean(), (logits, updates)
 
         # float32 gradients: the cast of the float32 parameters is part of the differentiated path
-        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-        state = state.apply_gradients(grads=grads)
+        (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
         metrics = {
             "train/loss": value,
             "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
@@ -170,7 +200,8 @@ def make_eval_step(
     precision: str = "float32",
     mesh: Mesh | None = None,
 ) -> Callable[..., dict[str, Any]]:
-    """`(params, images, labels, idx, mask) -> sums and probabilities` for one padded batch.
+    """`(variables, images, labels, idx, mask) -> sums and probabilities` for one padded batch;
+    `variables` as `variables(state)` gives them.
 
     `mask` [B] is False for the padding that fills the last batch; sums ignore it. Any B works:
     the batch is padded further to a multiple of the devices of `mesh`, and the probabilities of
@@ -180,9 +211,10 @@ def make_eval_step(
     mesh = mesh or data_mesh()
     everywhere, split = replicated(mesh), batch_sharded(mesh)
 
-    def eval_step(params, images, labels, idx, mask, size: int) -> dict[str, jax.Array]:
+    def eval_step(model_vars, images, labels, idx, mask, size: int) -> dict[str, jax.Array]:
         x, y = normalize(images[idx], mean, std), labels[idx]
-        logits = apply_fn({"params": to_dtype(params, dtype)}, to_dtype(x, dtype), train=False)
+        model_vars = {**model_vars, "params": to_dtype(model_vars["params"], dtype)}
+        logits = apply_fn(model_vars, to_dtype(x, dtype), train=False)
         logits = logits.astype(jnp.float32)  # [B, K]
         losses = loss_fn(logits, y, 0.0)  # [B]
         return {
@@ -200,9 +232,10 @@ def make_eval_step(
     )
 
     @functools.wraps(jitted)
-    def step(params, images, labels, idx, mask) -> dict[str, jax.Array]:
+    def step(model_vars, images, labels, idx, mask) -> dict[str, jax.Array]:
         b, extra = len(idx), -len(idx) % mesh.size
         idx, mask = np.pad(idx, (0, extra), mode="edge"), np.pad(mask, (0, extra))  # [B + extra]
-        return jitted(params, images, labels, step_input(idx, split), step_input(mask, split), b)
+        idx, mask = step_input(idx, split), step_input(mask, split)
+        return jitted(model_vars, images, labels, idx, mask, b)
 
     return step

@@ -20,7 +20,7 @@ from cnnlab.models import build_model
 from cnnlab.train.loop import epoch_order, evaluate
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
-from cnnlab.train.step import create_state, make_eval_step, make_train_step
+from cnnlab.train.step import create_state, make_eval_step, make_train_step, variables
 from experiments.bench_workers.common import Spec, main
 
 
@@ -54,7 +54,7 @@ class CnnlabTrainer:
 
     def test_accuracy(self) -> float:
         return evaluate(
-            self.eval_step, self.state.params, *self.test, self.eval_batch_size
+            self.eval_step, variables(self.state), *self.test, self.eval_batch_size
         ).accuracy
 
     def info(self) -> dict:
