@@ -48,10 +48,22 @@ def put(tree, sharding: NamedSharding):
             key_data = one(jax.random.key_data(x))  # a typed key moves as its raw data
             return jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(x))
         x = np.asarray(x)  # also Python scalars, such as a new TrainState's step
-        x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype))  # int64 -> int32 unless x64 is on
+        x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)  # int64 -> int32
         return jax.make_array_from_process_local_data(sharding, x, x.shape)
 
     return jax.tree.map(one, tree)
+
+
+def put_dataset(arrays: tuple[np.ndarray, ...], mesh: Mesh) -> tuple[jax.Array, ...]:
+    """A split's host arrays replicated on every device of `mesh`, as `put` does. In one process
+    through `jax.device_put`, which on the CPU uses an array that starts on a 64-byte boundary in
+    place (`cnnlab.data` loads them so) where `put` would copy it: one copy of the dataset in
+    memory instead of two (47 MB less for Fashion-MNIST, 154 MB for CIFAR-10). The host arrays
+    are read-only, and the train step never donates the dataset, so the shared memory is never
+    written."""
+    if jax.process_count() > 1:
+        return put(arrays, replicated(mesh))
+    return tuple(jax.device_put(a, replicated(mesh)) for a in arrays)
 
 
 def step_input(x: np.ndarray, sharding: NamedSharding):

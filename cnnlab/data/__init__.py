@@ -14,7 +14,7 @@ import numpy as np
 from cnnlab.config import DataConfig
 from cnnlab.data.idx import load_idx_split
 from cnnlab.data.image_folder import load_image_folder
-from cnnlab.data.splits import Split, hold_out, limit
+from cnnlab.data.splits import Split, aligned, hold_out, limit
 from cnnlab.data.tfds_source import load_tfds
 from cnnlab.errors import ConfigError, DataError, check_choice
 
@@ -150,10 +150,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         raise ConfigError(
             f"data.val_fraction={cfg.val_fraction} leaves no training examples; lower it"
         )
+    test = limit(test, cfg.test_limit, "data.test_limit")
+    train, val, test = (Split(aligned(s.images), aligned(s.labels)) for s in (train, val, test))
     mean, std = _channel_stats(train.images)
-    return Dataset(
-        cfg.name, train, val, limit(test, cfg.test_limit, "data.test_limit"), class_names, mean, std
-    )
+    return Dataset(cfg.name, train, val, test, class_names, mean, std)
 
 
 def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab.data.splits import Split
+from cnnlab.data.splits import Split, aligned, aligned_empty
 from cnnlab.errors import DataError
 
 DTYPES = {
@@ -26,30 +26,40 @@ PREFIXES = {"train": ("train",), "test": ("t10k", "test")}
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """The array stored in one IDX file, in native byte order."""
+    """The array stored in one IDX file, in native byte order, read straight into a read-only
+    aligned array (`cnnlab.data.splits.aligned`): the payload is never held twice."""
     try:
-        data = path.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
+        with path.open("rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            return _read_idx(f, path)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read IDX file ({e}); download it again") from e
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in DTYPES:
+
+
+def _read_idx(f, path: Path) -> np.ndarray:
+    magic = f.read(4)
+    if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in DTYPES:
         raise DataError(
-            f"{path}: not an IDX file (bad magic number {data[:4].hex()}); "
-            "expected MNIST-format data"
+            f"{path}: not an IDX file (bad magic number {magic.hex()}); expected MNIST-format data"
         )
-    dtype, ndim = DTYPES[data[2]], data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
+    dtype, ndim = DTYPES[magic[2]], magic[3]
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header; download the file again")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, offset=4))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
-    if len(data) != expected:
+    shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
+    out = aligned_empty(shape, dtype)
+    got = f.readinto(memoryview(out.reshape(-1)).cast("B"))
+    header, expected = 4 + 4 * ndim, out.nbytes
+    if got != expected or f.read(1):
+        size = header + got + len(f.read())
         raise DataError(
-            f"{path}: IDX payload is {len(data)} bytes but shape {shape} needs {expected}; "
+            f"{path}: IDX payload is {size} bytes but shape {shape} needs {header + expected}; "
             "the file is truncated or corrupt, download it again"
         )
-    return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    if not dtype.isnative:
+        out = out.astype(dtype.newbyteorder("="))
+    return aligned(out)
 
 
 def find_idx(folder: Path, split: str, kind: str) -> Path:
@@ -83,4 +93,4 @@ def load_idx_split(folder: Path, split: str) -> Split:
             f"{labels_path}: expected {len(images)} integer labels to match {images_path.name}, "
             f"got {labels.dtype} {list(labels.shape)}"
         )
-    return Split(images[..., None], labels.astype(np.int32))  # [N, H, W, 1], [N]
+    return Split(images[..., None], aligned(labels.astype(np.int32)))  # [N, H, W, 1], [N]

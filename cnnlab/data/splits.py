@@ -1,5 +1,9 @@
 """`Split` (images and labels of one split) and the validation hold-out and size limits.
 
+A split's arrays start on a 64-byte boundary (`aligned`): XLA's CPU client then uses them in place
+as device arrays (`cnnlab.parallel.put_dataset`) instead of copying them, so a run holds one copy
+of its dataset, not two. They are read-only, since a device array may share their memory.
+
 Glossary: N examples, H, W spatial, C channels (1 grayscale, 3 RGB).
 """
 
@@ -8,6 +12,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnlab.errors import ConfigError
+
+ALIGNMENT = 64  # bytes: what XLA's CPU client needs to use a host buffer in place
+
+
+def aligned(array: np.ndarray) -> np.ndarray:
+    """`array` as a read-only, C-contiguous array that starts on an ALIGNMENT-byte boundary:
+    itself (made read-only) where it already is one, else a copy."""
+    if not (array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0):
+        out = aligned_empty(array.shape, array.dtype)
+        out[...] = array
+        array = out
+    array.flags.writeable = False
+    return array
+
+
+def aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array that starts on an ALIGNMENT-byte boundary."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,7 +54,12 @@ class Split:
         return len(self.labels)
 
     def take(self, indices: np.ndarray | slice) -> "Split":
-        return Split(self.images[indices], self.labels[indices])
+        """The examples `indices` (a slice gives views, indices aligned copies)."""
+        if isinstance(indices, slice):
+            return Split(self.images[indices], self.labels[indices])
+        images = aligned_empty((len(indices), *self.images.shape[1:]), self.images.dtype)
+        np.take(self.images, indices, axis=0, out=images)
+        return Split(aligned(images), aligned(self.labels[indices]))
 
 
 def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -42,6 +72,8 @@ def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
             f"data.val_fraction={fraction} must be in [0, 1): set e.g. data.val_fraction=0.1"
         )
     num_val = round(len(train) * fraction)
+    if num_val == 0:
+        return train, train.take(slice(0, 0))
     order = np.random.default_rng(seed).permutation(len(train))  # [N]
     return train.take(np.sort(order[num_val:])), train.take(np.sort(order[:num_val]))
 

@@ -28,7 +28,7 @@ from cnnlab.config import Config
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
-from cnnlab.parallel import data_mesh, put, replicated
+from cnnlab.parallel import data_mesh, put, put_dataset, replicated
 from cnnlab.tracking import Tracker
 from cnnlab.train.loop import FitResult, evaluate, fit
 from cnnlab.train.losses import LOSSES
@@ -93,7 +93,7 @@ def prepare(cfg: Config, lanes: bool = False) -> Prepared:
         loss_fn, cfg.loss.label_smoothing, mean, std, cfg.data.augment, precision, mesh, lanes
     )
     eval_step = make_eval_step(model.apply, loss_fn, mean, std, precision, mesh)
-    device = lambda split: put((split.images, split.labels), replicated(mesh))  # noqa: E731
+    device = lambda split: put_dataset((split.images, split.labels), mesh)  # noqa: E731
     return Prepared(
         data, rows, model, tx, schedule, mesh, train_step, eval_step,
         device(data.train), device(data.val), device(data.test),

@@ -3,8 +3,9 @@
 The model comes from `build_model`, the optimizer and schedule from `build_optimizer`, the jitted
 steps from `make_train_step` / `make_eval_step`, the test from `evaluate` and the data order from
 `epoch_order`, wired as `cnnlab.train.run` wires them: the splits go to the device once as uint8
-and each step receives only the batch indices. JAX's persistent compilation cache is off, so the
-first step always includes a cold compile.
+(`put_dataset`, in place where the host array allows) and each step receives only the batch
+indices. JAX's persistent compilation cache is off, so the first step always includes a cold
+compile.
 
 Run by `experiments/bench.py`: `python -m experiments.bench_workers.cnnlab_worker SPEC_JSON`.
 Glossary: `N` examples, `B` batch, `H, W` spatial, `C` channels.
@@ -17,6 +18,7 @@ import numpy as np
 
 from cnnlab.config import AugmentConfig, ModelConfig, OptimizerConfig
 from cnnlab.models import build_model
+from cnnlab.parallel import data_mesh, put_dataset
 from cnnlab.train.loop import epoch_order, evaluate
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
@@ -41,8 +43,9 @@ class CnnlabTrainer:
         augment = AugmentConfig(**spec.augment)
         self.train_step = make_train_step(loss_fn, 0.0, mean, std, augment)
         self.eval_step = make_eval_step(model.apply, loss_fn, mean, std)
-        self.train = jax.device_put((images, data["train_labels"]))
-        self.test = jax.device_put((data["test_images"], data["test_labels"]))
+        mesh = data_mesh()  # one device here, as `cnnlab.train.run.prepare` builds it
+        self.train = put_dataset((images, data["train_labels"]), mesh)
+        self.test = put_dataset((data["test_images"], data["test_labels"]), mesh)
         self.num_params = sum(p.size for p in jax.tree.leaves(self.state.params))
         self.metrics = None
 

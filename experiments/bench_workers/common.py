@@ -68,7 +68,12 @@ class Trainer(Protocol):
 
 def main(make_trainer: Callable[[Spec, dict], Trainer], epoch_order: OrderFn) -> None:
     spec = Spec(**json.loads(sys.argv[1]))
-    data = {name: np.load(Path(spec.data_dir) / f"{name}.npy") for name in DATA_FILES}
+    # Memory-mapped (copy on write): each contender makes the one copy its framework needs, and
+    # the file's pages, aligned as .npy lays them out, can serve as that copy where a framework
+    # uses host memory in place (cnnlab's dataset on the CPU, `cnnlab.parallel.put_dataset`).
+    data = {
+        name: np.load(Path(spec.data_dir) / f"{name}.npy", mmap_mode="c") for name in DATA_FILES
+    }
     n = len(data["train_labels"])
     trainer = make_trainer(spec, data)
     del data  # the trainer holds its own copy in its framework's layout
