@@ -192,8 +192,7 @@ def draw_pictures(
         records = pictures.read_metrics(run_dir / "metrics.jsonl")
         paths = pictures.draw_run(
             run_dir / "pictures", cfg.model, prepared.model, jax.device_get(model_vars),
-            prepared.data,
-            probs, records,
+            prepared.data, probs, records,
         )  # fmt: skip
     except Exception as e:
         print(f"cnnlab: warning: pictures not drawn ({type(e).__name__}: {e})", file=sys.stderr)
