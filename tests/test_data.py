@@ -93,6 +93,33 @@ def test_truncated_idx_names_the_file(tmp_path, suffix):
         load_dataset(DataConfig(name="idx", path=str(tmp_path)))
 
 
+@pytest.mark.parametrize(
+    "change, size", [(lambda b: b[:-50], 16 + 400 - 50), (lambda b: b + bytes(7), 16 + 400 + 7)]
+)
+def test_an_idx_file_of_the_wrong_size_says_its_size_and_the_size_needed(tmp_path, change, size):
+    path = tmp_path / "images.idx"
+    path.write_bytes(change(b"\0\0\x08\x03" + np.array([4, 10, 10], ">u4").tobytes() + bytes(400)))
+    with pytest.raises(
+        DataError, match=f"payload is {size} bytes but shape \\(4, 10, 10\\) needs 416"
+    ):
+        read_idx(path)
+
+
+def test_loaded_splits_are_aligned_read_only_and_the_cpu_device_uses_them_in_place(tmp_path):
+    from cnnlab.parallel import data_mesh, put_dataset
+
+    write_idx_folder(tmp_path, ".gz")
+    for fraction in (0.0, 0.25):  # without and with a held-out (copied) validation split
+        data = load_dataset(DataConfig(name="idx", path=str(tmp_path), val_fraction=fraction))
+        for split in (data.train, data.test):
+            for array in (split.images, split.labels):
+                assert array.ctypes.data % 64 == 0 and not array.flags.writeable
+            images, labels = put_dataset((split.images, split.labels), data_mesh())
+            assert images.unsafe_buffer_pointer() == split.images.ctypes.data  # no copy
+            assert labels.unsafe_buffer_pointer() == split.labels.ctypes.data
+            np.testing.assert_array_equal(np.asarray(images), split.images)
+
+
 def test_bad_magic_idx_names_the_file(tmp_path):
     path = tmp_path / "bad.idx"
     path.write_bytes(b"\x12\x34\x08\x01" + bytes(8))

@@ -51,8 +51,9 @@ def _read_idx(f, path: Path) -> np.ndarray:
     out = aligned_empty(shape, dtype)
     got = f.readinto(memoryview(out.reshape(-1)).cast("B"))
     header, expected = 4 + 4 * ndim, out.nbytes
-    if got != expected or f.read(1):
-        size = header + got + len(f.read())
+    extra = len(f.read()) if got == expected else 0  # bytes after the payload
+    if got != expected or extra:
+        size = header + got + extra
         raise DataError(
             f"{path}: IDX payload is {size} bytes but shape {shape} needs {header + expected}; "
             "the file is truncated or corrupt, download it again"
@@ -93,4 +94,4 @@ def load_idx_split(folder: Path, split: str) -> Split:
             f"{labels_path}: expected {len(images)} integer labels to match {images_path.name}, "
             f"got {labels.dtype} {list(labels.shape)}"
         )
-    return Split(images[..., None], aligned(labels.astype(np.int32)))  # [N, H, W, 1], [N]
+    return Split(images[..., None], labels.astype(np.int32))  # [N, H, W, 1], [N]

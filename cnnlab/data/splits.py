@@ -1,8 +1,9 @@
 """`Split` (images and labels of one split) and the validation hold-out and size limits.
 
-A split's arrays start on a 64-byte boundary (`aligned`): XLA's CPU client then uses them in place
-as device arrays (`cnnlab.parallel.put_dataset`) instead of copying them, so a run holds one copy
-of its dataset, not two. They are read-only, since a device array may share their memory.
+`load_dataset` returns splits whose arrays start on a 64-byte boundary (`aligned`): XLA's CPU
+client then uses them in place as device arrays (`cnnlab.parallel.put_dataset`) instead of copying
+them, so a run holds one copy of its dataset, not two. They are read-only, since a device array may
+share their memory.
 
 Glossary: N examples, H, W spatial, C channels (1 grayscale, 3 RGB).
 """
@@ -54,12 +55,13 @@ class Split:
         return len(self.labels)
 
     def take(self, indices: np.ndarray | slice) -> "Split":
-        """The examples `indices` (a slice gives views, indices aligned copies)."""
+        """The examples `indices`: a slice gives views, an index array copies, the images straight
+        into aligned memory (the largest array is never copied twice on its way to the device)."""
         if isinstance(indices, slice):
             return Split(self.images[indices], self.labels[indices])
         images = aligned_empty((len(indices), *self.images.shape[1:]), self.images.dtype)
         np.take(self.images, indices, axis=0, out=images)
-        return Split(aligned(images), aligned(self.labels[indices]))
+        return Split(images, self.labels[indices])
 
 
 def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:

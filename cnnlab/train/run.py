@@ -219,10 +219,7 @@ class CheckpointSaver:
 def state_tree(state: TrainState) -> dict:
     """What a training checkpoint holds of `state`: the step, parameters, optimizer state and,
     for a model with batch normalization, its running statistics."""
-    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-    if state.batch_stats:
-        tree["batch_stats"] = state.batch_stats
-    return tree
+    return {"step": state.step, "opt_state": state.opt_state, **variables(state)}
 
 
 def starting_state(
