@@ -42,6 +42,12 @@ class ModelConfig:
 class AugmentConfig:
     crop_padding: int = 0  # random crop after zero-padding each side by this many pixels; 0 = off
     flip: bool = False  # random horizontal flip
+    # random erasing (Zhong et al., 2017): the share of images that get one rectangle of uniform
+    # noise, of `erase_scale` (min, max) of the image's area and aspect ratio within
+    # [erase_ratio, 1 / erase_ratio]; 0 = off
+    erase: float = 0.0
+    erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.4])
+    erase_ratio: float = 0.3
 
 
 @dataclass

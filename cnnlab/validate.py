@@ -17,7 +17,7 @@ from cnnlab.train.optim import OPTIMIZERS, SCHEDULES
 from cnnlab.train.step import PRECISIONS
 
 # seeds_strategy: how the models of `seeds` train (cnnlab.train.seeds)
-SEEDS_STRATEGIES = ("auto", "vmap", "sequential")
+SEEDS_STRATEGIES = ("auto", "vmap", "sequential", "processes")
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:

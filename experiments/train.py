@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.config import Config, config_hash, from_omegaconf
+from cnnlab.config import Config, LoggerConfig, config_hash, from_omegaconf
 from cnnlab.errors import CnnlabError, ConfigError
 
 # JAX, Flax and the training code load inside the functions that use them (a second on start):
@@ -141,10 +141,6 @@ def _seed_trackers(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> M
     logger's, else the sweep's, else `<name>/<run folder>`), tagged `seeds`."""
     import jax
 
-    from cnnlab.tracking import Trackers
-    from cnnlab.tracking.local import LocalTracker
-    from cnnlab.tracking.wandb_run import WandbTracker
-
     _sweep_logger(cfg, hydra_cfg)
     name = _run_name(run_dir)
     logger = dataclasses.replace(
@@ -152,19 +148,33 @@ def _seed_trackers(cfg: Config, node: DictConfig, hydra_cfg, run_dir: Path) -> M
     )
     config = OmegaConf.to_container(node, resolve=True)
     primary = jax.process_index() == 0  # every process trains; the first one keeps the record
+    return SeedTrackers(logger, config, name, primary)
 
-    def make(one: Config, folder: Path) -> Trackers:
-        if not primary:
+
+@dataclasses.dataclass
+class SeedTrackers:
+    """`(seed's config, its folder) -> its trackers`; a class, not a closure, so that it pickles
+    into the seeds' processes (`seeds_strategy=processes`)."""
+
+    logger: LoggerConfig
+    config: dict  # the job's resolved config, for W&B
+    name: str  # the job's run name; a seed's W&B run is `<name>-seed<s>`
+    primary: bool
+
+    def __call__(self, one: Config, folder: Path) -> Trackers:
+        from cnnlab.tracking import Trackers
+        from cnnlab.tracking.local import LocalTracker
+        from cnnlab.tracking.wandb_run import WandbTracker
+
+        if not self.primary:
             return Trackers()
         wandb = None
-        if logger.mode != "disabled":
-            seed_config = {**config, "seed": one.seed, "seeds": []}
+        if self.logger.mode != "disabled":
+            seed_config = {**self.config, "seed": one.seed, "seeds": []}
             wandb = WandbTracker(
-                logger, folder, seed_config, f"{name}-seed{one.seed}", concurrent=True
+                self.logger, folder, seed_config, f"{self.name}-seed{one.seed}", concurrent=True
             )
         return Trackers(LocalTracker(folder), wandb)
-
-    return make
 
 
 def train(node: DictConfig) -> float:

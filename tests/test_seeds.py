@@ -1,8 +1,11 @@
-"""Many seeds at once: sequential seeds equal their single runs bit for bit, vmapped seeds equal
-sequential ones up to float rounding, each seed gets its own folder, checkpoint and W&B run in one
-group, the top-level summary aggregates them, and bad seed settings are one-line errors."""
+"""Many seeds at once: sequential seeds equal their single runs bit for bit, vmapped seeds and
+seeds in processes equal sequential ones up to float rounding, each seed gets its own folder,
+checkpoint and W&B run in one group, the top-level summary aggregates them, a stop reaches the
+seeds' processes, and bad seed settings are one-line errors."""
 
+import dataclasses
 import json
+import os
 
 import chex
 import jax
@@ -109,6 +112,57 @@ def test_vmapped_seeds_match_sequential_ones(sequential, vmapped):
     assert summary["test/accuracy"] == pytest.approx(expected["test/accuracy"], abs=0.005)
 
 
+@pytest.fixture(scope="module")
+def in_processes(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("processes")
+    return run_dir, run_seeds(config(seeds_strategy="processes"), run_dir, local)
+
+
+@needs_fashion_mnist
+def test_seeds_in_processes_match_sequential_ones(sequential, in_processes):
+    run_dir, expected = sequential
+    tmp_path, summary = in_processes
+    assert summary["status"] == "ok" and summary["strategy"] == "processes"
+    for seed in SEEDS:
+        apart, one_by_one = tmp_path / f"seed_{seed}", run_dir / f"seed_{seed}"
+        chex.assert_trees_all_close(params(apart), params(one_by_one), rtol=1e-5, atol=1e-5)
+        got, want = metrics(apart), metrics(one_by_one)
+        assert [r["step"] for r in got] == [r["step"] for r in want]
+        losses = [[r["train/loss"] for r in m if "train/loss" in r] for m in (got, want)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4) and len(losses[0]) == 4
+        assert f"seed: {seed}\nseeds: []" in (apart / "config.yaml").read_text()
+        one = json.loads((apart / "summary.json").read_text())
+        assert summary["per_seed"][str(seed)]["test/accuracy"] == one["test/accuracy"]
+    assert summary["test/accuracy"] == pytest.approx(expected["test/accuracy"], abs=0.002)
+
+
+class StopWhenTraining:
+    """Turns true once every seed has logged a training step: the seeds' processes are mid-run."""
+
+    def __init__(self, run_dir, seeds):
+        self.files = [run_dir / f"seed_{s}" / "metrics.jsonl" for s in seeds]
+
+    def __call__(self) -> bool:
+        return all(f.is_file() and f.stat().st_size > 0 for f in self.files)
+
+
+@needs_fashion_mnist
+def test_a_stop_reaches_the_seeds_processes_and_the_rerun_resumes_them(tmp_path):
+    """`stop` turning true (a caught SIGTERM) goes on to the seeds' processes: each saves a
+    checkpoint and stops; the rerun resumes both and finishes."""
+    cfg = config(seeds_strategy="processes", train=dataclasses.replace(
+        small_config().train, epochs=30, log_every_steps=5))  # fmt: skip
+    stopped = run_seeds(cfg, tmp_path, local, stop=StopWhenTraining(tmp_path, SEEDS))
+    assert stopped["status"] == "preempted", stopped.get("error")
+    for seed in SEEDS:
+        assert stopped["per_seed"][str(seed)]["status"] == "preempted"
+    resumed = run_seeds(cfg, tmp_path, local)
+    assert resumed["status"] == "ok", resumed.get("error")
+    for seed in SEEDS:
+        one = json.loads((tmp_path / f"seed_{seed}" / "summary.json").read_text())
+        assert 0 < one["resumed_from_step"] < 30 * 31 and one["steps"] == 30 * 31
+
+
 def test_aggregate_reports_a_diverged_seed_and_averages_the_others():
     ok = {"status": "ok", "test/accuracy": 0.8, "val/best_accuracy": 0.7}
     bad = {"status": "diverged", "error": "loss or gradient became non-finite by step 5"}
@@ -122,6 +176,14 @@ def test_strategy_choice_and_seed_validation():
     assert choose_strategy("auto", "cpu", 1) == "sequential"
     assert choose_strategy("auto", "gpu", 1) == "vmap"
     assert choose_strategy("auto", "gpu", 8) == "sequential"
+    assert choose_strategy("auto", "cpu", 1, num_seeds=3, num_cores=2) == "processes"
+    assert choose_strategy("auto", "cpu", 1, num_seeds=1, num_cores=2) == "sequential"
+    assert choose_strategy("auto", "cpu", 1, num_seeds=3, num_cores=1) == "sequential"
+    assert choose_strategy("auto", "cpu", 8, num_seeds=3, num_cores=2) == "sequential"
+    with pytest.raises(ConfigError, match="splits one CPU's cores between the seeds, not gpu"):
+        choose_strategy("processes", "gpu", 1)
+    with pytest.raises(ConfigError, match="not 8 devices"):
+        choose_strategy("processes", "cpu", 8)
     with pytest.raises(ConfigError, match="seeds_strategy=vmap trains on one device, not 8"):
         choose_strategy("vmap", "gpu", 8)
     validate(config(seeds_strategy="vmap"))
@@ -147,7 +209,10 @@ def test_cli_trains_every_seed_with_one_wandb_run_each_in_one_group(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mean and std of 2 seeds" in done.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "ok" and summary["strategy"] == "sequential"
+    # two seeds on a CPU with several cores: a process each (auto)
+    strategy = "processes" if len(os.sched_getaffinity(0)) > 1 else "sequential"
+    assert summary["status"] == "ok" and summary["strategy"] == strategy
+    assert "[seed 1] epoch 1 step" in done.stderr or strategy == "sequential"
     for seed in (0, 1):  # each seed's own pictures (logger.pictures is on by default)
         assert len(list((run_dir / f"seed_{seed}" / "pictures").glob("*.png"))) == 5
     assert set(summary["per_seed"]) == {"0", "1"}

@@ -88,6 +88,30 @@ def test_augmentation_crops_and_flips_per_example():
     assert jnp.array_equal(many, again)
 
 
+def test_random_erasing_fills_one_rectangle_of_the_asked_size_with_noise():
+    images = jnp.full((256, 28, 28, 1), 128, jnp.uint8)
+    cfg = AugmentConfig(erase=1.0, erase_scale=[0.1, 0.3], erase_ratio=0.5)
+    erased = np.asarray(augment(images, jax.random.key(0), cfg))[..., 0] != 128  # [B, H, W]
+    rows, cols = erased.any(axis=2), erased.any(axis=1)  # [B, H], [B, W]
+    heights, widths = rows.sum(1), cols.sum(1)
+    area = heights * widths / (28 * 28)  # the bounding box: noise may hit 128 inside it
+    assert (area >= 0.1 * 0.8).all() and (area <= 0.3 * 1.25).all()  # rounded to whole pixels
+    aspect = heights / widths
+    assert (aspect >= 0.5 * 0.7).all() and (aspect <= 2 / 0.7).all()
+    assert erased.sum() >= 0.98 * (heights * widths).sum()  # filled, up to noise that hit 128
+    corners = {(int(r.argmax()), int(c.argmax())) for r, c in zip(rows, cols, strict=True)}
+    assert len(corners) > 100  # at positions spread over the image
+    some = np.asarray(augment(images, jax.random.key(0), AugmentConfig(erase=0.5)))
+    assert 0.35 < (some != 128).any(axis=(1, 2, 3)).mean() < 0.65
+    # turning erasing on leaves the crops and flips of the same key as they were
+    x = jax.random.randint(jax.random.key(1), (64, 28, 28, 1), 0, 256).astype(jnp.uint8)
+    plain = augment(x, jax.random.key(2), AugmentConfig(crop_padding=2, flip=True))
+    more = augment(x, jax.random.key(2), AugmentConfig(crop_padding=2, flip=True, erase=0.5))
+    changed = np.asarray(plain != more)[..., 0]  # [B, H, W]
+    box = changed.any(axis=2).sum(1) * changed.any(axis=1).sum(1) / (28 * 28)  # [B]
+    assert 0.3 < (box == 0).mean() < 0.7 and (box <= 0.4 * 1.25).all()  # erased, nothing else
+
+
 @needs_fashion_mnist
 @pytest.mark.parametrize(
     "model, loss, optimizer",

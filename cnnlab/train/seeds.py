@@ -1,7 +1,7 @@
 """Many seeds of one config in one program: `seeds=[0,1,...]`.
 
 Seed s trains the model that `seed=s` alone would, into its own folder `<run_dir>/seed_<s>/` with
-every file a single run writes and its own tracker (its own W&B run). Two strategies:
+every file a single run writes and its own tracker (its own W&B run). Three strategies:
 
 - `sequential`: one seed after another in this process, on data loaded once and steps compiled
   once (the shapes do not change, so nothing recompiles); each seed's results are bit-identical to
@@ -9,17 +9,28 @@ every file a single run writes and its own tracker (its own W&B run). Two strate
 - `vmap`: the S models stacked along a leading axis and trained by one vmapped step
   (`fit_lanes`), each with its own data order and keys; the same results as `sequential` up to the
   order of float sums. On one GPU or TPU S small models cost little more than one.
+- `processes`: on the CPU, each seed in its own spawned process pinned to its share of this
+  process's cores, as many seeds at a time as there are cores (a last, smaller wave shares all of
+  them). XLA's CPU kernels use a second core far less well than a second model does: two
+  AlexNet-lite seeds on one core each take 44 minutes side by side, against 33 minutes each one
+  after another on both cores. Each seed equals its single run up to the order of float sums.
 
-`auto` picks vmap on one GPU or TPU and sequential on the CPU, where XLA turns the vmapped
-convolutions into grouped convolutions that run slower than S models one after another.
+`auto` picks vmap on one GPU or TPU, processes for several seeds on a CPU with several cores,
+and sequential otherwise (XLA turns vmapped convolutions into grouped convolutions, which run
+slower on the CPU than S models one after another).
 `<run_dir>/summary.json` aggregates the seeds.
 
 Glossary: `S` seeds (lanes).
 """
 
 import dataclasses
+import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Callable
 from contextlib import ExitStack
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import jax
@@ -33,6 +44,7 @@ from cnnlab.parallel import put, replicated
 from cnnlab.tracking import Tracker
 from cnnlab.tracking.local import write_json
 from cnnlab.train.loop import fit_lanes
+from cnnlab.train.preemption import Preemption
 from cnnlab.train.run import (
     CheckpointSaver,
     end_run,
@@ -48,15 +60,27 @@ from cnnlab.train.step import create_state
 MakeTracker = Callable[[Config, Path], Tracker]  # (a seed's config, its folder) -> its tracker
 
 
-def choose_strategy(strategy: str, backend: str, num_devices: int) -> str:
-    """`seeds_strategy` resolved for this runtime: `auto` is vmap on one GPU or TPU, else
-    sequential. vmap runs on one device (the lanes are not split over a mesh)."""
+def choose_strategy(
+    strategy: str, backend: str, num_devices: int, num_seeds: int = 1, num_cores: int = 1
+) -> str:
+    """`seeds_strategy` resolved for this runtime: `auto` is vmap on one GPU or TPU, processes
+    for several seeds on one CPU device with several cores, else sequential. vmap runs on one
+    device (the lanes are not split over a mesh); processes on one CPU device in one process."""
+    one = num_devices == 1 and jax.process_count() == 1
     if strategy == "auto":
-        return "vmap" if backend != "cpu" and num_devices == 1 else "sequential"
+        if backend != "cpu":
+            return "vmap" if one else "sequential"
+        return "processes" if one and num_seeds > 1 and num_cores > 1 else "sequential"
     if strategy == "vmap" and num_devices > 1:
         raise ConfigError(
             f"seeds_strategy=vmap trains on one device, not {num_devices}; use "
             "seeds_strategy=sequential (or auto), or one device (e.g. CUDA_VISIBLE_DEVICES=0)"
+        )
+    if strategy == "processes" and (backend != "cpu" or not one):
+        where = backend if backend != "cpu" else f"{num_devices} devices"
+        raise ConfigError(
+            f"seeds_strategy=processes splits one CPU's cores between the seeds, not {where}; "
+            "use seeds_strategy=auto"
         )
     return strategy
 
@@ -86,9 +110,12 @@ def run_seeds(
             write_json(run_dir / "summary.json", summary)
 
     with recording(summary, finish):
-        strategy = choose_strategy(cfg.seeds_strategy, jax.default_backend(), jax.device_count())
+        strategy = choose_strategy(
+            cfg.seeds_strategy, jax.default_backend(), jax.device_count(), len(cfg.seeds),
+            len(os.sched_getaffinity(0)),
+        )  # fmt: skip
         summary["strategy"] = strategy
-        train = _sequential if strategy == "sequential" else _vmapped
+        train = {"sequential": _sequential, "vmap": _vmapped, "processes": _processes}[strategy]
         summary.update(aggregate(train(cfg, run_dir, make_tracker, stop)))
     return summary
 
@@ -104,6 +131,111 @@ def _sequential(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> 
         if summaries[seed]["status"] == "preempted":
             break  # the seeds after it start when the job runs again
     return summaries
+
+
+# jax.config settings that a seed's process takes from this one (cnnlab-train sets them)
+INHERITED_JAX_CONFIG = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+def _processes(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> dict[int, dict]:
+    """Each seed in a spawned process with its share of the cores, in waves of at most one seed
+    a core. `make_tracker` must pickle (a module-level function or class). A signal that `stop`
+    caught goes on to the seeds' processes as SIGTERM: each saves a checkpoint and stops, and
+    the seeds of later waves start when the job runs again."""
+    cores = sorted(os.sched_getaffinity(0))
+    settings = {name: getattr(jax.config, name) for name in INHERITED_JAX_CONFIG}
+    context = multiprocessing.get_context("spawn")  # a fork of a process running XLA hangs
+    summaries: dict[int, dict] = {}
+    pending = list(cfg.seeds)
+    while pending and not stop():
+        wave, pending = pending[: len(cores)], pending[len(cores) :]
+        shares = [cores[i :: len(wave)] for i in range(len(wave))]
+        outcomes = _run_wave(context, cfg, run_dir, make_tracker, stop, wave, shares, settings)
+        for seed in wave:
+            kind, value = outcomes[seed]
+            if kind == "raised":
+                raise value  # as the sequential strategy would: the seed's own record has it
+            summaries[seed] = value
+        if any(s["status"] == "preempted" for s in summaries.values()):
+            break
+    return summaries
+
+
+def _run_wave(context, cfg, run_dir, make_tracker, stop, wave, shares, settings) -> dict:
+    """Start one process per seed of `wave`, wait for all of them, and return each one's
+    `("ok", summary)` or `("raised", exception)`."""
+    processes, receivers, outcomes = {}, {}, {}
+    try:
+        for seed, share in zip(wave, shares, strict=True):
+            receive, send = context.Pipe(duplex=False)
+            one, folder = seed_config(cfg, seed), seed_dir(run_dir, seed)
+            args = (one, folder, make_tracker, share, settings, send)
+            processes[seed] = context.Process(
+                target=_seed_process, args=args, name=f"cnnlab-seed{seed}"
+            )
+            processes[seed].start()
+            send.close()  # the child holds the only writing end: its exit ends the pipe
+            receivers[receive] = seed
+        forwarded = False
+        while receivers:
+            for receive in wait(list(receivers), timeout=1.0):
+                seed = receivers.pop(receive)
+                try:
+                    outcomes[seed] = receive.recv()
+                except EOFError:  # killed (out of memory?) or exited before it could answer
+                    processes[seed].join()
+                    code = processes[seed].exitcode
+                    error = f"the process of seed {seed} ended with exit code {code}"
+                    outcomes[seed] = ("ok", {"status": "failed", "seed": seed, "error": error})
+            if stop() and not forwarded:
+                forwarded = True
+                for process in processes.values():
+                    if process.is_alive():
+                        os.kill(process.pid, signal.SIGTERM)
+    finally:
+        for process in processes.values():
+            process.join(timeout=60 if not outcomes else 600)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    return outcomes
+
+
+class _Prefixed:
+    """A text stream that starts each line with `prefix`: the seeds' processes share a terminal."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                self.stream.write(self.prefix)
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False  # plain progress lines, not a progress bar per process
+
+
+def _seed_process(one: Config, folder: Path, make_tracker, cores, settings, send) -> None:
+    """A seed's process: pinned to `cores` before XLA sizes its thread pools, then one run."""
+    os.sched_setaffinity(0, cores)
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    sys.stdout = _Prefixed(sys.stdout, f"[seed {one.seed}] ")
+    sys.stderr = _Prefixed(sys.stderr, f"[seed {one.seed}] ")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with Preemption() as stop:
+            outcome = ("ok", run(one, folder, make_tracker(one, folder), stop=stop))
+    except Exception as e:
+        outcome = ("raised", e)
+    send.send(outcome)
 
 
 def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> dict[int, dict]:

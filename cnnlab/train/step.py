@@ -21,7 +21,8 @@ Glossary: `N` examples in a split, `B` batch, `H, W` spatial, `C` channels, `K` 
 """
 
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -94,8 +95,13 @@ def normalize(images: jax.Array, mean: np.ndarray, std: np.ndarray) -> jax.Array
     return (images.astype(jnp.float32) - mean) / std
 
 
+def augmenting(cfg: AugmentConfig) -> bool:
+    return cfg.crop_padding > 0 or cfg.flip or cfg.erase > 0
+
+
 def augment(images: jax.Array, key: jax.Array, cfg: AugmentConfig) -> jax.Array:
-    """Random crop after zero padding, and random horizontal flip, per example. [B, H, W, C]."""
+    """Random crop after zero padding, random horizontal flip and random erasing, per example, in
+    that order. [B, H, W, C] uint8."""
     b, h, w, c = images.shape
     crop_key, flip_key = jax.random.split(key)
     if cfg.crop_padding:
@@ -107,7 +113,36 @@ def augment(images: jax.Array, key: jax.Array, cfg: AugmentConfig) -> jax.Array:
     if cfg.flip:
         flip = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
         images = jnp.where(flip, images[:, :, ::-1], images)
+    if cfg.erase > 0:  # its own key, so that turning it on leaves the crops and flips as they were
+        images = erase(
+            images, jax.random.fold_in(key, 2), cfg.erase, cfg.erase_scale, cfg.erase_ratio
+        )
     return images
+
+
+def erase(
+    images: jax.Array, key: jax.Array, probability: float, scale: Sequence[float], ratio: float
+) -> jax.Array:
+    """Random erasing (Zhong et al., 2017, arXiv:1708.04896): with `probability`, an image gets
+    one rectangle of `scale` (min, max) of its area, aspect ratio (height / width) log-uniform in
+    [ratio, 1 / ratio], at a uniform position, filled with uniform noise. The paper redraws a
+    rectangle that does not fit; here its sides are clipped to the image. [B, H, W, C] uint8."""
+    b, h, w, _ = images.shape
+    keys = jax.random.split(key, 6)
+    area = jax.random.uniform(keys[0], (b,), minval=scale[0], maxval=scale[1]) * (h * w)
+    log_ratio = abs(math.log(ratio))
+    aspect = jnp.exp(jax.random.uniform(keys[1], (b,), minval=-log_ratio, maxval=log_ratio))
+    eh = jnp.clip(jnp.round(jnp.sqrt(area * aspect)), 1, h).astype(jnp.int32)  # [B]
+    ew = jnp.clip(jnp.round(jnp.sqrt(area / aspect)), 1, w).astype(jnp.int32)
+    top = jax.random.randint(keys[2], (b,), 0, h - eh + 1)
+    left = jax.random.randint(keys[3], (b,), 0, w - ew + 1)
+    rows = jnp.arange(h)[None, :, None]  # [1, H, 1]
+    cols = jnp.arange(w)[None, None, :]  # [1, 1, W]
+    inside = (rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
+    inside &= (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None])  # [B, H, W]
+    inside &= jax.random.bernoulli(keys[4], probability, (b, 1, 1))
+    noise = jax.random.bits(keys[5], images.shape, images.dtype)
+    return jnp.where(inside[..., None], noise, images)
 
 
 def to_dtype(tree, dtype):
@@ -140,7 +175,6 @@ def make_train_step(
     `lanes=True` trains S models at once (`jax.vmap`, one device): the state, `idx` [S, B], `key`
     [S] and the metrics have a leading axis S, one entry per model; the dataset is shared.
     """
-    augmenting = augment_cfg.crop_padding > 0 or augment_cfg.flip
     dtype = PRECISIONS[precision]
     mesh = mesh or data_mesh()
     everywhere, split = replicated(mesh), batch_sharded(mesh)
@@ -148,7 +182,7 @@ def make_train_step(
     def train_step(state: TrainState, images, labels, idx, key) -> tuple[TrainState, Metrics]:
         augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
         x, y = images[idx], labels[idx]  # [B, H, W, C] uint8, [B]
-        if augmenting:
+        if augmenting(augment_cfg):
             x = augment(x, augment_key, augment_cfg)
         x = normalize(x, mean, std)
 
