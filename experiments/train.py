@@ -215,7 +215,8 @@ def train(node: DictConfig) -> float:
         if skip_done and (summary := _copy_done(cfg, run_dir, index)):
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             print(f"cnnlab: job {hydra_cfg.job.num} already done in {summary['cached_from']}")
-            return summary.get("val/best_accuracy")
+            best = summary.get("val/best_accuracy")  # null without a validation split
+            return FAILED if best is None else best
         # Every process of a multi-host run trains; the first one keeps the record.
         primary = jax.process_index() == 0
         # SIGTERM/SIGUSR1/SIGUSR2 (SLURM's warnings) save a checkpoint and end the run cleanly

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnnlab.config import AugmentConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cnnlab.config import AugmentConfig, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cnnlab.data import load_dataset
 from cnnlab.models import build_model
 from cnnlab.tracking import Trackers
@@ -168,6 +168,19 @@ def test_divergence_stops_the_run_with_its_step(tmp_path):
         records[-1]["train/grad_norm"]
     )
     assert summary["steps"] <= 10 and not (run_dir / "checkpoint").exists()
+
+
+@needs_fashion_mnist
+def test_a_run_without_a_validation_split_writes_strict_json(tmp_path):
+    data = DataConfig(train_limit=1000, test_limit=500, val_fraction=0.0)
+    run_dir, summary = _run(tmp_path, "noval", data=data)
+    assert summary["status"] == "ok" and math.isnan(summary["val/best_accuracy"])
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    written = json.loads((run_dir / "summary.json").read_text(), parse_constant=refuse)
+    assert written["val/best_accuracy"] is None and written["test/accuracy"] > 0.3
 
 
 def test_skip_nonfinite_leaves_the_state_and_counts_the_skipped_updates(fmnist):

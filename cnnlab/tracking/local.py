@@ -11,6 +11,7 @@
 
 import csv
 import json
+import math
 import os
 import socket
 import time
@@ -23,11 +24,22 @@ from cnnlab.tracking import confusion_matrix
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a reader never sees a half-written file, and processes writing the
-    same file at once (the hosts of a multi-host run) each replace it whole."""
+    """Write strict JSON atomically: a reader never sees a half-written file, and processes
+    writing the same file at once (the hosts of a multi-host run) each replace it whole. A NaN or
+    infinite float (no validation split: no best validation accuracy) is written as null."""
     tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 class LocalTracker:
