@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
@@ -18,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from cnnlab import checkpoint
 from cnnlab.config import ModelConfig
 from cnnlab.errors import CnnlabError
-from cnnlab.models import build_model
+from cnnlab.models import build_model, variables_like
 from cnnlab.train.step import normalize
 from experiments.hydra_conf import exit_on_user_error
 
@@ -49,7 +48,7 @@ def predict(run_dir: Path, images: list[Path]) -> list[list[tuple[str, float]]]:
     meta = json.loads((run_dir / "dataset.json").read_text())
     shape, names = tuple(meta["image_shape"]), meta["class_names"]
     model = build_model(model_cfg, len(names))
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+    like = variables_like(model, shape)
     model_vars = checkpoint.load_variables(run_dir / "checkpoint", like)
     batch = np.stack([load_image(p, shape) for p in images])  # [N, H, W, C]
     x = normalize(batch, np.float32(meta["mean"]), np.float32(meta["std"]))

@@ -15,6 +15,7 @@ import pytest
 from cnnlab import checkpoint
 from cnnlab.config import CheckpointConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.models import variables_like
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.run import prepare, run
@@ -200,7 +201,7 @@ def test_a_checkpoint_of_an_earlier_release_still_loads(tmp_path):
     schema = OmegaConf.structured(Config)
     cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(golden / "config.yaml")))
     model = build_model(cfg.model, 10)
-    like = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1)))["params"]
+    like = variables_like(model, (28, 28, 1))["params"]
     params = checkpoint.load_params(golden / "checkpoint", like)
     expected = json.loads((golden / "expected.json").read_text())
     x = np.linspace(-1, 1, 2 * 28 * 28, dtype=np.float32).reshape(2, 28, 28, 1)
@@ -233,7 +234,7 @@ def test_batch_norm_statistics_resume_start_fine_tunes_and_predict(tmp_path):
     assert np.abs(final["batch_stats"]["norm1"]["mean"]).max() > 0.01  # they were updated
 
     model = prepare(cfg).model
-    like = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1)))
+    like = variables_like(model, (28, 28, 1))
     for source in (whole, newest(whole) / "state"):
         loaded = checkpoint.load_init_variables(source, like)
         chex.assert_trees_all_equal(loaded["batch_stats"], final["batch_stats"])

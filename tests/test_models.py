@@ -10,7 +10,7 @@ import pytest
 from cnnlab import geometry
 from cnnlab.config import ModelConfig
 from cnnlab.errors import ConfigError
-from cnnlab.models import build_model, resolve
+from cnnlab.models import build_model, resolve, variables_like
 
 LENET5 = ModelConfig()  # the dataclass defaults are LeNet-5's, with padding "same"
 LENET5_FMNIST = dataclasses.replace(LENET5, padding=[2, 0])
@@ -22,7 +22,7 @@ ALEXNET_LITE = ModelConfig(
 
 def real_params(cfg: ModelConfig, shape, num_classes=10):
     model = build_model(cfg, num_classes)
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+    return variables_like(model, shape)["params"]
 
 
 def count(tree) -> int:

@@ -35,7 +35,7 @@ from cnnlab.config import (
 )
 from cnnlab.data import load_dataset
 from cnnlab.errors import ConfigError
-from cnnlab.models import build_model
+from cnnlab.models import build_model, variables_like
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.losses import LOSSES
@@ -92,7 +92,7 @@ def free_port() -> int:
 def params(run_dir, cfg: Config):
     """The final parameters and BatchNorm statistics."""
     model = build_model(cfg.model, 10)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    like = variables_like(model, (28, 28, 1))
     return checkpoint.load_variables(run_dir / "checkpoint", like)
 
 

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,7 +14,7 @@ from cnnlab import checkpoint, geometry
 from cnnlab.config import ModelConfig, TrainConfig
 from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError
-from cnnlab.models import build_model, resolve
+from cnnlab.models import build_model, resolve, variables_like
 from cnnlab.models.layers import ACTIVATIONS
 from cnnlab.report import pictures
 from cnnlab.report.pictures import PANEL
@@ -40,7 +39,7 @@ def trained(tmp_path_factory):
     summary = run(CFG, run_dir, Trackers(LocalTracker(run_dir)))
     assert summary["status"] == "ok"
     model = build_model(CFG.model, 10)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    like = variables_like(model, (28, 28, 1))
     model_vars = checkpoint.load_variables(run_dir / "checkpoint", like)
     data = load_dataset(CFG.data)
     probs = pictures.predict_probs(model, model_vars, data.test.images, data.mean, data.std)
@@ -122,7 +121,7 @@ def _untrained(cfg: ModelConfig, shape: tuple[int, int, int]):
     positive) and a random image."""
     model = build_model(cfg, 10)
     rng = np.random.default_rng(0)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+    like = variables_like(model, shape)
 
     def draw(path, s):
         if path[-1].key == "var":

@@ -8,20 +8,19 @@ import json
 import os
 
 import chex
-import jax
-import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cnnlab import checkpoint
 from cnnlab.config import DataConfig, config_hash
 from cnnlab.errors import ConfigError
-from cnnlab.models import build_model
+from cnnlab.models import build_model, variables_like
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.run import run
 from cnnlab.train.seeds import aggregate, choose_strategy, run_seeds
 from cnnlab.validate import validate
-from tests.conftest import cli, needs_fashion_mnist, small_config
+from tests.conftest import cli, final_params, needs_fashion_mnist, small_config
 from tests.wandb_records import records
 
 # LeNet-5, 31 steps of 64 on 2,000 images, 600 validation and 500 test images
@@ -39,7 +38,7 @@ def local(cfg, folder):
 
 def params(folder):
     model = build_model(small_config().model, 10)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    like = variables_like(model, (28, 28, 1))["params"]
     return checkpoint.load_params(folder / "checkpoint", like)
 
 
@@ -110,6 +109,27 @@ def test_vmapped_seeds_match_sequential_ones(sequential, vmapped):
         assert got[0]["train/loss"] == pytest.approx(want[0]["train/loss"], rel=1e-4)
         assert (vmapped / "checkpoint").is_dir() and (vmapped / "confusion_matrix.csv").is_file()
     assert summary["test/accuracy"] == pytest.approx(expected["test/accuracy"], abs=0.005)
+
+
+@needs_fashion_mnist
+def test_vmapped_seeds_with_batch_norm_keep_each_seeds_statistics(tmp_path):
+    """BatchNorm's running statistics are stacked like the parameters: each vmapped seed ends
+    with the statistics (and parameters) its sequential run has."""
+    with_bn = dataclasses.replace(small_config().model, norm="batch")
+    runs = {}
+    for strategy in ("sequential", "vmap"):
+        cfg = config(seeds_strategy=strategy, model=with_bn)
+        runs[strategy] = run_seeds(cfg, tmp_path / strategy, local)
+        assert runs[strategy]["status"] == "ok" and runs[strategy]["strategy"] == strategy
+    stats = {}
+    for seed in SEEDS:
+        vmapped, one_by_one = (final_params(tmp_path / s / f"seed_{seed}") for s in runs)
+        assert set(vmapped) == {"params", "batch_stats"}
+        chex.assert_trees_all_close(vmapped, one_by_one, rtol=1e-4, atol=1e-4)
+        stats[seed] = vmapped["batch_stats"]["norm1"]["mean"]
+    assert not np.allclose(stats[0], stats[1])  # each seed its own statistics
+    expected, got = runs["sequential"]["test/accuracy"], runs["vmap"]["test/accuracy"]
+    assert got == pytest.approx(expected, abs=0.005)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from cnnlab.config import ModelConfig
 from cnnlab.errors import ConfigError, check_choice
@@ -162,3 +164,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         norm=arch.norm,
         norm_groups=arch.norm_groups,
     )
+
+
+def variables_like(model: nn.Module, image_shape: tuple[int, ...]) -> dict:
+    """The model's Flax variables (`params`, and `batch_stats` with BatchNorm) as shapes and
+    dtypes, computing nothing: the `like` tree that restores a checkpoint. [H, W, C] images."""
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))

@@ -31,7 +31,7 @@ from cnnlab import checkpoint, geometry
 from cnnlab.config import Config, ModelConfig
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import CnnlabError
-from cnnlab.models import Architecture, build_model, resolve
+from cnnlab.models import Architecture, build_model, resolve, variables_like
 from cnnlab.models.layers import ACTIVATIONS, POOLS
 from cnnlab.report.plots import no_data, series_color
 from cnnlab.tracking import confusion_matrix
@@ -432,7 +432,7 @@ def draw_all(
     data = load_dataset(cfg.data)
     _check_same_data(run_dir, data)
     model = build_model(cfg.model, data.num_classes)
-    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *data.image_shape)))
+    like = variables_like(model, data.image_shape)
     model_vars = checkpoint.load_variables(run_dir / "checkpoint", like)
     probs = predict_probs(model, model_vars, data.test.images, data.mean, data.std)
     records = read_metrics(run_dir / "metrics.jsonl")

@@ -147,7 +147,11 @@ def _processes(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> d
     context = multiprocessing.get_context("spawn")  # a fork of a process running XLA hangs
     summaries: dict[int, dict] = {}
     pending = list(cfg.seeds)
-    while pending and not stop():
+    while pending:
+        if stop() or any(s["status"] == "preempted" for s in summaries.values()):
+            error = "stopped before this seed started; it starts when the job runs again"
+            summaries.update({s: {"status": "preempted", "error": error} for s in pending})
+            break
         wave, pending = pending[: len(cores)], pending[len(cores) :]
         shares = [cores[i :: len(wave)] for i in range(len(wave))]
         outcomes = _run_wave(context, cfg, run_dir, make_tracker, stop, wave, shares, settings)
@@ -156,8 +160,6 @@ def _processes(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> d
             if kind == "raised":
                 raise value  # as the sequential strategy would: the seed's own record has it
             summaries[seed] = value
-        if any(s["status"] == "preempted" for s in summaries.values()):
-            break
     return summaries
 
 
@@ -192,9 +194,9 @@ def _run_wave(context, cfg, run_dir, make_tracker, stop, wave, shares, settings)
                 for process in processes.values():
                     if process.is_alive():
                         os.kill(process.pid, signal.SIGTERM)
-    finally:
+    finally:  # after an answer a process only exits; after Ctrl-C it stops as this one does
         for process in processes.values():
-            process.join(timeout=60 if not outcomes else 600)
+            process.join(timeout=60)
             if process.is_alive():
                 process.terminate()
                 process.join()
@@ -235,6 +237,8 @@ def _seed_process(one: Config, folder: Path, make_tracker, cores, settings, send
             outcome = ("ok", run(one, folder, make_tracker(one, folder), stop=stop))
     except Exception as e:
         outcome = ("raised", e)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process: the parent reports it, once
+        sys.exit(130)
     send.send(outcome)
 
 
