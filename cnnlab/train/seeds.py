@@ -112,7 +112,7 @@ def run_seeds(
     with recording(summary, finish):
         strategy = choose_strategy(
             cfg.seeds_strategy, jax.default_backend(), jax.device_count(), len(cfg.seeds),
-            len(os.sched_getaffinity(0)),
+            len(usable_cores()),
         )  # fmt: skip
         summary["strategy"] = strategy
         train = {"sequential": _sequential, "vmap": _vmapped, "processes": _processes}[strategy]
@@ -142,7 +142,7 @@ def _processes(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> d
     a core. `make_tracker` must pickle (a module-level function or class). A signal that `stop`
     caught goes on to the seeds' processes as SIGTERM: each saves a checkpoint and stops, and
     the seeds of later waves start when the job runs again."""
-    cores = sorted(os.sched_getaffinity(0))
+    cores = usable_cores()
     settings = {name: getattr(jax.config, name) for name in INHERITED_JAX_CONFIG}
     context = multiprocessing.get_context("spawn")  # a fork of a process running XLA hangs
     summaries: dict[int, dict] = {}
@@ -161,6 +161,13 @@ def _processes(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> d
                 raise value  # as the sequential strategy would: the seed's own record has it
             summaries[seed] = value
     return summaries
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity: a SLURM job's share, `taskset`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def _run_wave(context, cfg, run_dir, make_tracker, stop, wave, shares, settings) -> dict:
@@ -226,7 +233,8 @@ class _Prefixed:
 
 def _seed_process(one: Config, folder: Path, make_tracker, cores, settings, send) -> None:
     """A seed's process: pinned to `cores` before XLA sizes its thread pools, then one run."""
-    os.sched_setaffinity(0, cores)
+    if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the seeds share every core
+        os.sched_setaffinity(0, cores)
     for name, value in settings.items():
         jax.config.update(name, value)
     sys.stdout = _Prefixed(sys.stdout, f"[seed {one.seed}] ")
