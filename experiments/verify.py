@@ -57,7 +57,9 @@ def machine() -> str:
 
     backend = jax.default_backend()
     if backend == "cpu":
-        return f"cpu, {len(os.sched_getaffinity(0))} cores"
+        from cnnlab.train.seeds import usable_cores
+
+        return f"cpu, {len(usable_cores())} cores"
     return f"{backend}: {jax.devices()[0].device_kind}"
 
 

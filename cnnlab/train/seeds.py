@@ -172,7 +172,7 @@ def usable_cores() -> list[int]:
 
 def _run_wave(context, cfg, run_dir, make_tracker, stop, wave, shares, settings) -> dict:
     """Start one process per seed of `wave`, wait for all of them, and return each one's
-    `("ok", summary)` or `("raised", exception)`."""
+    `("summary", summary)` or `("raised", exception)`."""
     processes, receivers, outcomes = {}, {}, {}
     try:
         for seed, share in zip(wave, shares, strict=True):
@@ -195,7 +195,7 @@ def _run_wave(context, cfg, run_dir, make_tracker, stop, wave, shares, settings)
                     processes[seed].join()
                     code = processes[seed].exitcode
                     error = f"the process of seed {seed} ended with exit code {code}"
-                    outcomes[seed] = ("ok", {"status": "failed", "seed": seed, "error": error})
+                    outcomes[seed] = ("summary", {"status": "failed", "seed": seed, "error": error})
             if stop() and not forwarded:
                 forwarded = True
                 for process in processes.values():
@@ -242,7 +242,7 @@ def _seed_process(one: Config, folder: Path, make_tracker, cores, settings, send
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with Preemption() as stop:
-            outcome = ("ok", run(one, folder, make_tracker(one, folder), stop=stop))
+            outcome = ("summary", run(one, folder, make_tracker(one, folder), stop=stop))
     except Exception as e:
         outcome = ("raised", e)
     except KeyboardInterrupt:  # Ctrl-C reaches every process: the parent reports it, once
