@@ -34,6 +34,7 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
+from cnnlab.compiler import compiler_options
 from cnnlab.config import AugmentConfig
 from cnnlab.parallel import batch_sharded, data_mesh, replicated, step_input
 
@@ -87,7 +88,9 @@ def create_state(
 
     if lanes:
         init = jax.vmap(init)
-    return jax.jit(init, out_shardings=replicated(mesh or data_mesh()))(key)
+    mesh = mesh or data_mesh()
+    options = compiler_options(mesh)
+    return jax.jit(init, out_shardings=replicated(mesh), compiler_options=options)(key)
 
 
 def normalize(images: jax.Array, mean: np.ndarray, std: np.ndarray) -> jax.Array:
@@ -217,6 +220,7 @@ def make_train_step(
         donate_argnums=0,
         in_shardings=(everywhere, everywhere, everywhere, split, everywhere),
         out_shardings=everywhere,  # the new state and the metrics, whole on every device
+        compiler_options=compiler_options(mesh),
     )
 
     @functools.wraps(jitted)  # step.__wrapped__: the compiled step, e.g. to inspect its program
@@ -263,6 +267,7 @@ def make_eval_step(
         in_shardings=(everywhere, everywhere, everywhere, split, split),
         out_shardings=everywhere,
         static_argnums=5,  # size
+        compiler_options=compiler_options(mesh),
     )
 
     @functools.wraps(jitted)

@@ -1,0 +1,70 @@
+"""cnnlab.compiler: the CPU compile options, what overrides them, and that they change no value."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cnnlab.train.step as step_module
+from cnnlab import compiler
+from cnnlab.config import AugmentConfig, ModelConfig, OptimizerConfig
+from cnnlab.models import build_model
+from cnnlab.parallel import data_mesh
+from cnnlab.train.losses import LOSSES
+from cnnlab.train.optim import build_optimizer
+from cnnlab.train.step import create_state, make_train_step
+
+
+@pytest.fixture
+def fresh_options():
+    compiler._options.cache_clear()
+    yield
+    compiler._options.cache_clear()
+
+
+def test_cpu_steps_compile_with_the_elemental_emitters(fresh_options, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert compiler.compiler_options(data_mesh()) == {"xla_cpu_use_fusion_emitters": False}
+    assert compiler._options("gpu") == {} and compiler._options("tpu") == {}
+
+
+def test_an_xla_flag_naming_the_option_wins(fresh_options, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
+                       "--xla_cpu_use_fusion_emitters=true")  # fmt: skip
+    assert compiler.compiler_options(data_mesh()) == {}
+
+
+def test_an_option_this_xla_does_not_know_is_left_out(fresh_options, monkeypatch):
+    assert compiler.supported({"xla_cpu_use_fusion_emitters": False})
+    assert not compiler.supported({"xla_cpu_no_such_option": False})
+    monkeypatch.setattr(compiler, "CPU_OPTIONS", {"xla_cpu_no_such_option": False})
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert compiler.compiler_options(data_mesh()) == {}
+
+
+@pytest.mark.parametrize("model", ["lenet5", "alexnet_lite"])
+def test_the_options_change_no_value_of_a_training_step(model, monkeypatch):
+    """Three augmented steps of each model compiled both ways: LeNet-5's end bit-identical,
+    AlexNet-lite's with BatchNorm within float32 rounding (a reduction is emitted differently)."""
+    cfg = ModelConfig(name=model, norm="batch" if model == "alexnet_lite" else "none")
+    net = build_model(cfg, 10)
+    tx, _ = build_optimizer(OptimizerConfig(), 10, 1)
+    rng = np.random.default_rng(0)
+    shape = (32, 32, 3) if model == "alexnet_lite" else (28, 28, 1)
+    images = jnp.asarray(rng.integers(0, 256, (64, *shape), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, 64, dtype=np.int32))
+    mean, std = np.full(shape[-1], 120.0, np.float32), np.full(shape[-1], 60.0, np.float32)
+    augment = AugmentConfig(crop_padding=2, flip=True)
+    states = []
+    for options in ({"xla_cpu_use_fusion_emitters": False}, {}):
+        monkeypatch.setattr(step_module, "compiler_options", lambda mesh, o=options: o)
+        train_step = make_train_step(LOSSES["cross_entropy"], 0.0, mean, std, augment)
+        state = create_state(net, tx, shape, jax.random.key(0))
+        for i in range(3):
+            idx = np.arange(16 * i, 16 * i + 16, dtype=np.int32)
+            state, _ = train_step(state, images, labels, idx, jax.random.key(1))
+        states.append(state)
+    same = chex.assert_trees_all_equal if model == "lenet5" else chex.assert_trees_all_close
+    same(states[0].params, states[1].params)
+    same(states[0].batch_stats, states[1].batch_stats)
