@@ -18,11 +18,19 @@ options are empty.
 
 import functools
 import os
+from collections.abc import Callable
 
 import jax
 from jax.sharding import Mesh
 
 CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+def jit(fun: Callable, mesh: Mesh, **kwargs) -> tuple[Callable, Callable]:
+    """`jax.jit(fun, **kwargs)` with `compiler_options(mesh)`, and the same jit without them:
+    JAX takes compile options on a top-level jit only, so the second is the one to trace inside
+    another (`jax.make_jaxpr`, a user's own `jax.jit`)."""
+    return jax.jit(fun, compiler_options=compiler_options(mesh), **kwargs), jax.jit(fun, **kwargs)
 
 
 def compiler_options(mesh: Mesh) -> dict[str, bool]:

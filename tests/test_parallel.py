@@ -102,15 +102,27 @@ def records(run_dir) -> list[dict]:
 
 
 def assert_trains_like(run_dir, reference) -> dict:
-    """The same summary and, within float32 summation-order noise, the same parameters."""
+    """The same records and summary as the single device's run: the first steps equal within
+    float32 summation-order noise; later ones within what training makes of that noise.
+
+    Summing a batch over 8 devices rounds differently, and training amplifies the difference: a
+    near-tie in a max pool or a pre-activation near ReLU's kink sends a gradient elsewhere. On
+    the AMD EPYC CPUs here, 2026-12-02: the mean loss of steps 1-5 agrees to 1e-7, of steps 6-10
+    to 5e-5, of steps 11-15 to 1e-3, and the parameters end up to 9e-3 apart. So the tight check
+    is on steps 1-5, whose updates an unsummed or mis-scaled gradient would already change.
+    """
     ref_dir, cfg, ref = reference
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps"] == ref["steps"] == 15
-    assert summary["test/accuracy"] == pytest.approx(ref["test/accuracy"], abs=0.004)
-    assert summary["train/loss"] == pytest.approx(ref["train/loss"], rel=1e-4)
-    chex.assert_trees_all_close(params(run_dir, cfg), params(ref_dir, cfg), atol=1e-4, rtol=0)
     ours, theirs = records(run_dir), records(ref_dir)
     assert [r["step"] for r in ours] == [r["step"] for r in theirs]  # one writer, every record
+    first, first_ref = ours[0], theirs[0]  # steps 1-5
+    assert first["step"] == 5
+    assert first["train/loss"] == pytest.approx(first_ref["train/loss"], rel=1e-5)
+    assert first["train/accuracy"] == pytest.approx(first_ref["train/accuracy"], abs=1e-6)
+    assert summary["test/accuracy"] == pytest.approx(ref["test/accuracy"], abs=0.02)
+    assert summary["train/loss"] == pytest.approx(ref["train/loss"], rel=1e-2)
+    chex.assert_trees_all_close(params(run_dir, cfg), params(ref_dir, cfg), atol=3e-2, rtol=0)
     return summary
 
 

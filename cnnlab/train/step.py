@@ -34,7 +34,7 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from cnnlab.compiler import compiler_options
+from cnnlab.compiler import compiler_options, jit
 from cnnlab.config import AugmentConfig
 from cnnlab.parallel import batch_sharded, data_mesh, replicated, step_input
 
@@ -215,15 +215,15 @@ def make_train_step(
 
     if lanes:
         train_step = jax.vmap(train_step, in_axes=(0, None, None, 0, 0))
-    jitted = jax.jit(
+    jitted, nestable = jit(
         train_step,
+        mesh,
         donate_argnums=0,
         in_shardings=(everywhere, everywhere, everywhere, split, everywhere),
         out_shardings=everywhere,  # the new state and the metrics, whole on every device
-        compiler_options=compiler_options(mesh),
     )
 
-    @functools.wraps(jitted)  # step.__wrapped__: the compiled step, e.g. to inspect its program
+    @functools.wraps(nestable)  # step.__wrapped__: the jitted step, to trace or inspect it
     def step(state: TrainState, images, labels, idx, key) -> tuple[TrainState, Metrics]:
         return jitted(state, images, labels, step_input(idx, split), key)
 
@@ -262,15 +262,15 @@ def make_eval_step(
         }
 
     # The outputs are replicated (the probabilities gathered), so that every process can read them.
-    jitted = jax.jit(
+    jitted, nestable = jit(
         eval_step,
+        mesh,
         in_shardings=(everywhere, everywhere, everywhere, split, split),
         out_shardings=everywhere,
         static_argnums=5,  # size
-        compiler_options=compiler_options(mesh),
     )
 
-    @functools.wraps(jitted)
+    @functools.wraps(nestable)
     def step(model_vars, images, labels, idx, mask) -> dict[str, jax.Array]:
         b, extra = len(idx), -len(idx) % mesh.size
         idx, mask = np.pad(idx, (0, extra), mode="edge"), np.pad(mask, (0, extra))  # [B + extra]
