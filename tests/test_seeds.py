@@ -5,6 +5,7 @@ seeds' processes, and bad seed settings are one-line errors."""
 
 import dataclasses
 import json
+import multiprocessing
 import os
 
 import chex
@@ -189,6 +190,15 @@ def test_aggregate_reports_a_diverged_seed_and_averages_the_others():
     assert out["per_seed"]["1"]["status"] == "diverged"
 
 
+def _choices_in_a_daemon() -> tuple[str, str]:
+    assert multiprocessing.current_process().daemon
+    try:
+        choose_strategy("processes", "cpu", 1, num_seeds=3, num_cores=2)
+    except ConfigError as e:
+        explicit = str(e)
+    return choose_strategy("auto", "cpu", 1, num_seeds=3, num_cores=2), explicit
+
+
 def test_strategy_choice_and_seed_validation():
     assert choose_strategy("auto", "cpu", 1) == "sequential"
     assert choose_strategy("auto", "gpu", 1) == "vmap"
@@ -203,6 +213,10 @@ def test_strategy_choice_and_seed_validation():
         choose_strategy("processes", "cpu", 8)
     with pytest.raises(ConfigError, match="seeds_strategy=vmap trains on one device, not 8"):
         choose_strategy("vmap", "gpu", 8)
+    # a daemonic process (a pool's worker, as a joblib launcher's may be) starts no processes
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        auto, explicit = pool.apply(_choices_in_a_daemon)
+    assert auto == "sequential" and "daemonic" in explicit
     validate(config(seeds_strategy="vmap"))
     with pytest.raises(ConfigError, match="seeds_strategy='grouped' is not known; .*auto, vmap"):
         validate(config(seeds_strategy="grouped"))

@@ -65,12 +65,20 @@ def choose_strategy(
 ) -> str:
     """`seeds_strategy` resolved for this runtime: `auto` is vmap on one GPU or TPU, processes
     for several seeds on one CPU device with several cores, else sequential. vmap runs on one
-    device (the lanes are not split over a mesh); processes on one CPU device in one process."""
+    device (the lanes are not split over a mesh); processes on one CPU device in one process,
+    and not in a daemonic process (a multiprocessing pool's worker), which may start none."""
     one = num_devices == 1 and jax.process_count() == 1
+    daemon = multiprocessing.current_process().daemon
     if strategy == "auto":
         if backend != "cpu":
             return "vmap" if one else "sequential"
-        return "processes" if one and num_seeds > 1 and num_cores > 1 else "sequential"
+        several = num_seeds > 1 and num_cores > 1
+        return "processes" if one and several and not daemon else "sequential"
+    if strategy == "processes" and daemon:
+        raise ConfigError(
+            "seeds_strategy=processes cannot start the seeds' processes from this daemonic "
+            "process (a launcher's pool worker); use seeds_strategy=auto or sequential"
+        )
     if strategy == "vmap" and num_devices > 1:
         raise ConfigError(
             f"seeds_strategy=vmap trains on one device, not {num_devices}; use "
