@@ -18,9 +18,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cnnlab.architecture import Architecture, resolve
 from cnnlab.config import ModelConfig
 from cnnlab.errors import ConfigError, GeometryError
-from cnnlab.models import Architecture, resolve
 
 
 @dataclass(frozen=True)

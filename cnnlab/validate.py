@@ -1,20 +1,25 @@
 """Every check a config must pass before data is loaded or anything compiles, in one place.
 
 Each failure is a ConfigError whose one-line message names the key, the bad value and the fix.
+Nothing here imports JAX, Flax or optax (cnnlab-train checks its config before they load, and a
+mistake answers in a fraction of a second), so the names of the losses, optimizers, schedules and
+precisions are listed here; tests/test_config.py checks them against the training code's tables.
 """
 
 import math
 import sys
 
 from cnnlab import geometry
+from cnnlab.architecture import resolve
 from cnnlab.config import Config, DistributedConfig, TrainConfig
 from cnnlab.data import DATASETS, INPUT_SHAPES, PATH_REQUIRED
 from cnnlab.errors import ConfigError, check_choice
-from cnnlab.models import resolve
 from cnnlab.tracking.wandb_run import MODES
-from cnnlab.train.losses import LOSSES
-from cnnlab.train.optim import OPTIMIZERS, SCHEDULES
-from cnnlab.train.step import PRECISIONS
+
+LOSSES = ("cross_entropy", "squared_error")  # cnnlab.train.losses.LOSSES
+OPTIMIZERS = ("sgd", "adamw")  # cnnlab.train.optim.OPTIMIZERS
+SCHEDULES = ("constant", "cosine", "warmup_cosine")  # cnnlab.train.optim.SCHEDULES
+PRECISIONS = ("float32", "bfloat16")  # cnnlab.train.step.PRECISIONS
 
 # seeds_strategy: how the models of `seeds` train (cnnlab.train.seeds)
 SEEDS_STRATEGIES = ("auto", "vmap", "sequential", "processes")

@@ -10,8 +10,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from cnnlab.config import LoggerConfig
-from cnnlab.report import write_report
-from cnnlab.tracking.wandb_run import WandbTracker
 from experiments.hydra_conf import exit_on_user_error
 from experiments.preflight import ContinuousSweep, check, expand, report
 from experiments.train import sweep_group
@@ -62,6 +60,9 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """The sweep report (summary.csv/.md, plots, report.html), also to W&B when it is on."""
+        from cnnlab.report import write_report  # matplotlib: loaded only when a sweep ends
+        from cnnlab.tracking.wandb_run import WandbTracker
+
         sweep_dir = Path(config.hydra.sweep.dir)
         logger = OmegaConf.to_object(
             OmegaConf.merge(OmegaConf.structured(LoggerConfig), config.logger)

@@ -181,14 +181,9 @@ def train(node: DictConfig) -> float:
     """One Hydra job. Returns the best validation accuracy (with `seeds`, its mean over them), the
     objective for sweepers such as Optuna's (NaN for a job that did not finish, which Optuna
     records as a failed trial)."""
-    import jax
-
     from cnnlab.rundir import check_run_dir, need_bytes
-    from cnnlab.tracking import Trackers
-    from cnnlab.tracking.local import LocalTracker, write_json
+    from cnnlab.tracking.local import write_json
     from cnnlab.train.preemption import Preemption
-    from cnnlab.train.run import run
-    from cnnlab.train.seeds import run_seeds
     from cnnlab.validate import validate
 
     hydra_cfg = HydraConfig.get()
@@ -209,7 +204,14 @@ def train(node: DictConfig) -> float:
             return FAILED
         # An unwritable folder or a full disk fails now, not at the first checkpoint.
         check_run_dir(run_dir, need_bytes(cfg))  # before hours of training, not after
-        _start_jax(cfg, multirun)
+        _start_jax(cfg, multirun)  # JAX, Flax and the training code load from here on
+        import jax
+
+        from cnnlab.tracking import Trackers
+        from cnnlab.tracking.local import LocalTracker
+        from cnnlab.train.run import run
+        from cnnlab.train.seeds import run_seeds
+
         index = done_index(run_dir.parent)
         skip_done = multirun and cfg.sweep.skip_done and not cfg.seeds  # (seed folders: not yet)
         if skip_done and (summary := _copy_done(cfg, run_dir, index)):

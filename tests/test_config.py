@@ -78,3 +78,26 @@ def test_hydra_errors_condense_to_one_line():
     with pytest.raises(HydraException) as info:
         load("model.depht=3")
     assert one_line(info.value).endswith("did you mean model.depth?")
+
+
+def test_the_checks_name_what_the_code_implements_and_load_without_jax():
+    """validate and architecture list the names the training code's tables hold, so that they can
+    check a config before JAX loads, which a fresh interpreter confirms."""
+    import subprocess
+    import sys
+
+    from cnnlab import architecture
+    from cnnlab import validate as checks
+    from cnnlab.models import MODELS
+    from cnnlab.models.layers import ACTIVATIONS, POOLS
+    from cnnlab.train.losses import LOSSES
+    from cnnlab.train.optim import OPTIMIZERS, SCHEDULES
+    from cnnlab.train.step import PRECISIONS
+
+    assert tuple(LOSSES) == checks.LOSSES and tuple(PRECISIONS) == checks.PRECISIONS
+    assert tuple(OPTIMIZERS) == checks.OPTIMIZERS and tuple(SCHEDULES) == checks.SCHEDULES
+    assert tuple(MODELS) == tuple(architecture.FAMILIES)
+    assert tuple(ACTIVATIONS) == architecture.ACTIVATIONS and tuple(POOLS) == architecture.POOLS
+    probe = "import sys, cnnlab.validate, cnnlab.geometry; print(sorted({'jax', 'flax', 'optax'} & set(sys.modules)))"  # noqa: E501
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

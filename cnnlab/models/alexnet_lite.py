@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
+from cnnlab.architecture import FAMILIES
 from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, fused, norm
 
 
@@ -35,20 +36,12 @@ class AlexNetLite(nn.Module):
     norm: str = "none"  # key of NORMS: after each conv, before its activation (AlexNet had LRN)
     norm_groups: int = 8  # GroupNorm's groups, for norm="group"
 
-    # AlexNet's conv widths; `model.depth` scales them so that conv1 has `depth` filters.
-    BASE_WIDTHS = (96, 256, 384, 384, 256)
-
-    @staticmethod
-    def pools(num_conv: int) -> tuple[bool, ...]:
-        """Which conv layers a pooling layer follows: the first two and the last."""
-        return tuple(i < 2 or i == num_conv - 1 for i in range(num_conv))
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # [B, H, W, C] -> [B, K]
         act, pool = ACTIVATIONS[self.activation], POOLS[self.pool]
         layers = zip(self.features, self.kernel_size, self.strides, self.padding, strict=False)
         for i, ((width, k, s, p), pooled) in enumerate(
-            zip(layers, self.pools(len(self.features)), strict=False)
+            zip(layers, FAMILIES["alexnet_lite"].pools(len(self.features)), strict=False)
         ):
             after_fused = fused(x.shape, (k, k, x.shape[-1], width))
             x = Conv(width, k, s, p, name=f"conv{i + 1}")(x)

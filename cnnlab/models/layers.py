@@ -28,7 +28,6 @@ def avg_pool(x: jax.Array, window: int, stride: int, after_fused: bool = False) 
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh}
 POOLS = {"max": max_pool, "avg": avg_pool}
-NORMS = ("none", "batch", "group")  # what may follow each conv, before its activation
 
 
 def norm(kind: str, groups: int, name: str, train: bool, dtype=None):

@@ -32,14 +32,6 @@ class LeNet5(nn.Module):
     norm: str = "none"  # key of NORMS: after each conv, before its activation (the paper had none)
     norm_groups: int = 8  # GroupNorm's groups, for norm="group"
 
-    # The base widths that `model.depth` scales; see cnnlab.models.resolve.
-    BASE_WIDTHS = (6, 16)
-
-    @staticmethod
-    def pools(num_conv: int) -> tuple[bool, ...]:
-        """Which conv layers a pooling layer follows: all of them (S2, S4, ...)."""
-        return (True,) * num_conv
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # [B, H, W, C] -> [B, K]
         act, pool = ACTIVATIONS[self.activation], POOLS[self.pool]
