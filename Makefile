@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh clone (Debian/Ubuntu, Python >= 3.10):
 #   make train   set up, then train the default experiment (LeNet-5 on Fashion-MNIST)
-#   make test    set up, then run the test suite
+#   make test    set up, then run the test suite (in TEST_JOBS=2 processes)
 # Extra arguments go through ARGS, e.g. make train ARGS="model=alexnet_lite data=cifar10".
 # Set-up creates .venv (cnnlab installed editable, with its dev tools and the CPU build of
 # PyTorch that cnnlab-bench compares against) and, where apt is there, installs Debian's
@@ -17,8 +17,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 train: setup
 	$(BIN)/cnnlab-train $(ARGS)
 
+# The suite runs in TEST_JOBS pytest-xdist workers, each test file in one worker (its module
+# fixtures computed once); TEST_JOBS=0 runs it in this process.
+TEST_JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
