@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from cnnlab.config import ModelConfig
 from cnnlab.errors import ConfigError, check_choice
 
-# The names cnnlab.models.layers implements (tests/test_models.py checks that they agree).
+# The names cnnlab.models.layers implements (tests/test_config.py checks that they agree).
 ACTIVATIONS = ("relu", "tanh")
 POOLS = ("max", "avg")
 NORMS = ("none", "batch", "group")  # what may follow each conv, before its activation
