@@ -7,19 +7,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.models.conv import FORMULATIONS, conv2d, plan
+from cnnlab.models import conv
+from cnnlab.models.conv import DW_PIXELS, FORMULATIONS, conv2d, plan
 from cnnlab.models.layers import Conv
 from cnnlab.models.pool import max_pool
 
 # (x shape [B, H, W, C], kernel side, filters, stride, padding): LeNet-5's and AlexNet-lite's
-# layers, strided and asymmetric "same" padding, and a 1-channel input with stride 2.
+# layers, strided and asymmetric "same" padding, a 1-channel input with stride 2, and batches
+# that "chunks" splits (32x32 outputs: DW_PIXELS // 1024 = 4 images a chunk), one unevenly.
 CASES = [
     ((4, 28, 28, 1), 5, 6, 1, 2),
     ((4, 14, 14, 6), 5, 16, 1, 0),
     ((2, 32, 32, 3), 5, 8, 1, "same"),
     ((2, 16, 16, 4), 4, 5, 2, "same"),  # even kernel, stride 2: padding 1+2
     ((3, 11, 11, 1), 3, 4, 2, "valid"),
+    ((16, 32, 32, 3), 5, 4, 1, "same"),  # 4 chunks of 4 images
+    ((10, 28, 28, 6), 5, 3, 1, 4),  # 32x32 outputs: chunks of 4, 4 and 2 images
 ]
+assert DW_PIXELS // (32 * 32) == 4, "the chunked cases above assume 4 images a chunk"
+
+
+@pytest.fixture(autouse=True)
+def chunk_small_layers(monkeypatch):
+    """ "chunks" splits layers of any size here: the cases are far below DW_MIN_MACS."""
+    monkeypatch.setattr(conv, "DW_MIN_MACS", 0)
 
 
 def _pads(padding, x_shape, k, s):
@@ -58,18 +69,20 @@ def test_formulation_matches_xla(case, name):
     _check(name, case, gradients=False)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["lenet-conv1", "stride2-even-kernel"])
+@pytest.mark.parametrize(
+    "case", [CASES[0], CASES[3], CASES[6]], ids=["lenet-conv1", "stride2-even-kernel", "chunked"]
+)
 @pytest.mark.parametrize("name", OTHERS)
 def test_formulation_gradients_match_xla(case, name):
     _check(name, case, gradients=True)
 
 
-MIXES = [("taps", "xla", "xla"), ("xla", "taps", "taps")]
+MIXES = [("taps", "xla", "xla"), ("xla", "taps", "taps"), ("taps", "chunks", "xla")]
 
 
 @pytest.mark.parametrize("how", MIXES)
 def test_conv2d_mixes_formulations_per_pass(how):
-    x, w, _ = _inputs((4, 14, 14, 6), 5, 16)
+    x, w, _ = _inputs((10, 30, 30, 6), 5, 16)  # 28x28 outputs: "chunks" takes 5 images at a time
     pads = ((1, 1), (1, 1))
     loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))  # noqa: E731
     ours = jax.jit(jax.value_and_grad(loss(lambda x, w: conv2d(x, w, (1, 1), pads, how)), (0, 1)))
@@ -77,11 +90,13 @@ def test_conv2d_mixes_formulations_per_pass(how):
     chex.assert_trees_all_close(ours(x, w), ref(x, w), atol=1e-4, rtol=1e-4)
 
 
-def test_plan_uses_xla_off_the_cpu_and_taps_for_an_images_channels():
+def test_plan_uses_xla_off_the_cpu_taps_for_an_images_channels_and_chunks_for_kernels():
     assert plan((128, 28, 28, 1), (5, 5, 1, 6), "gpu") == ("xla", "xla", "xla")
-    assert plan((128, 28, 28, 1), (5, 5, 1, 6), "cpu")[0] == "taps"
+    assert plan((128, 28, 28, 1), (5, 5, 1, 6), "cpu") == ("taps", "chunks", "xla")
     assert plan((128, 32, 32, 3), (5, 5, 3, 24), "cpu")[0] == "taps"
-    assert plan((128, 13, 13, 24), (5, 5, 24, 64), "cpu")[0] == "xla"
+    assert plan((128, 13, 13, 24), (5, 5, 24, 64), "cpu") == ("xla", "chunks", "xla")
+    # Over several devices a chunk of the batch would gather onto one of them.
+    assert plan((128, 13, 13, 24), (5, 5, 24, 64), "cpu", devices=8) == ("xla", "xla", "xla")
     for shape in [(5, 5, 6, 16), (3, 3, 64, 96)]:
         assert all(form in FORMULATIONS for form in plan((128, 14, 14, shape[2]), shape, "cpu"))
 
@@ -114,3 +129,36 @@ def test_max_pool_matches_flax_values_and_gradient(shape, window, stride):
     chex.assert_trees_all_equal(got_y, y)
     # Overlapping windows add several cotangents into one input, in another order than XLA.
     chex.assert_trees_all_close(got_dx, ref_vjp(g)[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch, convolutions", [(16, 4), (10, 3), (4, 1)])
+def test_chunks_convolve_a_few_images_at_a_time(batch, convolutions, monkeypatch):
+    x, w, _ = _inputs((batch, 32, 32, 3), 5, 4)
+    pads = ((2, 2), (2, 2))  # 32x32 outputs: 4 images a chunk
+
+    def count():
+        jaxpr = jax.make_jaxpr(lambda x, w: FORMULATIONS["chunks"](x, w, (1, 1), pads))(x, w)
+        return [eqn.primitive.name for eqn in jaxpr.eqns].count("conv_general_dilated")
+
+    assert count() == convolutions
+    macs = batch * 32 * 32 * w.size
+    monkeypatch.setattr(conv, "DW_MIN_MACS", macs)
+    assert count() == convolutions  # as large as the threshold: chunked
+    monkeypatch.setattr(conv, "DW_MIN_MACS", macs + 1)
+    assert count() == 1  # smaller: one convolution
+
+
+def test_chunks_leave_lenet5_one_convolution_per_layer_and_split_alexnet_lite(monkeypatch):
+    monkeypatch.undo()  # the real DW_MIN_MACS
+    layers = {  # (x shape, kernel shape, pads) at batch 128: images per chunk, or 128 for none
+        "lenet5 conv1": ((128, 28, 28, 1), (5, 5, 1, 6), ((2, 2), (2, 2)), 128),
+        "lenet5 conv2": ((128, 14, 14, 6), (5, 5, 6, 16), ((0, 0), (0, 0)), 128),
+        "alexnet_lite conv1, Fashion-MNIST": ((128, 28, 28, 1), (5, 5, 1, 24), ((4, 4),) * 2, 4),
+        "alexnet_lite conv2": ((128, 15, 15, 24), (5, 5, 24, 64), ((2, 2), (2, 2)), 18),
+        "alexnet_lite conv5": ((128, 7, 7, 96), (3, 3, 96, 64), ((1, 1), (1, 1)), 83),
+    }
+    for name, (x_shape, w_shape, pads, size) in layers.items():
+        x, w = jnp.zeros(x_shape), jnp.zeros(w_shape)
+        jaxpr = jax.make_jaxpr(FORMULATIONS["chunks"], static_argnums=(2, 3))(x, w, (1, 1), pads)
+        shapes = [e.outvars[0].aval.shape[0] for e in jaxpr.eqns if "conv" in e.primitive.name]
+        assert shapes[0] == size, name
