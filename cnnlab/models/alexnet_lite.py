@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 
 from cnnlab.architecture import FAMILIES
-from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, fused, norm
+from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, norm
 
 
 class AlexNetLite(nn.Module):
@@ -43,11 +43,10 @@ class AlexNetLite(nn.Module):
         for i, ((width, k, s, p), pooled) in enumerate(
             zip(layers, FAMILIES["alexnet_lite"].pools(len(self.features)), strict=False)
         ):
-            after_fused = fused(x.shape, (k, k, x.shape[-1], width))
             x = Conv(width, k, s, p, name=f"conv{i + 1}")(x)
             x = act(norm(self.norm, self.norm_groups, f"norm{i + 1}", train, x.dtype)(x))
             if pooled:
-                x = pool(x, self.pool_size, self.pool_stride, after_fused)  # [B, H', W', width]
+                x = pool(x, self.pool_size, self.pool_stride)  # [B, H', W', width]
         x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']
         for j, width in enumerate(self.dense, start=1):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)

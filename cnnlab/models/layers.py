@@ -7,21 +7,14 @@ from cnnlab.models import pool
 from cnnlab.models.conv import conv2d, plan
 
 
-def fused(x_shape: tuple, kernel_shape: tuple) -> bool:
-    """Whether `Conv` computes this layer as multiply-adds that XLA fuses into their consumers."""
-    return plan(x_shape, kernel_shape, jax.default_backend())[0] != "xla"
-
-
-def max_pool(x: jax.Array, window: int, stride: int, after_fused: bool = False) -> jax.Array:
-    """`nn.max_pool` ("VALID"); on the CPU through `cnnlab.models.pool`, several times faster,
-    unless `x` comes from a fused convolution: each strided view would recompute it, while
-    `nn.max_pool`'s gradient (select_and_scatter) makes XLA write it to memory once."""
-    if jax.default_backend() == "cpu" and not after_fused:
+def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """`nn.max_pool` ("VALID"); on the CPU through `cnnlab.models.pool`, several times faster."""
+    if jax.default_backend() == "cpu":
         return pool.max_pool(x, window, stride)
     return nn.max_pool(x, (window, window), (stride, stride))
 
 
-def avg_pool(x: jax.Array, window: int, stride: int, after_fused: bool = False) -> jax.Array:
+def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     """`nn.avg_pool` ("VALID"), which is fast everywhere."""
     return nn.avg_pool(x, (window, window), (stride, stride))
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, fused, norm
+from cnnlab.models.layers import ACTIVATIONS, POOLS, Conv, norm
 
 
 class LeNet5(nn.Module):
@@ -37,10 +37,9 @@ class LeNet5(nn.Module):
         act, pool = ACTIVATIONS[self.activation], POOLS[self.pool]
         layers = zip(self.features, self.kernel_size, self.strides, self.padding, strict=False)
         for i, (width, k, s, p) in enumerate(layers, start=1):
-            after_fused = fused(x.shape, (k, k, x.shape[-1], width))
             x = Conv(width, k, s, p, name=f"conv{i}")(x)
             x = norm(self.norm, self.norm_groups, f"norm{i}", train, x.dtype)(x)
-            x = pool(act(x), self.pool_size, self.pool_stride, after_fused)  # [B, H', W', width]
+            x = pool(act(x), self.pool_size, self.pool_stride)  # [B, H', W', width]
         x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']
         for j, width in enumerate(self.dense, start=1):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)

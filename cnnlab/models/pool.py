@@ -6,8 +6,9 @@ the XLA CPU backend, measured alone at batch 128, that takes ~10 ms for LeNet-5'
 of the input, and the gradient sends each output's cotangent to the first input (in row-major
 window order, as `select_and_scatter_add` does) that equals the maximum, by padding the masked
 cotangent back into place: elementwise work that XLA fuses. Same values and gradients as
-`nn.max_pool` with "VALID" padding, and five to ten times faster on the CPU when measured alone
-(in a whole AlexNet-lite step the gain did not show; see the README's "Speed"). No scatter, so
+`nn.max_pool` with "VALID" padding, and five to ten times faster on the CPU when measured alone.
+It follows every convolution, a first layer's multiply-adds too (`cnnlab.models.conv._written`
+makes XLA write them once instead of computing them again in each view). No scatter, so
 the gradient is deterministic; cnnlab uses it on the CPU only (`cnnlab.models.layers.max_pool`).
 
 Glossary: `B` batch, `H, W` spatial, `C` channels, `k` window side, `s` stride.
