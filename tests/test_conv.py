@@ -162,3 +162,12 @@ def test_chunks_leave_lenet5_one_convolution_per_layer_and_split_alexnet_lite(mo
         jaxpr = jax.make_jaxpr(FORMULATIONS["chunks"], static_argnums=(2, 3))(x, w, (1, 1), pads)
         shapes = [e.outvars[0].aval.shape[0] for e in jaxpr.eqns if "conv" in e.primitive.name]
         assert shapes[0] == size, name
+
+
+def test_max_pool_in_training_passes_a_nan_on_as_its_primal_does():
+    x = np.zeros((1, 3, 3, 1), np.float32)
+    x[0, 2, 2, 0] = np.nan  # the window's last tap
+    x = jnp.asarray(x)
+    primal = max_pool(x, 3, 2)
+    trained, _ = jax.vjp(lambda x: max_pool(x, 3, 2), x)
+    assert np.isnan(primal).all() and np.isnan(trained).all()

@@ -39,12 +39,17 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
 
 
 def _forward(x, window, stride):
-    views = jnp.stack([view for _, _, view in _views(x, window, stride)])  # [k*k, B, H', W', C]
-    # The first maximum's tap, as `select_and_scatter_add` picks it. The backward pass reads only
-    # this reduction's result: were it to compare views of `x` again, XLA would fuse the
-    # producer of `x` (a convolution written as multiply-adds) into it and recompute it per tap.
-    first = jnp.argmax(views, axis=0).astype(jnp.int8)  # [B, H', W', C]
-    return jnp.max(views, axis=0), (first, x.shape)
+    # The first maximum's tap, as `select_and_scatter_add` picks it, from a running comparison of
+    # the views (elementwise work that XLA fuses into one loop; an argmax over the stacked views
+    # took 48 ms instead of 2.8 for AlexNet-lite's first pool at batch 128, one core). The
+    # backward pass reads only this map, not the views of `x` again.
+    views = _views(x, window, stride)
+    _, _, best = next(views)
+    first = jnp.zeros(best.shape, jnp.int8)  # [B, H', W', C]
+    for tap, (_, _, view) in enumerate(views, start=1):
+        first = jnp.where(view > best, jnp.int8(tap), first)  # strictly: a tie keeps the earlier
+        best = jnp.maximum(best, view)  # as `max_pool`, NaN included
+    return best, (first, x.shape)
 
 
 def _backward(window, stride, residuals, g):
