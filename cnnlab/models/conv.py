@@ -18,7 +18,7 @@ computed by one of three formulations, chosen by `plan` from the layer's shape a
   128 on one core, AlexNet-lite's conv1 on CIFAR-10 50 -> 17 ms, on Fashion-MNIST (28x28 padded
   to 32x32) 347 -> 63 ms, its conv2 88 -> 28 ms.
 
-Each gradient is the autodiff of its formulation, so both compute the same function; the
+Each gradient is the autodiff of its formulation, so every plan computes the same function; the
 tests compare every formulation and gradient with `lax.conv_general_dilated`. The choice is a
 fixed rule of the shapes (never a timing), so a run is bit-identical when repeated.
 
