@@ -25,6 +25,7 @@ CASES = [
     ((10, 28, 28, 6), 5, 3, 1, 4),  # 32x32 outputs: chunks of 4, 4 and 2 images
 ]
 assert DW_PIXELS // (32 * 32) == 4, "the chunked cases above assume 4 images a chunk"
+DW_MIN_MACS = conv.DW_MIN_MACS  # the real threshold, before the fixture below lowers it
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +150,7 @@ def test_chunks_convolve_a_few_images_at_a_time(batch, convolutions, monkeypatch
 
 
 def test_chunks_leave_lenet5_one_convolution_per_layer_and_split_alexnet_lite(monkeypatch):
-    monkeypatch.undo()  # the real DW_MIN_MACS
+    monkeypatch.setattr(conv, "DW_MIN_MACS", DW_MIN_MACS)
     layers = {  # (x shape, kernel shape, pads) at batch 128: images per chunk, or 128 for none
         "lenet5 conv1": ((128, 28, 28, 1), (5, 5, 1, 6), ((2, 2), (2, 2)), 128),
         "lenet5 conv2": ((128, 14, 14, 6), (5, 5, 6, 16), ((0, 0), (0, 0)), 128),
