@@ -82,6 +82,8 @@ def validate(cfg: Config) -> None:
     _require(samples >= 0, "logger.num_sample_predictions", samples, "use a count >= 0")
     _require(cfg.seed >= 0, "seed", cfg.seed, "use a whole number >= 0")
     _validate_seeds(cfg.seeds, cfg.seeds_strategy)
+    arenas = cfg.malloc_arenas
+    _require(arenas is None or arenas >= 1, "malloc_arenas", arenas, "use a count >= 1 or null")
     check_choice("sweep.on_invalid", cfg.sweep.on_invalid, ("skip", "refuse"))
     _validate_distributed(cfg.distributed)
     if data.name in INPUT_SHAPES:  # otherwise checked once the data is loaded

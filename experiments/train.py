@@ -69,9 +69,10 @@ def _start_jax(cfg: Config, multirun: bool) -> None:
     """Process-wide JAX settings, before the first computation."""
     import jax
 
-    from cnnlab import determinism
+    from cnnlab import determinism, malloc
     from cnnlab.parallel import initialize_distributed
 
+    malloc.limit_arenas(cfg.malloc_arenas)  # before XLA starts its threads
     if multirun:  # parallel jobs on one GPU must not each take 75% of its memory
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if cfg.deterministic:  # XLA reads its flags when the backend starts, below at the latest

@@ -20,7 +20,7 @@ from cnnlab.errors import CnnlabError
 
 # Config keys that name, log or steer a run without changing what it computes (compare
 # cnnlab.config.config_hash): never treated as swept.
-IGNORED = ("name", "logger", "hydra", "sweep", "compilation_cache")
+IGNORED = ("name", "logger", "hydra", "sweep", "compilation_cache", "malloc_arenas")
 REPLICATE = "seed"  # the replicate axis: rows average over it
 
 

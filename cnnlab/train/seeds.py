@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnlab import malloc
 from cnnlab.checkpoint import Checkpoints
 from cnnlab.config import Config
 from cnnlab.errors import ConfigError
@@ -240,9 +241,11 @@ class _Prefixed:
 
 
 def _seed_process(one: Config, folder: Path, make_tracker, cores, settings, send) -> None:
-    """A seed's process: pinned to `cores` before XLA sizes its thread pools, then one run."""
+    """A seed's process: pinned to `cores` and its allocator set before XLA sizes its thread
+    pools, then one run."""
     if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the seeds share every core
         os.sched_setaffinity(0, cores)
+    malloc.limit_arenas(one.malloc_arenas)
     for name, value in settings.items():
         jax.config.update(name, value)
     sys.stdout = _Prefixed(sys.stdout, f"[seed {one.seed}] ")

@@ -5,7 +5,8 @@ steps from `make_train_step` / `make_eval_step`, the test from `evaluate` and th
 `epoch_order`, wired as `cnnlab.train.run` wires them: the splits go to the device once as uint8
 (`put_dataset`, in place where the host array allows) and each step receives only the batch
 indices. JAX's persistent compilation cache is off, so the first step always includes a cold
-compile.
+compile. The C allocator's arenas are limited as cnnlab-train limits them by default
+(`cnnlab.malloc`): part of how cnnlab runs, like its compile options.
 
 Run by `experiments/bench.py`: `python -m experiments.bench_workers.cnnlab_worker SPEC_JSON`.
 Glossary: `N` examples, `B` batch, `H, W` spatial, `C` channels.
@@ -16,6 +17,7 @@ from importlib.metadata import version
 import jax
 import numpy as np
 
+from cnnlab import malloc
 from cnnlab.config import AugmentConfig, ModelConfig, OptimizerConfig
 from cnnlab.models import build_model
 from cnnlab.parallel import data_mesh, put_dataset
@@ -28,6 +30,7 @@ from experiments.bench_workers.common import Spec, main
 
 class CnnlabTrainer:
     contender = "cnnlab"
+    malloc_arenas: int | None = None  # what __main__ set; None: glibc's default
 
     def __init__(self, spec: Spec, data: dict[str, np.ndarray]):
         self.eval_batch_size = spec.eval_batch_size
@@ -64,9 +67,13 @@ class CnnlabTrainer:
         return {
             "framework": f"jax {jax.__version__}, flax {version('flax')}, optax {version('optax')}",
             "backend": jax.default_backend(),
+            "malloc_arenas": self.malloc_arenas,
         }
 
 
 if __name__ == "__main__":
+    CnnlabTrainer.malloc_arenas = (
+        malloc.DEFAULT_ARENAS if malloc.limit_arenas(malloc.DEFAULT_ARENAS) else None
+    )
     jax.config.update("jax_enable_compilation_cache", False)
     main(CnnlabTrainer, epoch_order)
