@@ -14,9 +14,15 @@ Machines here are shared and noisy, so both contenders run in this one invocatio
 process per measurement and never two at once, alternating cnnlab, torch, torch, cnnlab, ...
 (ABBA, so that a drift in the machine's load hits both alike), every worker pinned to the same
 CPUs with the same thread count; the report gives medians and the ratio cnnlab / PyTorch.
+
+`--against REV` measures cnnlab before and after a change instead: the second contender is the
+cnnlab worker of commit REV, run from that commit's files (`git archive`, in a temporary folder)
+with this environment's packages, alternating with this working tree's in the same way. REV must
+have this bench's worker protocol (its `experiments/bench_workers/`, 2026-12-04 or later).
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -36,13 +42,14 @@ from omegaconf import OmegaConf
 from cnnlab.config import DataConfig, ModelConfig, OptimizerConfig
 from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError, ConfigError
-from experiments.bench_report import METRICS, summarize, table
+from experiments.bench_report import CONTENDERS, METRICS, PAIR, summarize, table
 from experiments.hydra_conf import conf_dir, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = {  # contender -> the module that measures it
     "cnnlab": "experiments.bench_workers.cnnlab_worker",
     "torch": "experiments.bench_workers.torch_worker",
+    "before": "experiments.bench_workers.cnnlab_worker",  # run from the --against commit's files
 }
 
 
@@ -97,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="time-to-target runs per contender (per task: 1 for LeNet-5, 0 for AlexNet-lite)",
     )  # fmt: skip
     p.add_argument("--no-target", action="store_true", help="skip time to target")
+    p.add_argument(
+        "--against", metavar="REV", help="compare with cnnlab at commit REV, not PyTorch"
+    )
     p.add_argument("--threads", type=int, help="pin both to the first N CPUs (default: all)")
     p.add_argument("--out", type=Path, help="results JSON (default outputs/bench/<time>.json)")
     p.add_argument("--cifar10", default="../shared/data/cifar10-jpeg.zip",
@@ -132,11 +142,38 @@ def preset(group: str, name: str, schema):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
-def plan(rounds: int, target_rounds: int) -> list[tuple[str, str]]:
+def plan(rounds: int, target_rounds: int, pair: tuple[str, str] = PAIR) -> list[tuple[str, str]]:
     """(mode, contender) in run order: pairs alternate which contender goes first (ABBA...)."""
     modes = ["throughput"] * rounds + ["target"] * target_rounds
-    pairs = [("cnnlab", "torch") if k % 2 == 0 else ("torch", "cnnlab") for k in range(len(modes))]
-    return [(mode, c) for mode, pair in zip(modes, pairs, strict=True) for c in pair]
+    pairs = [pair if k % 2 == 0 else pair[::-1] for k in range(len(modes))]
+    return [(mode, c) for mode, ab in zip(modes, pairs, strict=True) for c in ab]
+
+
+def git(*cmd: str) -> str:
+    """A git command's output in this repository, or "" where git fails."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), *cmd], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@contextlib.contextmanager
+def checkout(rev: str):
+    """(full commit, folder): the files of commit `rev`, in a temporary folder while in use."""
+    commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    if not commit:
+        raise ConfigError(f"--against {rev}: not a commit of {REPO}")
+    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-before-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", commit],
+            capture_output=True, check=True, timeout=120,
+        )  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True, timeout=120)
+        if not (Path(tmp) / WORKERS["before"].replace(".", "/")).with_suffix(".py").is_file():
+            raise ConfigError(f"--against {rev}: that commit has no cnnlab bench worker")
+        yield commit, Path(tmp)
 
 
 def write_data(data, folder: Path) -> None:
@@ -150,17 +187,23 @@ def write_data(data, folder: Path) -> None:
         np.save(folder / f"{name}.npy", array)
 
 
-def run_worker(contender: str, spec: dict, cpus: list[int], folder: Path, k: int) -> dict:
-    """One measurement in a fresh process pinned to `cpus` before it starts."""
+def run_worker(
+    contender: str, spec: dict, cpus: list[int], folder: Path, k: int, before: Path | None = None
+) -> dict:
+    """One measurement in a fresh process pinned to `cpus` before it starts; the "before"
+    contender's process runs the files in the folder `before`."""
     threads = str(len(cpus))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     env.update(OPENBLAS_NUM_THREADS=threads, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    if contender == "before":  # its cnnlab and experiments packages come first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(before), env.get("PYTHONPATH")]))
     result = folder / f"run{k}-{spec['mode']}-{contender}.json"
     load = os.getloadavg()[0]  # other processes competing for the CPUs, for the record
     spec = dict(spec, threads=len(cpus), result=str(result), launched_at=time.time())
     done = subprocess.run(
         [sys.executable, "-m", WORKERS[contender], json.dumps(spec)],
         env=env, capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        cwd=before if contender == "before" else None,
     )  # fmt: skip
     if done.returncode != 0 or not result.is_file():
         sys.stderr.write(done.stderr[-4000:])
@@ -169,11 +212,15 @@ def run_worker(contender: str, spec: dict, cpus: list[int], folder: Path, k: int
             f"the {contender} worker ({spec['task']}, {spec['mode']}) failed with exit code "
             f"{done.returncode}: {last}"
         )
-    return {**json.loads(result.read_text()), "load_average": load}
+    return {**json.loads(result.read_text()), "contender": contender, "load_average": load}
 
 
-def bench_task(name: str, task: Task, args: argparse.Namespace, cpus: list[int]) -> dict:
-    """Every run of one task, in ABBA order, with medians and ratios."""
+def bench_task(
+    name: str, task: Task, args: argparse.Namespace, cpus: list[int], before: Path | None = None
+) -> dict:
+    """Every run of one task, in ABBA order, with medians and ratios; against the cnnlab worker
+    in the folder `before` where one is given, else against PyTorch."""
+    pair = ("cnnlab", "before") if before else PAIR
     data_cfg = preset("data", task.data, DataConfig)
     if task.data == "cifar10":
         if not Path(args.cifar10).exists():
@@ -206,13 +253,13 @@ def bench_task(name: str, task: Task, args: argparse.Namespace, cpus: list[int])
         shared = ("model", "optimizer", "augment", "batch_size", "eval_batch_size", "seed")
         shared += ("epochs", "warmup", "steps", "target")
         spec = {k: settings[k] for k in shared} | {"task": name, "data_dir": tmp}
-        order = plan(args.rounds, target_rounds)
+        order = plan(args.rounds, target_rounds, pair)
         for k, (mode, contender) in enumerate(order, start=1):
-            run = run_worker(contender, dict(spec, mode=mode), cpus, Path(tmp), k)
+            run = run_worker(contender, dict(spec, mode=mode), cpus, Path(tmp), k, before)
             run["order"] = k
             runs.append(run)
             print(f"{name} {k}/{len(order)} {_progress(run)}", flush=True)
-    return {"settings": settings, "runs": runs, **summarize(runs)}
+    return {"settings": settings, "runs": runs, **summarize(runs, pair)}
 
 
 def _given(value, default):
@@ -238,15 +285,6 @@ def _progress(run: dict) -> str:
 
 def provenance(argv: list[str], cpus: list[int]) -> dict:
     """What produced the numbers: command, commit, machine, versions and the thread pinning."""
-
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", "-C", str(REPO), *cmd], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
     cpu_model = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")), "unknown",
@@ -284,23 +322,26 @@ def _version(package: str) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if importlib.util.find_spec("torch") is None:
+    if args.against is None and importlib.util.find_spec("torch") is None:
         exit_on_user_error(NO_TORCH)
     started = time.perf_counter()
     out = args.out or Path("outputs/bench") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
     try:
         cpus = pick_cpus(args.threads)
         report = {**provenance(argv, cpus), "metrics": METRICS, "tasks": {}}
-        print(
-            f"cnnlab-bench: both contenders pinned to CPUs {cpus}, {len(cpus)} threads", flush=True
-        )
-        names = list(TASKS) if args.task == "all" else [args.task]
-        for name in names:
-            report["tasks"][name] = bench_task(name, TASKS[name], args, cpus)
-            report["wall_seconds"] = round(time.perf_counter() - started, 1)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")
-            print("\n" + table(name, report["tasks"][name], cpus) + "\n", flush=True)
+        with contextlib.ExitStack() as stack:
+            labels, before = dict(CONTENDERS), None
+            if args.against is not None:
+                commit, before = stack.enter_context(checkout(args.against))
+                report["against"] = {"rev": args.against, "commit": commit}
+                labels["before"] = f"cnnlab at {commit[:7]}"
+            print(f"cnnlab-bench: both pinned to CPUs {cpus}, {len(cpus)} threads", flush=True)
+            for name in list(TASKS) if args.task == "all" else [args.task]:
+                report["tasks"][name] = bench_task(name, TASKS[name], args, cpus, before)
+                report["wall_seconds"] = round(time.perf_counter() - started, 1)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(report, indent=2) + "\n")
+                print("\n" + table(name, report["tasks"][name], cpus, labels) + "\n", flush=True)
     except WorkerError as e:
         exit_on_user_error(e, 1)
     except CnnlabError as e:

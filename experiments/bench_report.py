@@ -3,13 +3,15 @@
 Throughput, first step, start-up and peak memory come from the throughput runs; time to target
 and epochs to target from the time-to-target runs (whose peak memory also counts the tests, so it
 is kept apart in the JSON runs). A median over runs of which one missed the target is None: the
-target was not reached within the epoch budget.
+target was not reached within the epoch budget. The two contenders are cnnlab and PyTorch, or,
+with `cnnlab-bench --against REV`, cnnlab and cnnlab at an earlier commit ("before").
 """
 
 import os
 import statistics
 
-CONTENDERS = {"cnnlab": "cnnlab (JAX)", "torch": "PyTorch eager"}
+CONTENDERS = {"cnnlab": "cnnlab (JAX)", "torch": "PyTorch eager", "before": "cnnlab before"}
+PAIR = ("cnnlab", "torch")  # the default contenders; the ratios are first / second
 METRICS = [  # key in a worker's result, the runs it comes from, label, which way is better
     {"key": "images_per_second", "mode": "throughput", "label": "train images/s, steady",
      "better": "higher"},
@@ -26,11 +28,12 @@ METRICS = [  # key in a worker's result, the runs it comes from, label, which wa
 ]  # fmt: skip
 
 
-def summarize(runs: list[dict]) -> dict:
-    """Per contender, each metric's median and [min, max] over its runs; ratios cnnlab / torch."""
-    median: dict = {c: {} for c in CONTENDERS}
-    spread: dict = {c: {} for c in CONTENDERS}
-    for contender in CONTENDERS:
+def summarize(runs: list[dict], pair: tuple[str, str] = PAIR) -> dict:
+    """Per contender of `pair`, each metric's median and [min, max] over its runs; the ratios
+    first / second."""
+    median: dict = {c: {} for c in pair}
+    spread: dict = {c: {} for c in pair}
+    for contender in pair:
         for m in METRICS:
             values = [
                 r[m["key"]] for r in runs if (r["contender"], r["mode"]) == (contender, m["mode"])
@@ -44,16 +47,17 @@ def summarize(runs: list[dict]) -> dict:
             spread[contender][m["key"]] = [min(reached), max(reached)] if reached else None
     ratio = {}
     for m in METRICS:
-        a, b = median["cnnlab"].get(m["key"]), median["torch"].get(m["key"])
+        a, b = (median[c].get(m["key"]) for c in pair)
         if a is not None and b:
             ratio[m["key"]] = a / b
-    params = {c: sorted({r["params"] for r in runs if r["contender"] == c}) for c in CONTENDERS}
-    return {"median": median, "range": spread, "ratio": ratio, "params": params}
+    params = {c: sorted({r["params"] for r in runs if r["contender"] == c}) for c in pair}
+    return {"pair": list(pair), "median": median, "range": spread, "ratio": ratio, "params": params}
 
 
-def table(name: str, result: dict, cpus: list[int]) -> str:
+def table(name: str, result: dict, cpus: list[int], labels: dict[str, str] = CONTENDERS) -> str:
     """A plain-text table of one task's medians, ranges and ratios."""
-    s = result["settings"]
+    s, pair = result["settings"], result["pair"]
+    first, second = (labels[c] for c in pair)
     loads = [r["load_average"] for r in result["runs"]]
     cpu_list, machine = ",".join(map(str, cpus)), os.cpu_count()
     lines = [
@@ -71,11 +75,11 @@ def table(name: str, result: dict, cpus: list[int]) -> str:
             f"on {machine} CPUs): these numbers describe a contended machine"
         )
     row = "{:<30} {:>24} {:>24} {:>13}  {}"
-    lines.append(row.format("metric", *CONTENDERS.values(), "cnnlab/torch", "better"))
+    lines.append(row.format("metric", first, second, "/".join(pair), "better"))
     for m in METRICS:
-        if not any(m["key"] in result["median"][c] for c in CONTENDERS):
+        if not any(m["key"] in result["median"][c] for c in pair):
             continue
-        cells = [_cell(result, c, m["key"]) for c in CONTENDERS]
+        cells = [_cell(result, c, m["key"]) for c in pair]
         ratio = result["ratio"].get(m["key"])
         lines.append(
             row.format(
@@ -84,12 +88,12 @@ def table(name: str, result: dict, cpus: list[int]) -> str:
             )
         )  # fmt: skip
     params = result["params"]
-    lines.append(row.format("parameters", *(_ints(params[c]) for c in CONTENDERS), "", ""))
-    if params["cnnlab"] != params["torch"]:
+    lines.append(row.format("parameters", *(_ints(params[c]) for c in pair), "", ""))
+    if params[pair[0]] != params[pair[1]]:
         lines.append("WARNING: the two networks have different parameter counts")
     lines.append(
-        "ratio = cnnlab / PyTorch: above 1 favours cnnlab where higher is better, below 1 where "
-        "lower is better; time to target is training time, first step in, tests out"
+        f"ratio = {first} / {second}: above 1 favours the first where higher is better, below 1 "
+        "where lower is better; time to target is training time, first step in, tests out"
     )
     return "\n".join(line.rstrip() for line in lines)
 

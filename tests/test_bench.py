@@ -144,11 +144,16 @@ def test_time_to_target_stops_at_the_first_epoch_that_reaches_it():
 def test_runs_alternate_abba():
     t, c, g = "throughput", "cnnlab", "torch"
     assert bench.plan(2, 1) == [(t, c), (t, g), (t, g), (t, c), ("target", c), ("target", g)]
+    assert bench.plan(2, 0, ("cnnlab", "before")) == [(t, c), (t, "before"), (t, "before"), (t, c)]
 
 
 def test_user_errors_are_one_line(capsys, monkeypatch):
     pytest.importorskip("torch")
-    for argv in (["--threads", "999"], ["--task", "alexnet_cifar10", "--cifar10", "/no/such.zip"]):
+    for argv in (
+        ["--threads", "999"],
+        ["--task", "alexnet_cifar10", "--cifar10", "/no/such.zip"],
+        ["--against", "no-such-commit"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
         assert exit_info.value.code == 2
@@ -179,11 +184,11 @@ def check_task(result: dict, runs: list[tuple[str, str]], params: int, cpus: lis
         assert r["affinity"] == cpus and r["params"] == params and r["peak_rss_mb"] > 0
         assert r["startup_seconds"] > r["first_step_seconds"] > 0
         assert r.get("torch_threads", len(cpus)) == len(cpus)
-    cnnlab, torch = result["median"]["cnnlab"], result["median"]["torch"]
-    assert cnnlab.keys() == torch.keys()
-    for key, value in cnnlab.items():
-        assert value > 0 and torch[key] > 0
-        assert result["ratio"][key] == pytest.approx(value / torch[key])
+    first, second = (result["median"][c] for c in result["pair"])
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        assert value > 0 and second[key] > 0
+        assert result["ratio"][key] == pytest.approx(value / second[key])
 
 
 @needs_fashion_mnist
@@ -200,6 +205,22 @@ def test_bench_runs_both_contenders_end_to_end(tmp_path):
     check_task(result, runs, 61_706, cpus)
     assert result["median"]["cnnlab"]["epochs_to_target"] == 1
     assert result["settings"]["train_images"] == 512 and "cnnlab/torch" in stdout
+
+
+@needs_fashion_mnist
+def test_bench_against_an_earlier_commit(tmp_path):
+    """`--against HEAD`: this tree's worker against the committed one, from its own files."""
+    small = ["--steps", "2", "--train-limit", "256", "--test-limit", "200", "--no-target"]
+    report, stdout = run_bench(tmp_path, "--against", "HEAD", *small)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert report["against"] == {"rev": "HEAD", "commit": head.stdout.strip()}
+    result = report["tasks"]["lenet5_fmnist"]
+    assert result["pair"] == ["cnnlab", "before"]
+    check_task(result, [("throughput", "cnnlab"), ("throughput", "before")], 61_706,
+               sorted(os.sched_getaffinity(0)))  # fmt: skip
+    assert f"cnnlab at {head.stdout[:7]}" in stdout and "cnnlab/before" in stdout
+    now, before = (r["cnnlab_path"] for r in result["runs"])
+    assert now == str(REPO / "cnnlab") and "cnnlab-bench-before-" in before
 
 
 @pytest.mark.slow

@@ -13,10 +13,12 @@ Glossary: `N` examples, `B` batch, `H, W` spatial, `C` channels.
 """
 
 from importlib.metadata import version
+from pathlib import Path
 
 import jax
 import numpy as np
 
+import cnnlab
 from cnnlab import malloc
 from cnnlab.config import AugmentConfig, ModelConfig, OptimizerConfig
 from cnnlab.models import build_model
@@ -68,6 +70,7 @@ class CnnlabTrainer:
             "framework": f"jax {jax.__version__}, flax {version('flax')}, optax {version('optax')}",
             "backend": jax.default_backend(),
             "malloc_arenas": self.malloc_arenas,
+            "cnnlab_path": str(Path(cnnlab.__file__).parent),  # which files ran (--against)
         }
 
 
