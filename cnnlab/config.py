@@ -179,8 +179,8 @@ class Config:
     # JAX's persistent compilation cache: a repeated run or sweep job with known shapes skips
     # compilation. null turns it off.
     compilation_cache: str | None = "~/.cache/cnnlab/jax"
-    # The C allocator's arenas in a training process (cnnlab.malloc): 1 keeps a LeNet-5 process
-    # about 60 MB smaller than glibc's default (8 per core); null = glibc's default.
+    # The C allocator's arenas in a training process (cnnlab.malloc): 2 keep a LeNet-5 process
+    # about 40 MB smaller than glibc's default (8 per core); null = glibc's default.
     malloc_arenas: int | None = DEFAULT_ARENAS
     # GPU runs that repeat bit for bit: XLA's deterministic-ops flags, slower kernels, and a
     # warning for max pooling, whose gradient has no deterministic GPU implementation (README,

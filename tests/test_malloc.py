@@ -61,6 +61,7 @@ def arenas_after_threads(limit: str, env: dict | None = None) -> tuple[str, int]
 @glibc
 def test_one_arena_serves_every_thread():
     assert arenas_after_threads("1") == ("True", 1)
+    assert arenas_after_threads("2") == ("True", 2)
     applied, default = arenas_after_threads("none")
     assert applied == "None" and default > 1  # the threads got arenas of their own
 
@@ -81,8 +82,8 @@ def test_config_rejects_a_count_below_one(arenas):
         validate(Config(malloc_arenas=arenas))
 
 
-def test_the_default_is_one_arena_and_not_hashed():
+def test_the_default_is_two_arenas_and_not_hashed():
     from cnnlab.config import config_hash
 
-    assert Config().malloc_arenas == malloc.DEFAULT_ARENAS == 1
+    assert Config().malloc_arenas == malloc.DEFAULT_ARENAS == 2
     assert config_hash(Config(malloc_arenas=None)) == config_hash(Config())
