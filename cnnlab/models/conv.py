@@ -32,6 +32,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from cnnlab import kernels
+
 Pads = tuple[tuple[int, int], tuple[int, int]]
 Plan = tuple[str, str, str]  # formulation of (forward, dW, dX)
 
@@ -113,14 +115,26 @@ def _written(y: jax.Array) -> jax.Array:
     return y @ jnp.eye(y.shape[-1], dtype=y.dtype)
 
 
-FORMULATIONS: dict[str, Callable[..., jax.Array]] = {"xla": _xla, "taps": _taps, "chunks": _chunks}
+def _onednn(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> jax.Array:
+    out = (x.shape[0], *_out_size(x, w, strides, pads), w.shape[3])  # [B, H', W', F]
+    return kernels.forward(x, w, strides, pads, out)
 
 
-def plan(x_shape: tuple, w_shape: tuple, backend: str, devices: int = 1) -> Plan:
-    """Which formulation computes the forward pass, dW and dX of one layer, on `devices` devices
-    of `backend` (over several, a chunk of the batch would gather onto one device: no chunks)."""
+FORMULATIONS: dict[str, Callable[..., jax.Array]] = {
+    "xla": _xla, "taps": _taps, "chunks": _chunks, "onednn": _onednn,
+}  # fmt: skip
+
+
+def plan(
+    x_shape: tuple, w_shape: tuple, backend: str, devices: int = 1, dtype=jnp.float32
+) -> Plan:
+    """Which formulation computes the forward pass, dW and dX of one layer of `dtype`, on
+    `devices` devices of `backend` (over several, a chunk of the batch would gather onto one
+    device, and XLA cannot split a custom call: neither chunks nor oneDNN)."""
     if backend != "cpu":
         return ("xla", "xla", "xla")
+    if devices == 1 and dtype == jnp.float32 and kernels.available():
+        return ("onednn", "onednn", "onednn")
     forward = "taps" if w_shape[2] <= FEW_CHANNELS else "xla"
     return (forward, "chunks" if devices == 1 else "xla", "xla")
 
@@ -137,8 +151,14 @@ def _forward(x, w, strides, pads, how):
 
 def _backward(strides, pads, how, residuals, g):
     x, w = residuals
-    dw = jax.vjp(lambda w: FORMULATIONS[how[1]](x, w, strides, pads), w)[1](g)[0]
-    dx = jax.vjp(lambda x: FORMULATIONS[how[2]](x, w, strides, pads), x)[1](g)[0]
+    if how[1] == "onednn":  # oneDNN's own gradient primitives: its calls have no autodiff
+        dw = kernels.backward_weights(x, g, strides, pads, w.shape)
+    else:
+        dw = jax.vjp(lambda w: FORMULATIONS[how[1]](x, w, strides, pads), w)[1](g)[0]
+    if how[2] == "onednn":
+        dx = kernels.backward_data(g, w, strides, pads, x.shape)
+    else:
+        dx = jax.vjp(lambda x: FORMULATIONS[how[2]](x, w, strides, pads), x)[1](g)[0]
     return dx, dw
 
 

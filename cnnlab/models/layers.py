@@ -58,5 +58,5 @@ class Conv(nn.Module):
             padding = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), self.padding.upper())
         else:
             padding = ((self.padding, self.padding),) * 2
-        how = plan(x.shape, kernel.shape, jax.default_backend(), jax.device_count())
+        how = plan(x.shape, kernel.shape, jax.default_backend(), jax.device_count(), x.dtype)
         return conv2d(x, kernel.astype(x.dtype), (s, s), padding, how) + bias.astype(x.dtype)
