@@ -1,11 +1,12 @@
-"""Compiled CPU kernels: 2-D convolution through oneDNN, called from XLA as FFI custom calls.
+"""Compiled CPU kernels: convolution and max pooling through oneDNN, as XLA FFI custom calls.
 
 XLA's CPU backend computes convolutions with Eigen, which runs cnnlab's layers two to five times
 slower than oneDNN, the library behind PyTorch's CPU convolutions (measured alone at batch 128,
 AVX2, 2 threads, 2026-12-06: LeNet-5's second layer's input gradient 10.8 -> 4.5 ms, AlexNet-lite's
-conv2 kernel gradient 214 -> 39 ms). `conv_onednn.cc` wraps oneDNN's forward, backward-data and
-backward-weights primitives as three XLA FFI handlers; `cnnlab.models.conv` calls them through
-`forward`, `backward_data` and `backward_weights` on the CPU.
+conv2 kernel gradient 214 -> 39 ms). `onednn.cc` wraps oneDNN's convolution (forward,
+backward-data and backward-weights) and max-pooling (forward and backward) primitives as XLA FFI
+handlers; on the CPU `cnnlab.models.conv` and `cnnlab.models.pool` call them through the
+functions below.
 
 The source is compiled once per machine, on first use, with the system's C++ compiler against
 the oneDNN wheels (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`, dependencies of cnnlab on x86-64
@@ -33,12 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("conv_onednn.cc")
+SOURCE = Path(__file__).with_name("onednn.cc")
 # FFI target name -> the handler symbol in the compiled library
 TARGETS = {
     "cnnlab_conv_forward": "CnnlabConvForward",
     "cnnlab_conv_backward_data": "CnnlabConvBackwardData",
     "cnnlab_conv_backward_weights": "CnnlabConvBackwardWeights",
+    "cnnlab_max_pool_forward": "CnnlabMaxPoolForward",
+    "cnnlab_max_pool_backward": "CnnlabMaxPoolBackward",
 }
 ONEDNN = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")  # the library and its headers
 
@@ -58,7 +61,7 @@ def available() -> bool:
     try:
         library = ctypes.CDLL(str(build()))
     except Unavailable as e:
-        warnings.warn(f"cnnlab: convolutions by XLA, not oneDNN: {e}", stacklevel=2)
+        warnings.warn(f"cnnlab: convolutions and pooling by XLA, not oneDNN: {e}", stacklevel=2)
         return False
     for target, symbol in TARGETS.items():
         handler = jax.ffi.pycapsule(getattr(library, symbol))
@@ -81,7 +84,7 @@ def build() -> Path:
     key = hashlib.sha256(SOURCE.read_bytes())
     key.update(" ".join([*command, metadata.version("jaxlib"), *map(_version, ONEDNN)]).encode())
     cache = Path(os.environ.get("CNNLAB_KERNEL_CACHE", Path.home() / ".cache/cnnlab/kernels"))
-    target = cache / f"conv_onednn-{key.hexdigest()[:16]}.so"
+    target = cache / f"onednn-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -147,3 +150,20 @@ def backward_data(dy: jax.Array, w: jax.Array, strides, pads, x_shape: tuple) ->
 def backward_weights(x: jax.Array, dy: jax.Array, strides, pads, w_shape: tuple) -> jax.Array:
     """The kernel gradient [k, k, C, F] for the output cotangent `dy` [B, H', W', F]."""
     return _call("cnnlab_conv_backward_weights", w_shape, x, dy, strides, pads)
+
+
+def max_pool_forward(x: jax.Array, window: int, stride: int) -> tuple[jax.Array, jax.Array]:
+    """[B, H, W, C] -> the maximum of each window [B, H', W', C] ("VALID"), and oneDNN's
+    workspace [B, H', W', C] uint8, where each maximum was, for `max_pool_backward`."""
+    b, h, w, c = x.shape
+    out = (b, (h - window) // stride + 1, (w - window) // stride + 1, c)
+    shapes = (jax.ShapeDtypeStruct(out, jnp.float32), jax.ShapeDtypeStruct(out, jnp.uint8))
+    call = jax.ffi.ffi_call("cnnlab_max_pool_forward", shapes, vmap_method="sequential")
+    return call(x, window=np.int64(window), stride=np.int64(stride))
+
+
+def max_pool_backward(dy: jax.Array, workspace: jax.Array, window: int, stride: int, x_shape):
+    """The input gradient [B, H, W, C]: each cotangent of `dy` [B, H', W', C] at its maximum."""
+    out = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    call = jax.ffi.ffi_call("cnnlab_max_pool_backward", out, vmap_method="sequential")
+    return call(dy, workspace, window=np.int64(window), stride=np.int64(stride))

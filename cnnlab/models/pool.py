@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
+from cnnlab import kernels
+
 
 def _views(x: jax.Array, window: int, stride: int) -> Iterator[tuple[int, int, jax.Array]]:
     """(row offset, column offset, [B, H', W', C] view) for each of the window's k*k taps."""
@@ -67,3 +69,23 @@ def _backward(window, stride, residuals, g):
 
 
 max_pool.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool_onednn(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """`max_pool` by oneDNN's primitives (`cnnlab.kernels`), float32 on the CPU: its forward pass
+    keeps where each maximum was, so the backward pass does not compare the views again."""
+    return kernels.max_pool_forward(x, window, stride)[0]
+
+
+def _forward_onednn(x, window, stride):
+    y, workspace = kernels.max_pool_forward(x, window, stride)
+    return y, (workspace, x.shape)
+
+
+def _backward_onednn(window, stride, residuals, g):
+    workspace, shape = residuals
+    return (kernels.max_pool_backward(g, workspace, window, stride, shape),)
+
+
+max_pool_onednn.defvjp(_forward_onednn, _backward_onednn)

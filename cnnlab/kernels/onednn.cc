@@ -1,7 +1,8 @@
-// 2-D convolution on the CPU through oneDNN, the library behind PyTorch's CPU convolutions, as
-// three XLA FFI handlers: the forward pass, the input gradient (backward data) and the kernel
-// gradient (backward weights). `cnnlab/kernels/__init__.py` compiles this file, loads it and
-// registers the handlers with JAX; `cnnlab/models/conv.py` calls them.
+// 2-D convolution and max pooling on the CPU through oneDNN, the library behind PyTorch's CPU
+// convolutions, as XLA FFI handlers: the convolution's forward pass, input gradient (backward
+// data) and kernel gradient (backward weights), and max pooling's forward and backward pass.
+// `cnnlab/kernels/__init__.py` compiles this file, loads it and registers the handlers with JAX;
+// `cnnlab/models/conv.py` and `cnnlab/models/pool.py` call them.
 //
 // Layouts are cnnlab's, unchanged: activations NHWC ([B, H, W, C]) and kernels HWIO
 // ([kh, kw, C, F]), float32. oneDNN keeps the activations in that layout (its AVX2/AVX-512
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -103,14 +105,15 @@ std::shared_ptr<Entry> Build(Kind kind, const Geometry& g) {
   return entry;
 }
 
-std::shared_ptr<Entry> Lookup(Kind kind, const Geometry& g) {
+// The entry for `key`, built by `build` the first time.
+template <typename T, typename Build>
+std::shared_ptr<T> Cached(const std::string& key, Build build) {
   static std::mutex mutex;
-  static std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
-  const std::string key = g.Key(kind);
+  static std::unordered_map<std::string, std::shared_ptr<T>> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  auto entry = Build(kind, g);
+  auto entry = build();
   cache.emplace(key, entry);
   return entry;
 }
@@ -128,6 +131,22 @@ struct Buffers {
   }
 };
 
+// Each XLA thread that calls in has its own stream and buffers.
+dnnl::stream& Stream() {
+  thread_local dnnl::stream stream(Engine());
+  return stream;
+}
+
+Buffers& ThreadBuffers() {
+  thread_local Buffers buffers;
+  return buffers;
+}
+
+memory Scratchpad(size_t bytes, Buffers& buffers) {
+  return memory(memory::desc({static_cast<int64_t>(bytes)}, memory::data_type::u8, Tag::a),
+                Engine(), buffers.Scratchpad(bytes));
+}
+
 // x [B, H, W, C], w [kh, kw, C, F], y [B, H', W', F] (cnnlab's order) -> oneDNN's order.
 Geometry Describe(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                   ffi::Span<const int64_t> y, int64_t stride_h, int64_t stride_w,
@@ -139,10 +158,10 @@ Geometry Describe(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
 
 ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* dst) {
   try {
-    auto entry = Lookup(kind, g);
+    auto entry = Cached<Entry>(g.Key(kind), [&] { return Build(kind, g); });
     auto& engine = Engine();
-    thread_local dnnl::stream stream(engine);
-    thread_local Buffers buffers;
+    auto& stream = Stream();
+    auto& buffers = ThreadBuffers();
     memory src_m(memory::desc(g.src, memory::data_type::f32, Tag::nhwc), engine, src);
     memory dst_m(memory::desc(g.dst, memory::data_type::f32, Tag::nhwc), engine, dst);
     memory user_w(entry->user_weights, engine, weights);
@@ -152,10 +171,8 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
     if (entry->reorder && kind != Kind::kBackwardWeights) {
       entry->reorder_primitive.execute(stream, user_w, w);
     }
-    memory scratchpad(memory::desc({static_cast<int64_t>(entry->scratchpad_bytes)},
-                                   memory::data_type::u8, Tag::a),
-                      engine, buffers.Scratchpad(entry->scratchpad_bytes));
-    std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SCRATCHPAD, Scratchpad(entry->scratchpad_bytes, buffers)}};
     if (kind == Kind::kForward) {
       args.insert({{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, dst_m}});
     } else if (kind == Kind::kBackwardData) {
@@ -170,6 +187,87 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// Max pooling, square windows, no padding ("VALID"). The forward pass also writes oneDNN's
+// workspace, the position of each window's maximum as one byte per output element in the
+// output's layout (checked when the primitive is built), which the backward pass reads.
+struct Pool {
+  memory::dims src, dst, kernel, strides;
+
+  std::string Key(bool backward) const {
+    std::string key = backward ? "pool-backward" : "pool-forward";
+    for (const memory::dims* d : {&src, &dst, &kernel, &strides}) {
+      for (int64_t v : *d) key += "," + std::to_string(v);
+      key += ";";
+    }
+    return key;
+  }
+};
+
+struct PoolEntry {
+  dnnl::primitive primitive;
+  size_t scratchpad_bytes;
+};
+
+std::shared_ptr<PoolEntry> BuildPool(bool backward, const Pool& p) {
+  auto& engine = Engine();
+  const auto f32 = memory::data_type::f32;
+  memory::desc src(p.src, f32, Tag::nhwc), dst(p.dst, f32, Tag::nhwc);
+  memory::dims none = {0, 0};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::pooling_forward::primitive_desc forward(
+      engine, dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, src, dst,
+      p.strides, p.kernel, none, none, none, attr);
+  if (forward.workspace_desc() != memory::desc(p.dst, memory::data_type::u8, Tag::nhwc)) {
+    throw std::runtime_error("its max-pooling workspace is not one byte per output, NHWC");
+  }
+  auto entry = std::make_shared<PoolEntry>();
+  if (backward) {
+    dnnl::pooling_backward::primitive_desc pd(engine, dnnl::algorithm::pooling_max, src, dst,
+                                              p.strides, p.kernel, none, none, none, forward,
+                                              attr);
+    entry->primitive = dnnl::pooling_backward(pd);
+    entry->scratchpad_bytes = pd.scratchpad_desc().get_size();
+  } else {
+    entry->primitive = dnnl::pooling_forward(forward);
+    entry->scratchpad_bytes = forward.scratchpad_desc().get_size();
+  }
+  return entry;
+}
+
+// x [B, H, W, C] and y [B, H', W', C] (cnnlab's order) -> oneDNN's order.
+Pool DescribePool(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, int64_t window,
+                  int64_t stride) {
+  return Pool{{x[0], x[3], x[1], x[2]}, {y[0], y[3], y[1], y[2]}, {window, window},
+              {stride, stride}};
+}
+
+ffi::Error RunPool(bool backward, const Pool& p, float* src, float* dst, uint8_t* workspace) {
+  try {
+    auto entry = Cached<PoolEntry>(p.Key(backward), [&] { return BuildPool(backward, p); });
+    auto& engine = Engine();
+    const auto f32 = memory::data_type::f32;
+    memory src_m(memory::desc(p.src, f32, Tag::nhwc), engine, src);
+    memory dst_m(memory::desc(p.dst, f32, Tag::nhwc), engine, dst);
+    memory ws(memory::desc(p.dst, memory::data_type::u8, Tag::nhwc), engine, workspace);
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SCRATCHPAD, Scratchpad(entry->scratchpad_bytes, ThreadBuffers())},
+        {DNNL_ARG_WORKSPACE, ws}};
+    if (backward) {
+      args.insert({{DNNL_ARG_DIFF_SRC, src_m}, {DNNL_ARG_DIFF_DST, dst_m}});
+    } else {
+      args.insert({{DNNL_ARG_SRC, src_m}, {DNNL_ARG_DST, dst_m}});
+    }
+    entry->primitive.execute(Stream(), args);
+    Stream().wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN max pooling: ") + e.what());
+  } catch (const std::runtime_error& e) {
+    return ffi::Error::Internal(std::string("oneDNN max pooling: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -227,6 +325,43 @@ static ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32>
   }
   return Run(Kind::kBackwardWeights, g, x.typed_data(), dw->typed_data(), dy.typed_data());
 }
+
+// y = the maximum of each window of x, and the workspace that records where it was
+static ffi::Error MaxPoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                                 ffi::ResultBuffer<ffi::U8> workspace, int64_t window,
+                                 int64_t stride) {
+  if (Empty(y->dimensions())) return ffi::Error::Success();
+  return RunPool(false, DescribePool(x.dimensions(), y->dimensions(), window, stride),
+                 x.typed_data(), y->typed_data(), workspace->typed_data());
+}
+
+// dx = each output cotangent dy sent to its window's maximum, as the workspace records it
+static ffi::Error MaxPoolBackward(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::U8> workspace,
+                                  ffi::ResultBuffer<ffi::F32> dx, int64_t window,
+                                  int64_t stride) {
+  if (Empty(dx->dimensions())) return ffi::Error::Success();
+  if (Empty(dy.dimensions())) {
+    std::memset(dx->typed_data(), 0, dx->size_bytes());
+    return ffi::Error::Success();
+  }
+  return RunPool(true, DescribePool(dx->dimensions(), dy.dimensions(), window, stride),
+                 dx->typed_data(), dy.typed_data(), workspace.typed_data());
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnlabMaxPoolForward, MaxPoolForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnlabMaxPoolBackward, MaxPoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("stride"));
 
 // Two float32 arrays in, one out, and the convolution's strides and padding.
 static auto Binding() {
