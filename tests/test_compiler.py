@@ -29,6 +29,14 @@ def test_cpu_steps_compile_with_the_elemental_emitters(fresh_options, monkeypatc
     assert compiler._options("gpu") == {} and compiler._options("tpu") == {}
 
 
+def test_the_initialization_compiles_without_llvm_optimizations(fresh_options, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert compiler.compiler_options(data_mesh(), once=True) == {
+        "xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
+    }  # fmt: skip
+    assert compiler._options("gpu", once=True) == {}
+
+
 def test_an_xla_flag_naming_the_option_wins(fresh_options, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
                        "--xla_cpu_use_fusion_emitters=true")  # fmt: skip
@@ -58,7 +66,7 @@ def test_the_options_change_no_value_of_a_training_step(model, monkeypatch):
     augment = AugmentConfig(crop_padding=2, flip=True)
     states = []
     for options in ({"xla_cpu_use_fusion_emitters": False}, {}):
-        monkeypatch.setattr(step_module, "compiler_options", lambda mesh, o=options: o)
+        monkeypatch.setattr(step_module, "compiler_options", lambda mesh, once=False, o=options: o)
         train_step = make_train_step(LOSSES["cross_entropy"], 0.0, mean, std, augment)
         state = create_state(net, tx, shape, jax.random.key(0))
         for i in range(3):

@@ -1,4 +1,4 @@
-"""Every convolution formulation and the max pool agree with XLA's own, gradients included."""
+"""Every convolution formulation and the max pools agree with XLA's own, gradients included."""
 
 import chex
 import flax.linen as nn
@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnnlab import kernels
 from cnnlab.models import conv
 from cnnlab.models.conv import DW_PIXELS, FORMULATIONS, conv2d, plan
 from cnnlab.models.layers import Conv
-from cnnlab.models.pool import max_pool
+from cnnlab.models.pool import max_pool, max_pool_onednn
 
 # (x shape [B, H, W, C], kernel side, filters, stride, padding): LeNet-5's and AlexNet-lite's
 # layers, strided and asymmetric "same" padding, a 1-channel input with stride 2, and batches
@@ -56,7 +57,8 @@ def _check(name, case, gradients):
     x, w, rng = _inputs(x_shape, k, f)
     pads, strides = _pads(padding, x_shape, k, s), (s, s)
     ref = lambda x, w: FORMULATIONS["xla"](x, w, strides, pads)  # noqa: E731
-    got = lambda x, w: FORMULATIONS[name](x, w, strides, pads)  # noqa: E731
+    # through conv2d, whose gradients are the formulation's own (oneDNN's primitives for "onednn")
+    got = lambda x, w: conv2d(x, w, strides, pads, (name,) * 3)  # noqa: E731
     g = rng.normal(size=jax.eval_shape(ref, x, w).shape).astype(np.float32)
     outputs = lambda conv: jax.jit(  # noqa: E731
         lambda x, w: (conv(x, w), jax.vjp(conv, x, w)[1](g) if gradients else ())
@@ -78,7 +80,15 @@ def test_formulation_gradients_match_xla(case, name):
     _check(name, case, gradients=True)
 
 
-MIXES = [("taps", "xla", "xla"), ("xla", "taps", "taps"), ("taps", "chunks", "xla")]
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-k{c[1]}-f{c[2]}-s{c[3]}-{c[4]}")
+def test_onednn_gradients_match_xla_on_every_case(case):
+    _check("onednn", case, gradients=True)  # the CPU's default: every shape, not three
+
+
+MIXES = [
+    ("taps", "xla", "xla"), ("xla", "taps", "taps"), ("taps", "chunks", "xla"),
+    ("taps", "onednn", "xla"), ("onednn", "chunks", "onednn"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("how", MIXES)
@@ -91,7 +101,20 @@ def test_conv2d_mixes_formulations_per_pass(how):
     chex.assert_trees_all_close(ours(x, w), ref(x, w), atol=1e-4, rtol=1e-4)
 
 
-def test_plan_uses_xla_off_the_cpu_taps_for_an_images_channels_and_chunks_for_kernels():
+def test_plan_uses_onednn_on_one_cpu_device_in_float32():
+    assert kernels.available()
+    onednn = ("onednn",) * 3
+    for x_shape, w_shape in [((128, 28, 28, 1), (5, 5, 1, 6)), ((128, 7, 7, 96), (3, 3, 96, 64))]:
+        assert plan(x_shape, w_shape, "cpu") == onednn
+        assert plan(x_shape, w_shape, "cpu", devices=8) != onednn  # XLA cannot split the call
+        assert plan(x_shape, w_shape, "cpu", dtype=jnp.bfloat16) != onednn
+        assert plan(x_shape, w_shape, "gpu") == ("xla", "xla", "xla")
+
+
+def test_plan_uses_xla_off_the_cpu_taps_for_an_images_channels_and_chunks_for_kernels(
+    monkeypatch,
+):
+    monkeypatch.setattr(kernels, "available", lambda: False)  # as where oneDNN is not built
     assert plan((128, 28, 28, 1), (5, 5, 1, 6), "gpu") == ("xla", "xla", "xla")
     assert plan((128, 28, 28, 1), (5, 5, 1, 6), "cpu") == ("taps", "chunks", "xla")
     assert plan((128, 32, 32, 3), (5, 5, 3, 24), "cpu")[0] == "taps"
@@ -117,12 +140,13 @@ def test_conv_layer_has_nn_conv_parameters_and_output(padding):
     "shape, window, stride",
     [((2, 28, 28, 3), 2, 2), ((2, 15, 15, 4), 3, 2), ((1, 9, 11, 2), 3, 3), ((2, 7, 7, 1), 2, 1)],
 )
-def test_max_pool_matches_flax_values_and_gradient(shape, window, stride):
+@pytest.mark.parametrize("pool", [max_pool, max_pool_onednn], ids=["views", "onednn"])
+def test_max_pool_matches_flax_values_and_gradient(shape, window, stride, pool):
     rng = np.random.default_rng(3)
     # Rounded values make ties within windows common: the gradient must pick the same input.
     x = jnp.asarray(np.round(rng.normal(size=shape), 1).astype(np.float32))
     ref = lambda x: nn.max_pool(x, (window, window), (stride, stride))  # noqa: E731
-    ours = lambda x: max_pool(x, window, stride)  # noqa: E731
+    ours = lambda x: pool(x, window, stride)  # noqa: E731
     y, ref_vjp = jax.vjp(ref, x)
     g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
     both = jax.jit(lambda x: jax.vjp(ours, x)[0:1] + (jax.vjp(ours, x)[1](g),))

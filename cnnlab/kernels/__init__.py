@@ -81,20 +81,27 @@ def build() -> Path:
         "-I", jax.ffi.include_dir(), "-I", str(include), str(SOURCE),
         "-L", str(lib.parent), f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}",
     ]  # fmt: skip
+    # The source's text, not its path: copies of cnnlab (a worktree, `cnnlab-bench --against`)
+    # with the same source share the library.
     key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(" ".join([*command, metadata.version("jaxlib"), *map(_version, ONEDNN)]).encode())
+    recipe = [part for part in command if part != str(SOURCE)]
+    key.update(" ".join([*recipe, *(metadata.version(d) for d in ("jaxlib", *ONEDNN))]).encode())
     cache = Path(os.environ.get("CNNLAB_KERNEL_CACHE", Path.home() / ".cache/cnnlab/kernels"))
     target = cache / f"onednn-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=cache, prefix=".building-", suffix=".so")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=cache, prefix=".building-", suffix=".so")
+    except OSError as e:
+        raise Unavailable(f"cannot write the compiled kernels to {cache} ({e.strerror})") from e
     os.close(fd)
     try:
         done = subprocess.run([*command, "-o", partial], capture_output=True, text=True)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise Unavailable(f"compiling {SOURCE.name} failed: {last}")
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            error = next((line for line in lines if "error" in line), lines[-1])
+            raise Unavailable(f"compiling {SOURCE.name} with {compiler} failed: {error}")
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -118,10 +125,6 @@ def _wheel_file(distribution: str, suffix: str) -> Path:
         if str(file).endswith(suffix):
             return Path(file.locate()).resolve()
     raise Unavailable(f"{distribution} has no {suffix}")
-
-
-def _version(distribution: str) -> str:
-    return metadata.version(distribution)
 
 
 def _attributes(strides: tuple[int, int], pads: Pads) -> dict[str, np.int64]:

@@ -1,12 +1,17 @@
 """2-D convolution whose forward pass and each gradient pick the fastest formulation per shape.
 
-XLA's CPU convolution is slow for the small-channel layers of LeNet-sized networks: LeNet-5's
-first layer (1 input channel) takes ~6 ms forward at batch 128, while the same convolution
-written as 25 shifted multiply-adds, which XLA fuses into one loop, takes ~0.6 ms; AlexNet-lite's
-first layer on CIFAR-10 (3 channels, 32x32, 24 filters) takes ~67 ms against ~7.5 ms. So `conv2d`
-is a `jax.custom_vjp` whose forward pass, kernel gradient (dW) and input gradient (dX) are each
-computed by one of three formulations, chosen by `plan` from the layer's shape and the backend:
+XLA's CPU convolution (Eigen) is slow for the layers of LeNet-sized networks: LeNet-5's first
+layer (1 input channel) takes ~6 ms forward at batch 128, while the same convolution written as
+25 shifted multiply-adds, which XLA fuses into one loop, takes ~0.6 ms; AlexNet-lite's first layer
+on CIFAR-10 (3 channels, 32x32, 24 filters) takes ~67 ms against ~7.5 ms. So `conv2d` is a
+`jax.custom_vjp` whose forward pass, kernel gradient (dW) and input gradient (dX) are each
+computed by one of four formulations, chosen by `plan` from the layer's shape and the backend:
 
+- "onednn": oneDNN's convolution primitives, the library behind PyTorch's CPU convolutions, as
+  XLA custom calls (`cnnlab.kernels`), for every pass of every float32 layer on one CPU device
+  where the kernels are built: two to five times faster than XLA's convolution per pass. The
+  three formulations below are what the CPU uses without them (`CNNLAB_CONV=xla`), with
+  bfloat16, and over several devices (XLA cannot split a custom call across a mesh).
 - "xla": `lax.conv_general_dilated` (and its autodiff). Always used on GPU and TPU.
 - "taps": a sum over the kh*kw kernel taps of a shifted input slice times that tap's weights
   (for an image's few channels, each channel's slice times its weights).
@@ -18,9 +23,10 @@ computed by one of three formulations, chosen by `plan` from the layer's shape a
   128 on one core, AlexNet-lite's conv1 on CIFAR-10 50 -> 17 ms, on Fashion-MNIST (28x28 padded
   to 32x32) 347 -> 63 ms, its conv2 88 -> 28 ms.
 
-Each gradient is the autodiff of its formulation, so every plan computes the same function; the
-tests compare every formulation and gradient with `lax.conv_general_dilated`. The choice is a
-fixed rule of the shapes (never a timing), so a run is bit-identical when repeated.
+Each gradient is the autodiff of its formulation (oneDNN's: its backward-data and
+backward-weights primitives), so every plan computes the same function; the tests compare every
+formulation and gradient with `lax.conv_general_dilated`. The choice is a fixed rule of the
+shapes, dtype and devices (never a timing), so a run is bit-identical when repeated.
 
 Glossary: `B` batch, `H, W` spatial, `C` input channels, `F` filters, `k` kernel side.
 """
@@ -125,9 +131,7 @@ FORMULATIONS: dict[str, Callable[..., jax.Array]] = {
 }  # fmt: skip
 
 
-def plan(
-    x_shape: tuple, w_shape: tuple, backend: str, devices: int = 1, dtype=jnp.float32
-) -> Plan:
+def plan(x_shape: tuple, w_shape: tuple, backend: str, devices: int = 1, dtype=jnp.float32) -> Plan:
     """Which formulation computes the forward pass, dW and dX of one layer of `dtype`, on
     `devices` devices of `backend` (over several, a chunk of the batch would gather onto one
     device, and XLA cannot split a custom call: neither chunks nor oneDNN)."""

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab import kernels
-
 from cnnlab.models import pool
 from cnnlab.models.conv import conv2d, plan
 

@@ -89,7 +89,7 @@ def create_state(
     if lanes:
         init = jax.vmap(init)
     mesh = mesh or data_mesh()
-    options = compiler_options(mesh)
+    options = compiler_options(mesh, once=True)
     return jax.jit(init, out_shardings=replicated(mesh), compiler_options=options)(key)
 
 
