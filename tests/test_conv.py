@@ -63,7 +63,16 @@ def _check(name, case, gradients):
     outputs = lambda conv: jax.jit(  # noqa: E731
         lambda x, w: (conv(x, w), jax.vjp(conv, x, w)[1](g) if gradients else ())
     )(x, w)
-    chex.assert_trees_all_close(outputs(got), outputs(ref), atol=1e-4, rtol=1e-4)
+    assert_close_at_scale(outputs(got), outputs(ref))
+
+
+def assert_close_at_scale(got, ref):
+    """Close to 1e-4, or to 1e-5 of each array's largest value: a kernel gradient sums B * H' * W'
+    products of values in the hundreds, so an entry near zero after that cancellation keeps an
+    absolute error of the sums' size, which another summation order changes."""
+    for got_leaf, ref_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        scale = float(jnp.max(jnp.abs(ref_leaf)))
+        np.testing.assert_allclose(got_leaf, ref_leaf, atol=1e-4 + 1e-5 * scale, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-k{c[1]}-f{c[2]}-s{c[3]}-{c[4]}")
@@ -98,7 +107,7 @@ def test_conv2d_mixes_formulations_per_pass(how):
     loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))  # noqa: E731
     ours = jax.jit(jax.value_and_grad(loss(lambda x, w: conv2d(x, w, (1, 1), pads, how)), (0, 1)))
     ref = jax.value_and_grad(loss(lambda x, w: FORMULATIONS["xla"](x, w, (1, 1), pads)), (0, 1))
-    chex.assert_trees_all_close(ours(x, w), ref(x, w), atol=1e-4, rtol=1e-4)
+    assert_close_at_scale(ours(x, w), ref(x, w))
 
 
 def test_plan_uses_onednn_on_one_cpu_device_in_float32():

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -133,11 +134,17 @@ def _attributes(strides: tuple[int, int], pads: Pads) -> dict[str, np.int64]:
     return {k: np.int64(v) for k, v in dict(values, pad_left=left, pad_right=right).items()}
 
 
+def _ffi_call(target: str, out) -> Callable:
+    """The custom call `target` with outputs `out`; under vmap (several seeds in one program) it
+    runs once per seed."""
+    if not available():
+        raise Unavailable("the oneDNN kernels are not available here (see the warning above)")
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")
+
+
 def _call(target: str, shape: tuple, a: jax.Array, b: jax.Array, strides, pads) -> jax.Array:
-    # vmap (several seeds in one program) runs the call once per seed
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
-    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
-    return call(a, b, **_attributes(strides, pads))
+    return _ffi_call(target, out)(a, b, **_attributes(strides, pads))
 
 
 def forward(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads, out: tuple):
@@ -159,14 +166,14 @@ def max_pool_forward(x: jax.Array, window: int, stride: int) -> tuple[jax.Array,
     """[B, H, W, C] -> the maximum of each window [B, H', W', C] ("VALID"), and oneDNN's
     workspace [B, H', W', C] uint8, where each maximum was, for `max_pool_backward`."""
     b, h, w, c = x.shape
-    out = (b, (h - window) // stride + 1, (w - window) // stride + 1, c)
+    out = (b, max(0, (h - window) // stride + 1), max(0, (w - window) // stride + 1), c)
     shapes = (jax.ShapeDtypeStruct(out, jnp.float32), jax.ShapeDtypeStruct(out, jnp.uint8))
-    call = jax.ffi.ffi_call("cnnlab_max_pool_forward", shapes, vmap_method="sequential")
+    call = _ffi_call("cnnlab_max_pool_forward", shapes)
     return call(x, window=np.int64(window), stride=np.int64(stride))
 
 
 def max_pool_backward(dy: jax.Array, workspace: jax.Array, window: int, stride: int, x_shape):
     """The input gradient [B, H, W, C]: each cotangent of `dy` [B, H', W', C] at its maximum."""
     out = jax.ShapeDtypeStruct(x_shape, jnp.float32)
-    call = jax.ffi.ffi_call("cnnlab_max_pool_backward", out, vmap_method="sequential")
+    call = _ffi_call("cnnlab_max_pool_backward", out)
     return call(dy, workspace, window=np.int64(window), stride=np.int64(stride))

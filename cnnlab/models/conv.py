@@ -51,9 +51,9 @@ def _xla(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> ja
 
 
 def _out_size(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> tuple[int, int]:
-    """(H', W') of the output."""
+    """(H', W') of the output; 0 where the window does not fit, as XLA's convolution gives."""
     (kh, kw), (sh, sw), (h, wd) = w.shape[:2], strides, x.shape[1:3]
-    return (h + sum(pads[0]) - kh) // sh + 1, (wd + sum(pads[1]) - kw) // sw + 1
+    return max(0, (h + sum(pads[0]) - kh) // sh + 1), max(0, (wd + sum(pads[1]) - kw) // sw + 1)
 
 
 def _slices(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads):
