@@ -4,8 +4,8 @@
 # Extra arguments go through ARGS, e.g. make train ARGS="model=alexnet_lite data=cifar10".
 # Set-up creates .venv (cnnlab installed editable, with its dev tools and the CPU build of
 # PyTorch that cnnlab-bench compares against) and, where apt is there, installs Debian's
-# dataset-fashion-mnist package. Use the tools directly afterwards with
-# `source .venv/bin/activate`.
+# dataset-fashion-mnist package and, without a C++ compiler, g++. Use the tools directly
+# afterwards with `source .venv/bin/activate`.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: train test setup data lint
+.PHONY: train test setup data compiler lint
 train: setup
 	$(BIN)/cnnlab-train $(ARGS)
 
@@ -26,7 +26,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data compiler
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,12 @@ data:
 		echo "installing Debian's dataset-fashion-mnist into $(FMNIST)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else echo "note: no apt-get; Fashion-MNIST will come through TFDS (needs internet once)"; fi
+
+# cnnlab compiles its oneDNN kernels (cnnlab/kernels) with $(CXX) on first use.
+CXX ?= g++
+compiler:
+	@if command -v $(CXX) >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "installing Debian's g++ (cnnlab compiles its oneDNN kernels with it)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++ >/dev/null; \
+	else echo "note: no C++ compiler; cnnlab will train with XLA's slower CPU convolutions"; fi

@@ -55,7 +55,7 @@ def test_cnnlab_conv_xla_turns_the_kernels_off():
 
 NETWORKS = [
     ("lenet5", ModelConfig(padding=[2, 0]), (8, 28, 28, 1)),
-    ("alexnet_lite", ModelConfig(name="alexnet_lite", depth=8, norm="batch"), (8, 32, 32, 3)),
+    ("alexnet_lite", ModelConfig(name="alexnet_lite", depth=8, norm="batch"), (4, 16, 16, 3)),
 ]
 
 
