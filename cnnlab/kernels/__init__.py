@@ -59,6 +59,10 @@ def available() -> bool:
     process; the first call may compile them, about 10 s). Says once why not, if not."""
     if os.environ.get("CNNLAB_CONV", "").lower() == "xla":
         return False
+    # oneDNN's OpenMP threads sleep when idle instead of spinning: between its calls XLA's own
+    # threads run the step's elementwise work on the same cores (LeNet-5's step about 10% faster
+    # on 2 cores, 2026-12-06). Read when OpenMP loads, with the library; a value set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         library = ctypes.CDLL(str(build()))
     except Unavailable as e:
