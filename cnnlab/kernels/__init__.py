@@ -74,6 +74,12 @@ def available() -> bool:
     return True
 
 
+def applies(dtype, devices: int) -> bool:
+    """Whether a CPU layer of `dtype` on `devices` devices is computed by these kernels: float32 on
+    one device (XLA cannot split a custom call across a mesh), where they are available."""
+    return devices == 1 and dtype == jnp.float32 and available()
+
+
 def build() -> Path:
     """The compiled library: from the cache, or compiled now (atomically: processes that build
     it at the same time each write their own file and rename it into place)."""

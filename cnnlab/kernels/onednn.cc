@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -32,17 +33,23 @@ namespace {
 
 enum class Kind { kForward, kBackwardData, kBackwardWeights };
 
+// A cache key: what the primitive is, then its dimensions.
+std::string Key(const std::string& what, std::initializer_list<const memory::dims*> parts) {
+  std::string key = what;
+  for (const memory::dims* dims : parts) {
+    key += ";";
+    for (int64_t v : *dims) key += "," + std::to_string(v);
+  }
+  return key;
+}
+
 // The geometry of one convolution, in oneDNN's logical order (N, C, H, W and O, I, H, W).
 struct Geometry {
   memory::dims src, weights, dst, strides, pad_l, pad_r;
 
   std::string Key(Kind kind) const {
-    std::string key = std::to_string(static_cast<int>(kind));
-    for (const memory::dims* d : {&src, &weights, &dst, &strides, &pad_l, &pad_r}) {
-      for (int64_t v : *d) key += "," + std::to_string(v);
-      key += ";";
-    }
-    return key;
+    return ::Key("conv" + std::to_string(static_cast<int>(kind)),
+                 {&src, &weights, &dst, &strides, &pad_l, &pad_r});
   }
 };
 
@@ -59,7 +66,7 @@ struct Entry {
   memory::desc weights;       // the primitive's
   bool reorder;               // weights != user_weights
   dnnl::reorder reorder_primitive;
-  size_t scratchpad_bytes;
+  size_t scratchpad_bytes, reorder_scratchpad_bytes = 0;
 };
 
 std::shared_ptr<Entry> Build(Kind kind, const Geometry& g) {
@@ -94,13 +101,12 @@ std::shared_ptr<Entry> Build(Kind kind, const Geometry& g) {
     entry->scratchpad_bytes = pd.scratchpad_desc().get_size();
   }
   entry->reorder = entry->weights != entry->user_weights;
-  if (entry->reorder) {
-    entry->reorder_primitive =
-        kind == Kind::kBackwardWeights
-            ? dnnl::reorder(dnnl::reorder::primitive_desc(engine, entry->weights, engine,
-                                                          entry->user_weights))
-            : dnnl::reorder(dnnl::reorder::primitive_desc(engine, entry->user_weights, engine,
-                                                          entry->weights));
+  if (entry->reorder) {  // to the primitive's layout, or back to HWIO for a kernel gradient
+    const bool back = kind == Kind::kBackwardWeights;
+    dnnl::reorder::primitive_desc pd(engine, back ? entry->weights : entry->user_weights, engine,
+                                     back ? entry->user_weights : entry->weights, attr);
+    entry->reorder_primitive = dnnl::reorder(pd);
+    entry->reorder_scratchpad_bytes = pd.scratchpad_desc().get_size();
   }
   return entry;
 }
@@ -168,9 +174,12 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
     memory w = entry->reorder
                    ? memory(entry->weights, engine, buffers.Weights(entry->weights.get_size()))
                    : user_w;
-    if (entry->reorder && kind != Kind::kBackwardWeights) {
-      entry->reorder_primitive.execute(stream, user_w, w);
-    }
+    auto reorder = [&](memory& from, memory& to) {
+      entry->reorder_primitive.execute(
+          stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                   {DNNL_ARG_SCRATCHPAD, Scratchpad(entry->reorder_scratchpad_bytes, buffers)}});
+    };
+    if (entry->reorder && kind != Kind::kBackwardWeights) reorder(user_w, w);
     std::unordered_map<int, memory> args{
         {DNNL_ARG_SCRATCHPAD, Scratchpad(entry->scratchpad_bytes, buffers)}};
     if (kind == Kind::kForward) {
@@ -181,9 +190,7 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
       args.insert({{DNNL_ARG_SRC, src_m}, {DNNL_ARG_DIFF_WEIGHTS, w}, {DNNL_ARG_DIFF_DST, dst_m}});
     }
     entry->primitive.execute(stream, args);
-    if (entry->reorder && kind == Kind::kBackwardWeights) {
-      entry->reorder_primitive.execute(stream, w, user_w);
-    }
+    if (entry->reorder && kind == Kind::kBackwardWeights) reorder(w, user_w);
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
@@ -198,12 +205,7 @@ struct Pool {
   memory::dims src, dst, kernel, strides;
 
   std::string Key(bool backward) const {
-    std::string key = backward ? "pool-backward" : "pool-forward";
-    for (const memory::dims* d : {&src, &dst, &kernel, &strides}) {
-      for (int64_t v : *d) key += "," + std::to_string(v);
-      key += ";";
-    }
-    return key;
+    return ::Key(backward ? "pool-backward" : "pool-forward", {&src, &dst, &kernel, &strides});
   }
 };
 

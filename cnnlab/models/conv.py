@@ -137,7 +137,7 @@ def plan(x_shape: tuple, w_shape: tuple, backend: str, devices: int = 1, dtype=j
     device, and XLA cannot split a custom call: neither chunks nor oneDNN)."""
     if backend != "cpu":
         return ("xla", "xla", "xla")
-    if devices == 1 and dtype == jnp.float32 and kernels.available():
+    if kernels.applies(dtype, devices):
         return ("onednn", "onednn", "onednn")
     forward = "taps" if w_shape[2] <= FEW_CHANNELS else "xla"
     return (forward, "chunks" if devices == 1 else "xla", "xla")

@@ -2,7 +2,6 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cnnlab import kernels
 from cnnlab.models import pool
@@ -14,7 +13,7 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     (float32, one device, as the convolutions), else through `cnnlab.models.pool`'s views: both
     several times faster than `nn.max_pool`'s gradient there."""
     if jax.default_backend() == "cpu":
-        if x.dtype == jnp.float32 and jax.device_count() == 1 and kernels.available():
+        if kernels.applies(x.dtype, jax.device_count()):
             return pool.max_pool_onednn(x, window, stride)
         return pool.max_pool(x, window, stride)
     return nn.max_pool(x, (window, window), (stride, stride))
