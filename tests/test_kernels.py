@@ -96,3 +96,11 @@ def test_several_seeds_under_vmap_match_one_at_a_time():
     dx, dw = jax.jit(jax.vmap(jax.grad(loss, (0, 1))))(x, w)
     for s in range(3):
         chex.assert_trees_all_close((dx[s], dw[s]), jax.grad(loss, (0, 1))(x[s], w[s]), atol=1e-5)
+
+
+def test_a_library_that_does_not_load_falls_back_with_one_warning(tmp_path, monkeypatch):
+    broken = tmp_path / "onednn-broken.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(kernels, "build", lambda: broken)
+    with pytest.warns(UserWarning, match="convolutions and pooling by XLA, not oneDNN"):
+        assert kernels.available.__wrapped__() is False  # the uncached check

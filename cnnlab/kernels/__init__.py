@@ -8,7 +8,7 @@ backward-data and backward-weights) and max-pooling (forward and backward) primi
 handlers; on the CPU `cnnlab.models.conv` and `cnnlab.models.pool` call them through the
 functions below.
 
-The source is compiled once per machine, on first use, with the system's C++ compiler against
+The source is compiled once per environment, on first use, with the system's C++ compiler against
 the oneDNN wheels (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`, dependencies of cnnlab on x86-64
 Linux) and jaxlib's FFI headers, into `CNNLAB_KERNEL_CACHE` (default `~/.cache/cnnlab/kernels`),
 named by a hash of everything that goes into it. Where that cannot be done (no compiler, another
@@ -65,7 +65,7 @@ def available() -> bool:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         library = ctypes.CDLL(str(build()))
-    except Unavailable as e:
+    except (Unavailable, OSError) as e:  # OSError: the library does not load (a broken file)
         warnings.warn(f"cnnlab: convolutions and pooling by XLA, not oneDNN: {e}", stacklevel=2)
         return False
     for target, symbol in TARGETS.items():
