@@ -292,3 +292,68 @@ def _check_keys(node, schema, prefix: str) -> None:
         child = node._get_node(key)
         if is_dataclass(field_type) and isinstance(child, DictConfig):
             _check_keys(child, field_type, f"{prefix}{key}.")
+
+
+def from_dict(tree: dict, schema: type = Config, prefix: str = "") -> Any:
+    """A `schema` dataclass (the whole `Config` by default) from nested plain dicts, such as
+    `yaml.safe_load` of a run's config.yaml gives. A key the tree lacks keeps its default (a run
+    written before cnnlab added it computes what the default computes). An unknown key, a typo or
+    one cnnlab has removed since, is a ConfigError naming the closest valid key: a removed key may
+    have changed what the run computed, so it is never dropped silently. A value of the wrong type
+    is a ConfigError too; ints become floats where a float is expected, as OmegaConf does."""
+    from dataclasses import fields, is_dataclass
+
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, not {tree!r}")
+    known = {f.name: f.type for f in fields(schema)}
+    values = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            if isinstance(value, dict) and value:  # trian: {epochs: 3}: name the leaf
+                dotted += f".{next(iter(value))}"
+            close = closest_key(dotted)
+            hint = f"; did you mean {close}?" if close else ""
+            valid = ", ".join(sorted(known))
+            raise ConfigError(f"unknown config key {dotted}{hint} (valid here: {valid})")
+        if is_dataclass(known[key]):
+            values[key] = from_dict(value, known[key], f"{dotted}.")
+        else:
+            values[key] = _typed(value, known[key], dotted)
+    return schema(**values)
+
+
+def _typed(value: Any, kind: Any, dotted: str) -> Any:
+    """`value` as the field type `kind` (Any, str, int, float, bool, X | None or list[X])."""
+    import typing
+
+    if kind is Any:
+        return value
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        (inner,) = (a for a in args if a is not type(None))
+        return None if value is None else _typed(value, inner, dotted)
+    if typing.get_origin(kind) is list and isinstance(value, list | tuple):
+        return [_typed(v, args[0], f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, int | float | str) and not isinstance(value, bool):
+        return str(value)
+    if kind in (int, bool) and type(value) is kind:
+        return value
+    name = getattr(kind, "__name__", str(kind))
+    raise ConfigError(f"{dotted} must be {name}, not {value!r}")
+
+
+def to_yaml(cfg: Config) -> str:
+    """`cfg` as YAML (a run's config.yaml); `from_dict(yaml.safe_load(...))` reads it back equal."""
+    from dataclasses import asdict
+
+    import yaml
+
+    def plain(value: Any) -> Any:  # tuples (a per-layer setting given in code) as YAML lists
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+    return yaml.safe_dump(plain(asdict(cfg)), sort_keys=False, allow_unicode=True)
