@@ -33,6 +33,7 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
+from cnnlab import inference
 from cnnlab.compiler import compiler_options, jit
 from cnnlab.config import AugmentConfig
 from cnnlab.parallel import batch_sharded, data_mesh, replicated, step_input
@@ -195,10 +196,9 @@ def make_eval_step(
     everywhere, split = replicated(mesh), batch_sharded(mesh)
 
     def eval_step(model_vars, images, labels, idx, mask, size: int) -> dict[str, jax.Array]:
-        x, y = normalize(images[idx], mean, std), labels[idx]
+        y = labels[idx]
         model_vars = {**model_vars, "params": to_dtype(model_vars["params"], dtype)}
-        logits = apply_fn(model_vars, to_dtype(x, dtype), train=False)
-        logits = logits.astype(jnp.float32)  # [B, K]
+        logits = inference.logits(apply_fn, model_vars, images[idx], mean, std, dtype)  # [B, K]
         losses = loss_fn(logits, y, 0.0)  # [B]
         return {
             "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
