@@ -6,19 +6,14 @@ most likely class first.
 """
 
 import argparse
-import json
 from pathlib import Path
 
-import jax
 import numpy as np
-from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
-from cnnlab import checkpoint
-from cnnlab.config import ModelConfig
 from cnnlab.errors import CnnlabError
-from cnnlab.models import build_model, variables_like
-from cnnlab.train.step import normalize
+from cnnlab.inference import predict_probs
+from cnnlab.rundir import RunDir
 from experiments.hydra_conf import exit_on_user_error
 
 
@@ -37,23 +32,12 @@ def load_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
 
 def predict(run_dir: Path, images: list[Path]) -> list[list[tuple[str, float]]]:
     """For each image, (class name, probability) pairs sorted by probability."""
-    for name in ("config.yaml", "dataset.json"):
-        if not (run_dir / name).is_file():
-            raise CnnlabError(f"{run_dir} is not a cnnlab run directory (no {name})")
-    model_cfg = OmegaConf.to_object(
-        OmegaConf.merge(
-            OmegaConf.structured(ModelConfig), OmegaConf.load(run_dir / "config.yaml").model
-        )
-    )
-    meta = json.loads((run_dir / "dataset.json").read_text())
-    shape, names = tuple(meta["image_shape"]), meta["class_names"]
-    model = build_model(model_cfg, len(names))
-    like = variables_like(model, shape)
-    model_vars = checkpoint.load_variables(run_dir / "checkpoint", like)
-    batch = np.stack([load_image(p, shape) for p in images])  # [N, H, W, C]
-    x = normalize(batch, np.float32(meta["mean"]), np.float32(meta["std"]))
-    probs = np.asarray(jax.nn.softmax(model.apply(model_vars, x)))  # [N, K]
-    return [sorted(zip(names, map(float, p), strict=False), key=lambda t: -t[1]) for p in probs]
+    run = RunDir(run_dir)
+    info, model = run.dataset(), run.load_model()
+    batch = np.stack([load_image(p, info.image_shape) for p in images])  # [N, H, W, C]
+    probs = predict_probs(model.module, model.variables, batch, info.mean, info.std)  # [N, K]
+    names = info.class_names
+    return [sorted(zip(names, map(float, p), strict=True), key=lambda t: -t[1]) for p in probs]
 
 
 def main() -> None:

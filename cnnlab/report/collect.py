@@ -6,21 +6,21 @@ then read from `.hydra/config.yaml` or `.hydra/overrides.yaml`) and has status "
 has no `summary.json`.
 """
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
 
-from cnnlab.config import flatten
+from cnnlab.config import Config, flatten, identity
 from cnnlab.errors import CnnlabError
+from cnnlab.rundir import RunDir
 
-# Config keys that name, log or steer a run without changing what it computes (compare
-# cnnlab.config.config_hash): never treated as swept.
-IGNORED = ("name", "logger", "hydra", "sweep", "compilation_cache", "malloc_arenas")
+# The config keys that change what a run computes (`cnnlab.config.identity`, which also names its
+# checkpoints). A key outside them (logging, naming, sweep control) counts as swept only where
+# the sweep's overrides set it: `name`, say, varies with the model when it interpolates it.
+RESULT_KEYS = frozenset(flatten(identity(Config())))
 REPLICATE = "seed"  # the replicate axis: rows average over it
 
 
@@ -79,36 +79,35 @@ def collect(sweep_dir: Path) -> list[Point]:
 
 
 def read_point(job: Path) -> Point:
-    listed = _load_yaml(job / ".hydra" / "overrides.yaml")
-    overrides = [str(o) for o in listed] if isinstance(listed, list) else []
-    summary = _load_json(job / "summary.json")
+    run = RunDir(job)
+    overrides, summary = run.overrides(), run.summary()
     status = str(summary.get("status", "missing")) if summary else "missing"
     error = str(summary.get("error", "")) if summary else "no summary.json (the job did not finish)"
-    layers = job / "layers.txt"
     return Point(
         job=job.name,
         path=job,
-        config=_config(job, overrides),
+        config=_config(run.config_tree(), overrides),
         overrides=overrides,
         status=status,
         error=error,
         summary=summary or {},
-        final_val_accuracy=_final_val_accuracy(job / "metrics.jsonl"),
-        layers=layers.read_text() if layers.is_file() else "",
+        final_val_accuracy=_final_val_accuracy(run.metrics()),
+        layers=run.layers(),
     )
 
 
 def swept_keys(points: list[Point]) -> list[str]:
     """Dotted config keys whose values differ between jobs (the seed included), in the order of
     the overrides, then of the config."""
-    order: dict[str, None] = {}
+    overridden: dict[str, None] = {}
     for point in points:
-        order.update(dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for o in point.overrides))
+        overridden.update(dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for o in point.overrides))
+    order = dict(overridden)
     for point in points:
         order.update(dict.fromkeys(point.config))
     swept = []
     for key in order:
-        if key.split(".")[0] in IGNORED:
+        if key not in RESULT_KEYS and key not in overridden:
             continue
         values = {repr(p.config[key]) for p in points if key in p.config}
         if len(values) > 1:
@@ -116,17 +115,9 @@ def swept_keys(points: list[Point]) -> list[str]:
     return swept
 
 
-def _config(job: Path, overrides: list[str]) -> dict[str, Any]:
-    """The resolved config.yaml, else Hydra's own copy, with the overrides applied on top."""
-    config = {}
-    for path in (job / "config.yaml", job / ".hydra" / "config.yaml"):
-        if path.is_file():
-            node = OmegaConf.load(path)
-            try:
-                config = flatten(OmegaConf.to_container(node, resolve=True))
-            except Exception:  # an interpolation that only resolves inside Hydra
-                config = flatten(OmegaConf.to_container(node, resolve=False))
-            break
+def _config(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The job's config (`RunDir.config_tree`) flattened, with the overrides applied on top."""
+    config = flatten(tree)
     for override in overrides:  # Hydra applied them already; they only fill in what is missing
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
@@ -142,30 +133,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _load_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
-        return None
-
-
-def _load_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _final_val_accuracy(path: Path) -> float | None:
-    if not path.is_file():
-        return None
-    last = None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a killed run
-            continue
-        if isinstance(record, dict) and isinstance(record.get("val/accuracy"), int | float):
-            last = float(record["val/accuracy"])
-    return last
+def _final_val_accuracy(records: list[dict]) -> float | None:
+    """The last `val/accuracy` of metrics.jsonl's records."""
+    found = [r["val/accuracy"] for r in records if isinstance(r.get("val/accuracy"), int | float)]
+    return float(found[-1]) if found else None

@@ -7,40 +7,39 @@
 - `curves.png`: loss and accuracy against step, train and validation (and the final test);
 - `confidently_wrong.png`: the test images the model got wrong with the highest confidence.
 
-`<name>_figure` builds a matplotlib `Figure` from plain arrays, `draw_<name>` writes it to a path
-and returns the path, and `draw_all(run_dir)` draws all five for a finished run. Matplotlib's
-object API (`Figure`) without pyplot, as in `cnnlab.report.plots`.
+`<name>_figure` builds a matplotlib `Figure` from plain arrays and `draw_<name>` writes it to a
+path and returns the path. `draw_run` draws all five from a `RunPictures`, the arrays of one run
+(`run_pictures` takes them from a trained model, its test data and metrics), and `draw_all(run_dir)`
+does so for a finished run read back from its directory. Matplotlib's object API (`Figure`)
+without pyplot, as in `cnnlab.report.plots`.
 
 Glossary: `N` images, `H, W` spatial, `C` channels, `K` classes, `F` filters.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from omegaconf import OmegaConf
 
-from cnnlab import checkpoint, geometry
-from cnnlab.config import Config, ModelConfig
+from cnnlab import geometry
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import CnnlabError
-from cnnlab.models import Architecture, build_model, resolve, variables_like
+from cnnlab.inference import predict_probs
+from cnnlab.models import resolve
 from cnnlab.models.layers import ACTIVATIONS, POOLS
+from cnnlab.preprocess import normalize
 from cnnlab.report.plots import no_data, series_color
+from cnnlab.rundir import DatasetInfo, RunDir, TrainedModel
 from cnnlab.tracking import confusion_matrix
-from cnnlab.train.step import normalize
 
 DPI = 110
 PANEL = "panel"  # the label of the axes that hold one filter, map or image (the tests count them)
 PICTURES = ("filters", "feature_maps", "confusion_matrix", "curves", "confidently_wrong")
-RUN_FILES = ("config.yaml", "dataset.json", "metrics.jsonl", "checkpoint")
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -115,15 +114,10 @@ class FeatureMap:
 
 
 def feature_maps(
-    model,
-    model_vars: dict,
-    arch: Architecture,
-    image: np.ndarray,
-    mean: np.ndarray,
-    std: np.ndarray,
+    model: TrainedModel, image: np.ndarray, mean: np.ndarray, std: np.ndarray
 ) -> list[FeatureMap]:
-    """The maps of one uint8 `image` [H, W, C] after each conv (with its activation) and pool;
-    `model_vars` are the model's Flax variables (`{"params": ...}` and any running statistics).
+    """The maps of one uint8 `image` [H, W, C] after each conv (with its activation) and pool,
+    normalized with the training split's `mean` and `std` [C].
 
     The conv outputs come from Flax's `capture_intermediates`; the activation and pooling that the
     model applies after each conv are applied here with the model's own functions (they are not
@@ -132,8 +126,10 @@ def feature_maps(
     far, and is centred where the centre of its receptive field lies.
     """
     x = normalize(jnp.asarray(image[None]), np.float32(mean), np.float32(std))  # [1, H, W, C]
-    _, state = model.apply(model_vars, x, capture_intermediates=True, mutable=["intermediates"])
-    captured = state["intermediates"]
+    _, state = model.module.apply(
+        model.variables, x, capture_intermediates=True, mutable=["intermediates"]
+    )
+    captured, arch = state["intermediates"], resolve(model.config)
     act, pool = ACTIVATIONS[arch.activation], POOLS[arch.pool]
     size = np.array(image.shape[:2])  # (H, W) of the current map
     centre = np.zeros(2)  # input coordinates (row, column) of the centre of the map's pixel 0
@@ -265,17 +261,6 @@ def draw_confusion(counts: np.ndarray, class_names: list[str], path: Path) -> Pa
 # --- training curves --------------------------------------------------------------------------
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of `metrics.jsonl` (a half-written last line is skipped)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def curves_figure(records: list[dict]) -> Figure:
     """Loss and accuracy against step: train (every log step), validation (every epoch) and the
     final test result where the records hold one."""
@@ -368,116 +353,84 @@ def draw_wrong(
 # --- a finished run ---------------------------------------------------------------------------
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Raise CnnlabError unless `run_dir` holds a finished run (final parameters included)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CnnlabError(f"no run directory at {run_dir}")
-    missing = [name for name in RUN_FILES if not (run_dir / name).exists()]
-    if "config.yaml" in missing or "dataset.json" in missing:
+@dataclass(frozen=True)
+class RunPictures:
+    """What the five pictures of a run are drawn from: arrays and names, no model or config."""
+
+    kernel: np.ndarray  # [kh, kw, C, F] the first conv layer's
+    maps: list[FeatureMap]  # test image `image_index` after each conv and pool
+    image_index: int
+    images: np.ndarray  # [N, H, W, C] uint8 the test images
+    labels: np.ndarray  # [N]
+    probs: np.ndarray  # [N, K] the model's softmax outputs
+    counts: np.ndarray  # [K, K] confusion counts, rows true class, as confusion_matrix.csv
+    class_names: list[str]  # [K]
+    records: list[dict]  # metrics.jsonl
+    model: str  # the network as the feature maps' title names it, e.g. "lenet5 (relu, max pooling)"
+
+
+def run_pictures(
+    model: TrainedModel, data: Dataset, probs: np.ndarray, records: list[dict], image_index: int = 0
+) -> RunPictures:
+    """The arrays of a trained `model`'s pictures: its first kernel, the feature maps of test
+    image `image_index`, and from the test probabilities [N, K] its confusion counts."""
+    test = data.test
+    if not 0 <= image_index < len(test.images):
         raise CnnlabError(
-            f"{run_dir} is not a cnnlab run directory (no {' or '.join(missing[:2])}): pass a "
-            "folder that cnnlab-train wrote (for a multi-seed run, one of its seed_<s>/ folders)"
+            f"image index {image_index} is outside the {len(test.images)} test images"
         )
-    if missing:
-        raise CnnlabError(
-            f"{run_dir} holds no finished run (no {' or '.join(missing)}): it is still running "
-            "or it ended without status ok (see its summary.json)"
-        )
-
-
-def _check_same_data(run_dir: Path, data: Dataset) -> None:
-    """The data read again must be what the run trained on (dataset.json records it)."""
-    meta = json.loads((run_dir / "dataset.json").read_text())
-    now = {"class_names": list(data.class_names), "image_shape": list(data.image_shape),
-           "mean": data.mean.tolist(), "std": data.std.tolist()}  # fmt: skip
-    changed = [key for key, value in now.items() if meta.get(key) != value]
-    if changed:
-        raise CnnlabError(
-            f"the data of {run_dir} reads back differently now ({', '.join(changed)} differ "
-            "from its dataset.json): restore the data the run was trained on"
-        )
-
-
-def load_config(run_dir: Path) -> Config:
-    node = OmegaConf.merge(
-        OmegaConf.structured(Config), OmegaConf.load(Path(run_dir) / "config.yaml")
+    probs = np.asarray(probs)
+    cfg = model.config
+    return RunPictures(
+        kernel=np.asarray(model.variables["params"]["conv1"]["kernel"]),
+        maps=feature_maps(model, test.images[image_index], data.mean, data.std),
+        image_index=image_index,
+        images=test.images,
+        labels=test.labels,
+        probs=probs,
+        counts=confusion_matrix(test.labels, np.argmax(probs, -1), data.num_classes),
+        class_names=list(data.class_names),
+        records=records,
+        # the activation and pooling tell LeNet-5's classic variant (tanh, avg) from the modern one
+        model=f"{cfg.name} ({cfg.activation}, {cfg.pool} pooling)",
     )
-    return OmegaConf.to_object(node)
 
 
-def predict_probs(
-    model, model_vars: dict, images: np.ndarray, mean, std, batch: int = 500
-) -> np.ndarray:
-    """Softmax outputs [N, K] of uint8 `images` [N, H, W, C], in float32."""
-
-    @jax.jit
-    def probs(x):
-        return jax.nn.softmax(model.apply(model_vars, normalize(x, mean, std)))
-
-    return np.concatenate(
-        [np.asarray(probs(images[i : i + batch])) for i in range(0, len(images), batch)]
-    )
+def draw_run(pics: RunPictures, out_dir: Path, n_wrong: int = 16) -> dict[str, Path]:
+    """The five pictures into `out_dir`; returns picture name -> PNG path."""
+    out_dir, names, i = Path(out_dir), pics.class_names, pics.image_index
+    label, pred = int(pics.labels[i]), int(np.argmax(pics.probs[i]))
+    title = (f"{pics.model}: test image {i}, true class {names[label]}, "
+             f"predicted {names[pred]} ({pics.probs[i, pred]:.2f})")  # fmt: skip
+    return {
+        "filters": draw_filters(pics.kernel, out_dir / "filters.png", "conv1"),
+        "feature_maps": draw_feature_maps(
+            pics.images[i], pics.maps, out_dir / "feature_maps.png", title
+        ),
+        "confusion_matrix": draw_confusion(pics.counts, names, out_dir / "confusion_matrix.png"),
+        "curves": draw_curves(pics.records, out_dir / "curves.png"),
+        "confidently_wrong": draw_wrong(
+            pics.images, pics.labels, pics.probs, names, out_dir / "confidently_wrong.png", n_wrong
+        ),
+    }
 
 
 def draw_all(
     run_dir: Path, out_dir: Path | None = None, image_index: int = 0, n_wrong: int = 16
 ) -> dict[str, Path]:
     """Draw the five pictures of a finished run into `out_dir` (default `<run_dir>/pictures/`);
-    returns picture name -> PNG path. Reads the run's config, final parameters and metrics.jsonl,
-    and its data again from the data source (the same config gives the same arrays)."""
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir)
-    cfg = load_config(run_dir)
-    data = load_dataset(cfg.data)
-    _check_same_data(run_dir, data)
-    model = build_model(cfg.model, data.num_classes)
-    like = variables_like(model, data.image_shape)
-    model_vars = checkpoint.load_variables(run_dir / "checkpoint", like)
-    probs = predict_probs(model, model_vars, data.test.images, data.mean, data.std)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    out_dir = Path(out_dir) if out_dir else run_dir / "pictures"
-    return draw_run(
-        out_dir, cfg.model, model, model_vars, data, probs, records, image_index, n_wrong
-    )
-
-
-def draw_run(
-    out_dir: Path,
-    model_cfg: ModelConfig,
-    model,
-    model_vars: dict,
-    data: Dataset,
-    probs: np.ndarray,
-    records: list[dict],
-    image_index: int = 0,
-    n_wrong: int = 16,
-) -> dict[str, Path]:
-    """The five pictures from a run's objects in memory: its model config, Flax module, parameters,
-    dataset, test probabilities [N, K] and metric records (what `cnnlab.train.run.end_run` holds
-    at the end of a run). Returns picture name -> PNG path."""
-    test, names = data.test, list(data.class_names)
-    if not 0 <= image_index < len(test.images):
+    returns picture name -> PNG path. Reads the run's config, final variables and metrics, and its
+    data again from the data source (the same config gives the same arrays)."""
+    run = RunDir(run_dir)
+    run.check(*RunDir.FINISHED)
+    data = load_dataset(run.config().data)
+    changed = run.dataset().differences(DatasetInfo.of(data))
+    if changed:
         raise CnnlabError(
-            f"image index {image_index} is outside the {len(test.images)} test images"
+            f"the data of {run.path} reads back differently now ({', '.join(changed)} differ "
+            "from its dataset.json): restore the data the run was trained on"
         )
-    out_dir, probs = Path(out_dir), np.asarray(probs)
-    preds = np.argmax(probs, -1)
-    paths = {}
-    kernel = np.asarray(model_vars["params"]["conv1"]["kernel"])  # [kh, kw, C, F]
-    paths["filters"] = draw_filters(kernel, out_dir / "filters.png", "conv1")
-    image = test.images[image_index]
-    maps = feature_maps(model, model_vars, resolve(model_cfg), image, data.mean, data.std)
-    label, pred = int(test.labels[image_index]), int(preds[image_index])
-    # The activation and pooling tell LeNet-5's classic variant (tanh, avg) from the modern one.
-    title = (f"{model_cfg.name} ({model_cfg.activation}, {model_cfg.pool} pooling): "
-             f"test image {image_index}, true class {names[label]}, "
-             f"predicted {names[pred]} ({probs[image_index, pred]:.2f})")  # fmt: skip
-    paths["feature_maps"] = draw_feature_maps(image, maps, out_dir / "feature_maps.png", title)
-    counts = confusion_matrix(test.labels, preds, len(names))  # as confusion_matrix.csv
-    paths["confusion_matrix"] = draw_confusion(counts, names, out_dir / "confusion_matrix.png")
-    paths["curves"] = draw_curves(records, out_dir / "curves.png")
-    paths["confidently_wrong"] = draw_wrong(
-        test.images, test.labels, probs, names, out_dir / "confidently_wrong.png", n_wrong
-    )
-    return paths
+    model = run.load_model()
+    probs = predict_probs(model.module, model.variables, data.test.images, data.mean, data.std)
+    pics = run_pictures(model, data, probs, run.metrics(), image_index)
+    return draw_run(pics, Path(out_dir) if out_dir else run.path / "pictures", n_wrong)

@@ -6,7 +6,6 @@ and a tracker, and always finishes the tracker with a summary whose `status` say
 (`prepare`, `start_run`, `end_run`, `recording`) also serve the seeds of `cnnlab.train.seeds`.
 """
 
-import json
 import sys
 import time
 import traceback
@@ -20,7 +19,6 @@ import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from omegaconf import OmegaConf
 
 from cnnlab import checkpoint, geometry
 from cnnlab.checkpoint import Checkpoints
@@ -29,6 +27,7 @@ from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
 from cnnlab.parallel import data_mesh, put, put_dataset, replicated
+from cnnlab.rundir import RunDir, TrainedModel
 from cnnlab.tracking import Tracker
 from cnnlab.train.loop import FitResult, evaluate, fit
 from cnnlab.train.losses import LOSSES
@@ -36,20 +35,6 @@ from cnnlab.train.optim import build_optimizer
 from cnnlab.train.progress import Progress
 from cnnlab.train.step import TrainState, create_state, make_eval_step, make_train_step, variables
 from cnnlab.validate import check_devices, validate
-
-
-def write_run_files(cfg: Config, run_dir: Path, data: Dataset) -> None:
-    """The resolved config and what `cnnlab-predict` needs to preprocess new images."""
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    meta = {
-        "name": data.name,
-        "class_names": list(data.class_names),
-        "image_shape": list(data.image_shape),
-        "mean": data.mean.tolist(),
-        "std": data.std.tolist(),
-        "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
-    }
-    (run_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @dataclass
@@ -130,7 +115,7 @@ def start_run(cfg: Config, run_dir: Path, tracker: Tracker, prepared: Prepared, 
     """The files and records of a run that come before training."""
     summary.update(geometry.summarize(prepared.rows))
     if jax.process_index() == 0:  # the processes of a multi-host run share the run directory
-        write_run_files(cfg, run_dir, prepared.data)
+        RunDir(run_dir).write(cfg, prepared.data)
     tracker.log_layers(prepared.rows)
 
 
@@ -171,34 +156,28 @@ def end_run(
     tracker.log_predictions(data.test.images, data.test.labels, test.probs, data.class_names)
     checkpoint.save_variables(run_dir / "checkpoint", model_vars)  # replaces a stale one
     if cfg.logger.pictures and jax.process_index() == 0:
-        draw_pictures(cfg, prepared, model_vars, test.probs, run_dir, tracker, summary)
+        model = TrainedModel(cfg.model, prepared.model, jax.device_get(model_vars))
+        summary.update(draw_pictures(model, data, test.probs, run_dir, tracker))
 
 
 def draw_pictures(
-    cfg: Config,
-    prepared: Prepared,
-    model_vars: dict,
-    probs: np.ndarray,
-    run_dir: Path,
-    tracker: Tracker,
-    summary: dict,
-) -> None:
-    """The pictures of `cnnlab.report.pictures` in `<run_dir>/pictures/`, logged to the trackers.
-    A picture that cannot be drawn costs a warning, never the trained run."""
+    model: TrainedModel, data: Dataset, probs: np.ndarray, run_dir: Path, tracker: Tracker
+) -> dict[str, float]:
+    """The pictures of `cnnlab.report.pictures` in `<run_dir>/pictures/`, logged to the trackers;
+    returns the summary's `pictures_seconds`. A picture that cannot be drawn costs a warning, never
+    the trained run."""
     from cnnlab.report import pictures  # matplotlib: only runs that draw load it
 
     start = time.perf_counter()
     try:
-        records = pictures.read_metrics(run_dir / "metrics.jsonl")
-        paths = pictures.draw_run(
-            run_dir / "pictures", cfg.model, prepared.model, jax.device_get(model_vars),
-            prepared.data, probs, records,
-        )  # fmt: skip
+        records = RunDir(run_dir).metrics()
+        pics = pictures.run_pictures(model, data, probs, records)
+        paths = pictures.draw_run(pics, Path(run_dir) / "pictures")
     except Exception as e:
         print(f"cnnlab: warning: pictures not drawn ({type(e).__name__}: {e})", file=sys.stderr)
-        return
+        return {}
     tracker.log_pictures(paths)
-    summary["pictures_seconds"] = round(time.perf_counter() - start, 3)
+    return {"pictures_seconds": round(time.perf_counter() - start, 3)}
 
 
 class CheckpointSaver:
