@@ -1,35 +1,34 @@
-"""The registry of baselines: experiment presets whose header says what they must reproduce.
+"""The registry of baselines: experiment presets with a stated result to reproduce.
 
-A baseline is a Hydra experiment preset (`conf/experiment/<name>.yaml`) whose opening comment
-holds `key: value` lines (a value may go on over indented comment lines):
+A baseline is a Hydra experiment preset (`conf/experiment/<name>.yaml`) plus a small YAML file of
+the same name in the baselines folder (`experiments/baselines/<name>.yaml`) that says what the
+preset must reproduce, read with a YAML parser into `Baseline`:
 
-    # command: cnnlab-verify lenet5_fashion_mnist
-    # source:  what it reproduces, with a reference
-    # band:    91.3 +- 0.3 over seeds 0,1,2
-    # compute: what the full tier costs, and where it was measured
-    # quick:   80 +- 5 over seeds 0 with data.train_limit=5000 train.epochs=2
+    title: LeNet-5 (ReLU, max pooling) on Fashion-MNIST
+    command: cnnlab-verify lenet5_fashion_mnist --tier full
+    source: what it reproduces, with a reference
+    compute: what the full tier costs
+    full: {mean: 91.3, tol: 0.3, seeds: [0, 1, 2]}
+    quick: {mean: 72, tol: 4, seeds: [0], overrides: [data.train_limit=5000, train.epochs=2]}
 
-`band` is the full tier: the mean test accuracy (%) over those seeds must lie within mean +-
-tolerance. `quick` is the tier CI runs: shorter, with the overrides after `with`, and its own
-band. `cnnlab-verify` (experiments/verify.py) runs the tiers; `judge` decides pass or fail, and
+`full` is the full tier: the mean test accuracy (%) over its seeds must lie within mean +-
+tol. `quick` is the tier CI runs: shorter, with its `overrides`, and its own band.
+`cnnlab-verify` (experiments/verify.py) runs the tiers; `judge` decides pass or fail, and
 `results_table` renders the README's table from the result records it writes.
 """
 
 import math
-import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from cnnlab.errors import ConfigError
 
 TIERS = ("quick", "full")
-KEYS = ("command", "source", "band", "compute", "quick")
-_LINE = re.compile(r"^#\s?(\w+):\s*(.*)$")
-_BAND = re.compile(
-    r"^(?P<mean>\d+(?:\.\d+)?) \+- (?P<tol>\d+(?:\.\d+)?) over seeds (?P<seeds>\d+(?:,\d+)*)"
-    r"(?: with (?P<overrides>.+))?$"
-)
+TEXTS = ("title", "command", "source", "compute")  # the file's keys besides the tiers
+BAND_FORM = "{mean: <%>, tol: <%>, seeds: [<seed>, ...], overrides: [<key=value>, ...]}"
 
 
 @dataclass(frozen=True)
@@ -56,62 +55,56 @@ class Band:
 @dataclass(frozen=True)
 class Baseline:
     name: str  # the preset's file name: experiment=<name>
-    title: str  # the header's first line
+    title: str
     command: str
     source: str
     compute: str
     tiers: dict[str, Band]  # "full" and "quick"
 
 
-def parse_band(text: str, where: str) -> Band:
-    match = _BAND.match(text.strip())
-    if not match:
-        raise ConfigError(
-            f"{where}: cannot read the band {text.strip()!r}; write it as "
-            "'<mean> +- <tolerance> over seeds <s>,<s>[ with <key=value> ...]'"
-        )
-    seeds = tuple(int(s) for s in match["seeds"].split(","))
-    overrides = tuple((match["overrides"] or "").split())
-    return Band(float(match["mean"]), float(match["tol"]), seeds, overrides)
+def parse_band(value: object, where: str) -> Band:
+    """The band of one tier from its YAML mapping; a clear error naming `where` otherwise."""
+    fields = value if isinstance(value, dict) else {}
+    seeds, overrides = fields.get("seeds"), fields.get("overrides", [])
+    numbers = [fields.get("mean"), fields.get("tol")]
+    well_formed = (
+        set(fields) <= {"mean", "tol", "seeds", "overrides"}
+        and all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers)
+        and isinstance(seeds, list)
+        and seeds
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        and isinstance(overrides, list)
+        and all(isinstance(o, str) and "=" in o for o in overrides)
+    )
+    if not well_formed:
+        raise ConfigError(f"{where}: cannot read the band {value!r}; write it as {BAND_FORM}")
+    return Band(float(numbers[0]), float(numbers[1]), tuple(seeds), tuple(overrides))
 
 
-def read_header(path: Path) -> dict[str, str]:
-    """The `key: value` lines of a YAML file's opening comment (continuations joined)."""
-    fields: dict[str, str] = {}
-    key = None
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        match = _LINE.match(line)
-        if match and match[1] in KEYS:
-            key = match[1]
-            fields[key] = match[2].strip()
-        elif key and line.startswith("#   "):  # an indented continuation of the last value
-            fields[key] += " " + line[1:].strip()
-        else:
-            key = None
-    return fields
+def load_baseline(path: Path) -> Baseline:
+    """The baseline that `path` (experiments/baselines/<name>.yaml) declares."""
+    try:
+        fields = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    fields = fields if isinstance(fields, dict) else {}
+    keys = (*TEXTS, *TIERS)
+    problems = []
+    if missing := [k for k in keys if k not in fields]:
+        problems.append(f"lacks {', '.join(missing)}")
+    if unknown := sorted(set(fields) - set(keys)):
+        problems.append(f"has unknown keys {', '.join(unknown)}")
+    if problems:
+        raise ConfigError(f"{path}: {'; '.join(problems)} (the keys are {', '.join(keys)})")
+    texts = {k: str(fields[k]).strip() for k in TEXTS}
+    tiers = {tier: parse_band(fields[tier], f"{path} {tier}") for tier in TIERS}
+    return Baseline(Path(path).stem, tiers=tiers, **texts)
 
 
-def load_baseline(path: Path) -> Baseline | None:
-    """The baseline that a preset declares, or None for a preset without a `band`."""
-    fields = read_header(path)
-    if "band" not in fields:
-        return None
-    missing = [k for k in KEYS if k not in fields]
-    if missing:
-        raise ConfigError(f"{path}: the baseline header lacks {', '.join(missing)}")
-    lines = [line.lstrip("# ").strip() for line in path.read_text().splitlines()[:3]]
-    title = next((line for line in lines if line and not line.startswith("@package")), path.stem)
-    tiers = {"full": parse_band(fields["band"], f"{path} band")}
-    tiers["quick"] = parse_band(fields["quick"], f"{path} quick")
-    return Baseline(path.stem, title, fields["command"], fields["source"], fields["compute"], tiers)
-
-
-def registry(experiment_dir: Path) -> dict[str, Baseline]:
-    """Every baseline among the presets in `experiment_dir`, by name."""
-    found = (load_baseline(path) for path in sorted(Path(experiment_dir).glob("*.yaml")))
-    return {b.name: b for b in found if b is not None}
+def registry(baselines_dir: Path) -> dict[str, Baseline]:
+    """Every baseline declared in `baselines_dir`, by name, in file-name order."""
+    found = (load_baseline(path) for path in sorted(Path(baselines_dir).glob("*.yaml")))
+    return {b.name: b for b in found}
 
 
 @dataclass

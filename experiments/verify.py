@@ -1,9 +1,11 @@
 """`cnnlab-verify [NAME ...] [--tier quick|full] [key=value ...]`: reproduce the baselines.
 
-Runs each baseline's tier (cnnlab.baselines) with cnnlab-train, one model per seed of its band,
-compares the mean test accuracy with the band and prints PASS or FAIL; exits 1 if any failed.
-No NAME: every baseline. key=value overrides go to every run; `--data cifar10=PATH` gives the
-baselines on one dataset a local copy (data.path), e.g. the CIFAR-10 JPEG zip.
+The baselines are declared in experiments/baselines/<name>.yaml (cnnlab.baselines), one file per
+experiment preset of the same name. Runs each baseline's tier with cnnlab-train, one model per
+seed of its band, compares the mean test accuracy with the band and prints PASS or FAIL; exits 1
+if any failed. No NAME: every baseline. key=value overrides go to every run; `--data
+cifar10=PATH` gives the baselines on one dataset a local copy (data.path), e.g. the CIFAR-10 JPEG
+zip.
 
 Each tier trains in `<out>/<name>/<tier>/` (default outputs/verify/): run again, it resumes an
 interrupted tier from its checkpoints and reuses a finished one of the same config; a tier whose
@@ -31,6 +33,7 @@ from cnnlab.errors import CnnlabError, ConfigError, DataError
 from experiments.hydra_conf import conf_dir, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
+BASELINES = Path(__file__).resolve().parent / "baselines"  # <name>.yaml: what each must reproduce
 RESULTS = REPO / "experiments" / "results"
 PICTURES = REPO / "docs" / "baselines"
 README = REPO / "README.md"
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", action="store_true", help="only regenerate the README table")
     args = parser.parse_intermixed_args(argv)  # names, overrides and options in any order
     try:
-        registry = baselines.registry(conf_dir() / "experiment")
+        registry = baselines.registry(BASELINES)
         names = [a for a in args.args if "=" not in a] or list(registry)
         paths = dict(item.split("=", 1) for item in args.data if "=" in item)
         if len(paths) != len(args.data):

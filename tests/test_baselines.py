@@ -2,9 +2,15 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import tensorflow_datasets as tfds
+import yaml
 from hydra import compose, initialize_config_dir
 
 from cnnlab import baselines
@@ -16,9 +22,9 @@ from cnnlab.train.run import run
 from cnnlab.validate import validate
 from experiments import verify
 from experiments.hydra_conf import conf_dir, register_schema
-from tests.conftest import REPO, cli, needs_fashion_mnist
+from tests.conftest import REPO, cli, history, needs_fashion_mnist
 
-REGISTRY = baselines.registry(conf_dir() / "experiment")
+REGISTRY = baselines.registry(verify.BASELINES)
 # The issue's minimum test accuracy (%) of each baseline; its band must lie above it.
 MINIMUM = {
     "lenet5_fashion_mnist": 91.0,
@@ -60,15 +66,50 @@ def test_both_lenet5_variants_are_baselines():
 
 
 @pytest.mark.parametrize(
-    "text", ["91 +- 0.3", "91 +/- 0.3 over seeds 0,1", "91 +- 0.3 over seeds", "high"]
+    "band",
+    [
+        {"mean": 91, "tol": 0.3},  # no seeds
+        {"mean": 91, "tol": 0.3, "seeds": []},
+        {"mean": "high", "tol": 0.3, "seeds": [0]},
+        {"mean": 91, "tol": 0.3, "seeds": [0], "overrides": ["train.epochs"]},
+        {"mean": 91, "tol": 0.3, "seeds": [0], "colour": "red"},
+        "91 +- 0.3 over seeds 0,1",  # the old comment form
+    ],
 )
-def test_a_malformed_band_is_one_clear_error(text):
-    with pytest.raises(ConfigError, match="write it as '<mean> \\+- <tolerance> over seeds"):
-        baselines.parse_band(text, "x.yaml band")
+def test_a_malformed_band_is_one_clear_error(band):
+    with pytest.raises(ConfigError, match="x.yaml full: cannot read the band .* write it as {mean"):
+        baselines.parse_band(band, "x.yaml full")
+
+
+def test_a_baseline_file_with_a_missing_or_unknown_key_is_one_clear_error(tmp_path):
+    text = (verify.BASELINES / "lenet5_fashion_mnist.yaml").read_text()
+    assert (
+        baselines.load_baseline(verify.BASELINES / "lenet5_fashion_mnist.yaml")
+        == REGISTRY["lenet5_fashion_mnist"]
+    )
+    broken = tmp_path / "lenet5_fashion_mnist.yaml"
+    broken.write_text(text.replace("compute:", "cost:"))
+    with pytest.raises(ConfigError, match=r"lacks compute; has unknown keys cost \(the keys are"):
+        baselines.load_baseline(broken)
+    broken.write_text("title: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        baselines.load_baseline(broken)
+
+
+def test_every_baseline_has_its_experiment_preset():
+    presets = {p.stem for p in (conf_dir() / "experiment").glob("*.yaml")}
+    assert set(REGISTRY) <= presets, set(REGISTRY) - presets
+    for name in REGISTRY:  # the preset's header points at its baseline file
+        assert (
+            f"experiments/baselines/{name}.yaml"
+            in (conf_dir() / "experiment" / f"{name}.yaml").read_text()
+        )
 
 
 def test_a_band_passes_its_inside_and_fails_either_side_and_a_missing_seed():
-    band = baselines.parse_band("91.3 +- 0.3 over seeds 0,1,2 with train.epochs=2", "here")
+    band = baselines.parse_band(
+        {"mean": 91.3, "tol": 0.3, "seeds": [0, 1, 2], "overrides": ["train.epochs=2"]}, "here"
+    )
     assert band == Band(91.3, 0.3, (0, 1, 2), ("train.epochs=2",))
     assert baselines.judge(band, {0: 91.0, 1: 91.2, 2: 91.4})[0] == "pass"
     status, mean, std = baselines.judge(band, {0: 91.5, 1: 91.7, 2: 91.9})
@@ -134,6 +175,88 @@ def test_verify_judges_a_run_reuses_it_and_restarts_a_changed_config(tmp_path):
     changed = cli("verify", "lenet5_fashion_mnist", *short, "logger.pictures=false", "seed=5")
     assert "holds another config; moved to" in changed.stderr
     assert len(list(run_dir.parent.glob("quick.*"))) == 1
+
+
+# A quick tier short enough to interrupt and resume in seconds: 2 epochs of 31 steps, a checkpoint
+# every 3 steps, a metrics record every step.
+SHORT = [
+    "lenet5_fashion_mnist", "data.train_limit=1000", "data.test_limit=500", "train.batch_size=32",
+    "train.log_every_steps=1", "checkpoint.every_steps=3", "logger.mode=disabled",
+    "logger.pictures=false",
+]  # fmt: skip
+
+
+def last_logged_step(seed_dir) -> int:
+    try:
+        lines = (seed_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["step"] for line in lines[-3:] if line.endswith("}")), default=0)
+
+
+@needs_fashion_mnist
+def test_an_interrupted_verify_tier_resumes_from_its_checkpoints(tmp_path):
+    """Ctrl-C in the middle of a tier (SIGINT to the terminal's process group: cnnlab-verify and
+    its cnnlab-train), then the same command: it goes on from the tier's newest checkpoint, keeps
+    the commit and machine it started with, and ends where an uninterrupted tier ends."""
+    out = tmp_path / "verify"
+    seed_dir = out / "lenet5_fashion_mnist" / "quick" / "seed_0"
+    command = [sys.executable, "-m", "experiments.verify", *SHORT, "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while last_logged_step(seed_dir) < 10 or not any((seed_dir / "checkpoints").glob("[0-9]*")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the tier never reached step 10"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.splitlines()[-1] == (
+        "cnnlab: error: interrupted; run the same command again to resume"
+    )
+    assert json.loads((seed_dir / "summary.json").read_text())["status"] != "ok"
+    trained = seed_dir.parent / verify.TRAINED  # as if the tier had started at another commit
+    trained.write_text(json.dumps({**json.loads(trained.read_text()), "commit": "0123abc"}))
+    resumed = cli("verify", *SHORT, "--out", str(out))
+    assert "cnnlab: resuming from step" in resumed.stdout, resumed.stderr[-3000:]
+    whole = tmp_path / "whole"
+    cli("verify", *SHORT, "--out", str(whole))
+    whole_seed = whole / "lenet5_fashion_mnist" / "quick" / "seed_0"
+    summary = json.loads((seed_dir / "summary.json").read_text())
+    expected = json.loads((whole_seed / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["resumed_from_step"] >= 3
+    assert summary["params_sha256"] == expected["params_sha256"]
+    assert history(seed_dir) == history(whole_seed)  # no record twice, none missing
+    records = [json.loads((d.parent / "verify.json").read_text()) for d in (seed_dir, whole_seed)]
+    assert records[0]["commit"] == "0123abc"  # a resumed tier keeps where it started
+    for record in records:  # where and when it ran differ; what it measured must not
+        for key in ("wall_seconds", "date", "run_dir", "commit"):
+            record.pop(key)
+    assert records[0] == records[1] and records[0]["status"] in ("pass", "fail")
+
+
+def test_verify_list_prints_every_baseline_from_its_file_and_trains_nothing(tmp_path):
+    done = cli("verify", "--list", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    names = [line.split(":")[0] for line in lines if not line.startswith(" ")]
+    assert names == sorted(p.stem for p in verify.BASELINES.glob("*.yaml")) == list(REGISTRY)
+    for name in names:  # each block read against the YAML file itself, not the loader
+        raw = yaml.safe_load((verify.BASELINES / f"{name}.yaml").read_text())
+        start = lines.index(f"{name}: {raw['title']}")
+        bands = [
+            f"{raw[t]['mean']:g} +- {raw[t]['tol']:g}% over {len(raw[t]['seeds'])} seed(s)"
+            for t in ("full", "quick")
+        ]
+        assert lines[start + 1 : start + 5] == [
+            f"  full:  {bands[0]}",
+            f"  quick: {bands[1]}",
+            f"  compute: {raw['compute']}",
+            f"  source: {raw['source']}",
+        ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_verify_reports_missing_data_as_unavailable_not_failed(tmp_path):
