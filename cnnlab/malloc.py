@@ -6,12 +6,10 @@ step's buffers on whichever of its threads runs the step, so over the first hund
 thread's arena ends up holding a step's worth of freed buffers, and the compiler's freed memory
 stays in the arenas it used. Fewer arenas let the threads reuse the same freed memory.
 
-Measured on a 2-core CPU (JAX 0.10.2, glibc 2.36, 2026-12-04), LeNet-5 on Fashion-MNIST, batch
-128, peak resident memory over 1,000 training steps: 397-408 MB with glibc's default, 363 MB with
-2 arenas, 349-360 MB with 1. One arena makes the threads wait for each other's allocations:
-over 330 steps under strace, 22,700 futex calls against 16,000 with glibc's default and 16,500
-with 2 arenas, and on a loaded machine its steps looked about 5% slower (three alternating
-pairs). So the default is 2. The arena count changes no value that is computed.
+Fewer arenas lower a LeNet-5 process's peak memory by about a tenth; one arena saves a little
+more but makes XLA's threads wait for each other's allocations (many more futex calls, slower
+steps), so the default is 2 (the figures: docs/performance.md, Memory). The arena count changes
+no value that is computed.
 
 The setting is process-wide, so cnnlab's programs apply it at their start (`malloc_arenas` in
 the config); the library never does on import. `MALLOC_ARENA_MAX` in the environment, read by
