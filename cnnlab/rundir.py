@@ -237,3 +237,56 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text()) if path.is_file() else None
     except (yaml.YAMLError, UnicodeDecodeError):
         return None
+
+
+# The sweep's done-index: finished sweep points recorded by config hash, so that a rerun of a
+# sweep copies an identical point instead of training it again (`sweep.skip_done`).
+
+# What a finished run leaves that a skipped, identical sweep point copies.
+RESULT_FILES = (
+    "summary.json",
+    "metrics.jsonl",
+    "layers.txt",
+    "dataset.json",
+    "confusion_matrix.csv",
+)
+
+
+def done_index(job_dir: Path) -> Path:
+    """Where the finished points of a sweep job's experiment are recorded: beside the timestamped
+    sweep folders of one experiment (multirun/<name>/.done/), so that rerunning a sweep finds
+    them. `job_dir` is a job's folder, multirun/<name>/<timestamp>/<job number>."""
+    return job_dir.parents[1] / ".done"
+
+
+def copy_done(cfg: Config, job_dir: Path) -> dict | None:
+    """The summary of an identical point that already finished, with its result files copied
+    into `job_dir` and `cached_from` naming its folder; None if there is none."""
+    import json
+
+    from cnnlab.config import config_hash
+    from cnnlab.tracking.local import write_json
+
+    entry = done_index(job_dir) / f"{config_hash(cfg)}.json"
+    if not entry.is_file():
+        return None
+    source = Path(json.loads(entry.read_text())["run_dir"])
+    if not (source / "summary.json").is_file():
+        return None  # the earlier result was deleted: train again
+    for name in RESULT_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, job_dir / name)
+    summary = json.loads((job_dir / "summary.json").read_text())
+    summary["cached_from"] = str(source)
+    write_json(job_dir / "summary.json", summary)
+    return summary
+
+
+def record_done(cfg: Config, job_dir: Path) -> None:
+    """Record `job_dir` as the finished run of `cfg`'s config hash."""
+    from cnnlab.config import config_hash
+    from cnnlab.tracking.local import write_json
+
+    index = done_index(job_dir)
+    index.mkdir(parents=True, exist_ok=True)
+    write_json(index / f"{config_hash(cfg)}.json", {"run_dir": str(job_dir)})

@@ -10,9 +10,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from cnnlab.config import LoggerConfig
-from experiments.hydra_conf import exit_on_user_error
-from experiments.preflight import ContinuousSweep, check, expand, report
-from experiments.train import sweep_group
+from experiments.hydra_conf import ContinuousSweep, exit_on_user_error, expand, sweep_group
+from experiments.preflight import check, report
 
 
 class SweepCallback(Callback):
@@ -33,10 +32,8 @@ class SweepCallback(Callback):
         except ContinuousSweep as e:  # e.g. Optuna: every job validates itself when it starts
             print(f"cnnlab: pre-flight skipped: {e}")
             return
-        except ValueError as e:  # e.g. range(1,5,0)
-            overrides = list(config.hydra.overrides.task)
-            bad = [o for o in overrides if _fails(o, params)] or overrides
-            exit_on_user_error(f"malformed sweep {' '.join(bad)}: {e}")
+        except ValueError as e:  # e.g. range(1,5,0), from a sweep preset's params
+            exit_on_user_error(e)
         points = check(jobs, job_config)
         sweep_dir = Path(config.hydra.sweep.dir)
         text = report(points)
@@ -78,14 +75,3 @@ class SweepCallback(Callback):
             if tracker is not None:
                 tracker.finish({"status": "ok"})
         print(f"cnnlab: sweep report: {paths['html']} (summary.csv, summary.md, plots beside it)")
-
-
-def _fails(override: str, params: dict) -> bool:
-    """Whether one override alone cannot be expanded into sweep points."""
-    try:
-        expand([override], params)
-    except ValueError:
-        return True
-    except ContinuousSweep:
-        pass
-    return False

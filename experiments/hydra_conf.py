@@ -1,18 +1,33 @@
-"""The Hydra side shared by the entry points: the config folder, the schema, error reporting."""
+"""The Hydra side shared by the entry points: the config folder, the schema, the conversion to
+`Config`, and the command line checked before Hydra runs it.
 
+Hydra reports its own mistakes over several lines with its search path. Rather than catch them
+inside Hydra, `check_command_line` first does what Hydra is about to do, with public API only: it
+parses the flags (argparse), the overrides (Hydra's override grammar), checks their keys against
+the schema, composes the config and every point of a sweep (Hydra's compose API) and checks that
+the run or sweep directory can be written. A mistake is one line and exit code 2; Hydra then runs
+a command line that is known to compose.
+"""
+
+import argparse
+import errno
+import itertools
 import os
-import re
 import sys
-from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from traceback import walk_tb
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab.config import Config, closest_key
-from cnnlab.errors import CnnlabError
+from cnnlab.config import Config, closest_key, from_dict
+from cnnlab.errors import CnnlabError, ConfigError
+
+GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
 def conf_dir() -> Path:
@@ -28,6 +43,22 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
+def to_config(node: DictConfig) -> Config:
+    """Hydra's composed config as a `Config`, once, at the entry point. A required value left
+    unset (`???`) is a ConfigError, and so is a key the schema lacks (`+key=value` adds one)."""
+    missing = sorted(OmegaConf.missing_keys(node))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required but unset; set it with {missing[0]}=...")
+    tree = OmegaConf.to_container(node, resolve=True)
+    tree.pop("hydra", None)
+    return from_dict(tree)
+
+
+def sweep_group(sweep_dir: Path) -> str:
+    """The W&B group of a sweep's jobs and its report run: `<name>/<timestamp>`."""
+    return str(sweep_dir.relative_to(sweep_dir.parents[1]))
+
+
 def exit_on_user_error(error: CnnlabError | str, code: int | None = None):
     """One line on stderr, no traceback, non-zero exit (the error's `exit_code`, else 2)."""
     print(f"cnnlab: error: {error}", file=sys.stderr)
@@ -35,121 +66,228 @@ def exit_on_user_error(error: CnnlabError | str, code: int | None = None):
 
 
 _NOISE = ("reference_type=", "object_type=", "full_key:", "Set the environment variable")
-GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
-def one_line(error: Exception) -> str:
-    """Hydra's and OmegaConf's multi-line composition errors, condensed to one line."""
+def one_line(error: HydraException | OmegaConfBaseException) -> str:
+    """A composition error of Hydra or OmegaConf (a message of several lines, its cause's message
+    and a list of options) as one line, without Hydra's search path."""
     if isinstance(error, OverrideParseException):
-        return _parse_error(error)
+        return _parse_error(error.override, str(error))
     text = str(error)
     if error.__cause__ is not None and str(error.__cause__) not in text:
         text += "\n" + str(error.__cause__)
     text = text.split("Config search path:")[0]
-    unknown = re.match(r"Could not override '([^']+)'", text)
-    if unknown and "not in '" in text:  # a typo: Hydra's "use +key=..." advice would add it
-        close = closest_key(unknown.group(1))
-        hint = f"; did you mean {close}?" if close else "; `cnnlab-train --cfg job` lists the keys"
-        return f"unknown config key {unknown.group(1)}{hint}"
     lines = [line.strip() for line in text.splitlines()]
     options = [line for line in lines if line and text.count(f"\t{line}")]  # tab-indented lists
     parts = [line for line in lines if line and line not in options and not line.startswith(_NOISE)]
-    line = "; ".join(parts).replace(":;", ":")
-    if options:
-        line += " " + ", ".join(options)
-    if "is not a ListConfig" in line and (override := re.search(r"override ([^=\s]+)=", line)):
-        line += f" Write a list as {override.group(1)}=[a,b]"
-    key = re.search(r"Key '[^']+' not in '[^']+'\s+full_key: (\S+)", str(error.__cause__ or error))
-    if key and (close := closest_key(key.group(1))):
-        line += f"; did you mean {close}?"
+    line = "; ".join(parts).replace(":;", ":") + (" " + ", ".join(options) if options else "")
+    key = getattr(error.__cause__ or error, "full_key", "")  # OmegaConf's, on its errors
+    if "is not a ListConfig" in line and key:
+        line += f" Write a list as {key}=[a,b]"
     return line
 
 
-def _parse_error(error: OverrideParseException) -> str:
+def _parse_error(override: str, message: str) -> str:
     """An override the grammar rejects (`key=6,,12`, `key=[6,16`, an unclosed quote)."""
-    reason = error.message.splitlines()[0]
-    if reason.startswith("Error parsing override"):
-        reason = error.message.splitlines()[1]
-    reason = re.sub(r"^\w+Exception: .*", "unbalanced quote or bracket", reason)
+    reason = next(line for line in message.splitlines() if not line.startswith("Error parsing"))
+    if "Exception: " in reason:  # the lexer's own error on an unclosed quote
+        reason = "unbalanced quote or bracket"
     reason = reason.split(" expecting ")[0]  # the grammar's token list helps nobody
     return (
-        f"cannot parse the override {error.override!r} ({reason}): sweeps are key=a,b with -m, "
+        f"cannot parse the override {override!r} ({reason}): sweeps are key=a,b with -m, "
         f"lists key=[a,b], quote values with commas, brackets or spaces; see {GRAMMAR}"
     )
 
 
-def _check_arguments(argv: list[str]) -> None:
-    """Hydra's own argparse errors print its whole usage; this says what is wrong in one line."""
-    from hydra._internal.utils import get_args_parser
-
-    parser = get_args_parser()
-
-    def error(message: str):
-        if "unrecognized arguments" in message:
-            flags = parser._option_string_actions
-            pairs = zip(argv, argv[1:], strict=False)
-            late = [(a, b) for a, b in pairs if "=" in a and b.split("=")[0] in flags]
-            if late:  # argparse reads the overrides before the first flag only
-                override, flag = late[0]
-                message = f"{flag} must come before the overrides, not after {override}: "
-                message += f"cnnlab-train {flag} {override} ..."
-            else:
-                message += (
-                    "; overrides are key=value (e.g. train.epochs=3) and flags such as -m go "
-                    "before them; cnnlab-train --help lists both"
-                )
-        exit_on_user_error(message)
-
-    parser.error = error
-    parser.parse_args(argv)
+class UsageError(CnnlabError):
+    """A mistake on the command line itself: a flag, an override, a folder."""
 
 
-def _before_the_job(error: Exception, task: Callable | None) -> bool:
-    """Whether `error` came from Hydra itself (reading the overrides, creating the run or sweep
-    directory, its .hydra/ and log files) before the job started, not from inside the job."""
-    frames = [frame.f_code for frame, _ in walk_tb(error.__traceback__)]
-    return task is not None and task.__code__ not in frames
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's documented hook; its default prints the usage
+        raise UsageError(message)
 
 
-def _override_in(error: Exception) -> str:
-    """The command-line override Hydra was reading when `error` was raised, or ""."""
-    frames = [frame.f_locals for frame, _ in walk_tb(error.__traceback__)]
-    lines = [getattr(f.get("override"), "input_line", None) for f in frames]
-    return next((line for line in reversed(lines) if line), "")
+# Hydra's command-line flags (`cnnlab-train --hydra-help`): (names, argparse settings).
+# tests/test_cli.py checks this list against the flags Hydra itself lists.
+HYDRA_FLAGS = [
+    (("--help", "-h"), {"action": "store_true"}),
+    (("--hydra-help",), {"action": "store_true"}),
+    (("--version",), {"action": "store_true"}),
+    (("--cfg", "-c"), {"choices": ["job", "hydra", "all"]}),
+    (("--resolve",), {"action": "store_true"}),
+    (("--package", "-p"), {}),
+    (("--run", "-r"), {"action": "store_true"}),
+    (("--multirun", "-m"), {"action": "store_true"}),
+    (("--shell-completion", "-sc"), {"action": "store_true"}),
+    (("--config-path", "-cp"), {}),
+    (("--config-name", "-cn"), {}),
+    (("--config-dir", "-cd"), {}),
+    (("--experimental-rerun",), {}),
+    (("--info", "-i"), {"nargs": "?", "const": "all"}),
+]
+FLAG_NAMES = {name for names, _ in HYDRA_FLAGS for name in names}
 
 
-def _failed_path(error: OSError) -> str:
-    """The file or folder that `error` is about: its own, else the folder Hydra was writing."""
-    if error.filename:
-        return str(error.filename)
-    frames = [frame.f_locals for frame, _ in walk_tb(error.__traceback__)]
-    folders = [f.get("output_dir") or f.get("sweep_dir") for f in frames]  # Hydra's names
-    return str(next((f for f in reversed(folders) if f), "the run directory"))
-
-
-def hydra_errors_in_one_line(app: Callable[[], None]) -> None:
-    """Run a Hydra app, turning config composition errors into one line and exit code 2.
-
-    Hydra prints these errors over several lines with its search path; with HYDRA_FULL_ERROR=1
-    it raises them instead, which is what lets this wrapper condense them. A user who sets
-    HYDRA_FULL_ERROR themselves gets Hydra's full output. Also in one line: bad command-line
-    arguments, overrides that Hydra rejects with a ValueError, and a run directory that Hydra
-    cannot create or write.
-    """
-    if os.environ.get("HYDRA_FULL_ERROR"):
-        return app()
-    _check_arguments(sys.argv[1:])
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+    """Hydra's flags and the overrides, or a UsageError of one line."""
+    parser = _FlagParser(add_help=False)
+    for names, settings in HYDRA_FLAGS:
+        parser.add_argument(*names, **settings)
+    parser.add_argument("overrides", nargs="*")
     try:
-        app()
+        return parser.parse_args(argv)
+    except UsageError as e:
+        pairs = zip(argv, argv[1:], strict=False)
+        late = [(a, b) for a, b in pairs if "=" in a and b.split("=")[0] in FLAG_NAMES]
+        if "unrecognized arguments" in str(e) and late:  # flags go before the first override
+            override, flag = late[0]
+            raise UsageError(
+                f"{flag} must come before the overrides, not after {override}: "
+                f"cnnlab-train {flag} {override} ..."
+            ) from e
+        hint = "" if "unrecognized arguments" not in str(e) else (
+            "; overrides are key=value (e.g. train.epochs=3) and flags such as -m go "
+            "before them; cnnlab-train --help lists both"
+        )  # fmt: skip
+        raise UsageError(f"{e}{hint}") from e
+
+
+def check_keys(overrides: list[str]) -> None:
+    """A ConfigError for an override whose key the schema lacks (with or without `+` or `~`),
+    naming the closest valid key. Hydra would add a `+key` silently, and for a typo without `+`
+    advise adding it."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key.startswith("hydra") or override.package is not None or (conf_dir() / key).is_dir():
+            continue  # Hydra's own settings, and config groups, whose options Hydra checks
+        if not _in_schema(key):
+            close = closest_key(key)
+            hint = f"; did you mean {close}?" if close else "; `cnnlab-train --cfg job` lists them"
+            raise ConfigError(f"unknown config key {key}{hint}")
+
+
+def _in_schema(dotted: str) -> bool:
+    schema = Config
+    for part in dotted.split("."):
+        kinds = {f.name: f.type for f in fields(schema)} if is_dataclass(schema) else {}
+        if part not in kinds:
+            return False
+        schema = kinds[part]
+    return True
+
+
+def compose_config(overrides: list[str], hydra_config: bool = False) -> DictConfig:
+    """The config of `overrides`, composed with Hydra's compose API; a mistake in them is a
+    ConfigError of one line."""
+    register_schema()
+    try:
+        check_keys(overrides)
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose("config", overrides=overrides, return_hydra_config=hydra_config)
     except (HydraException, OmegaConfBaseException) as e:
-        exit_on_user_error(one_line(e))
-    except (OSError, ValueError) as e:
-        if not _before_the_job(e, getattr(app, "__wrapped__", None)):
-            raise
-        if isinstance(e, ValueError):  # e.g. model.depth=range(1,5,0) in Hydra's sweeper
-            exit_on_user_error(f"cannot use the override {_override_in(e)!r}: {e}")
-        exit_on_user_error(
-            f"cannot create the run directory: {e.strerror or e}: {_failed_path(e)}; "
-            "choose a writable folder with hydra.run.dir=... (hydra.sweep.dir=... with -m)"
-        )
+        raise ConfigError(one_line(e)) from e
+
+
+class ContinuousSweep(ValueError):
+    """A sweep over a range (e.g. Optuna's interval): its points are chosen while it runs."""
+
+
+def expand(task_overrides: list[str], params: dict[str, str]) -> list[list[str]]:
+    """The jobs of a sweep as Hydra's basic sweeper makes them: every job gets all overrides, one
+    value of each swept key, over the cartesian product of the sweeper's `params` and the command
+    line's sweep overrides (the command line wins over `params` for the same key). A ValueError
+    names the override that cannot be expanded (e.g. `range(1,5,0)`)."""
+    merged = {k: f"{k}={v}" for k, v in (params or {}).items()}
+    for override in OverridesParser.create().parse_overrides(task_overrides):
+        merged[override.get_key_element()] = override.input_line
+    axes = []
+    for override in OverridesParser.create().parse_overrides(list(merged.values())):
+        key = override.get_key_element()
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            raise ContinuousSweep(f"{key} is a range ({override.input_line}), not a list")
+        try:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else []
+        except ValueError as e:
+            raise ValueError(f"cannot use the override {override.input_line!r}: {e}") from e
+        axes.append([f"{key}={v}" for v in values] if values else [override.input_line])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def sweep_points(overrides: list[str]) -> tuple[DictConfig, list[list[str]]]:
+    """The sweep's composed base config (its fixed overrides, Hydra's settings included) and its
+    points, each a full list of overrides. ContinuousSweep for a sweep over a range (Optuna's)."""
+    base = compose_config(_fixed(overrides), hydra_config=True)
+    try:
+        return base, expand(overrides, dict(base.hydra.sweeper.get("params") or {}))
+    except ContinuousSweep:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _fixed(overrides: list[str]) -> list[str]:
+    """The overrides that are not sweeps."""
+    parser = OverridesParser.create()
+    return [o for o in overrides if not parser.parse_override(o).is_sweep_override()]
+
+
+def check_command_line(argv: list[str]) -> None:
+    """What Hydra does first with `argv`, done here so that a mistake is one line: the flags, the
+    overrides, the composed config (each sweep point's with `-m`) and the folder Hydra writes."""
+    args = parse_flags(argv)
+    if args.config_path or args.config_name or args.config_dir or args.experimental_rerun:
+        return  # another config tree: Hydra reports on it itself
+    parser = OverridesParser.create()
+    for override in args.overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException as e:  # the grammar's error, or a sweep that cannot be evaluated
+            raise ConfigError(_parse_error(override, str(e))) from e
+    try:
+        if not args.multirun:
+            base = compose_config(args.overrides, hydra_config=True)
+            check_writable(Path(base.hydra.run.dir), "hydra.run.dir")
+            return
+        try:
+            base, points = sweep_points(args.overrides)
+        except ContinuousSweep:  # its points are composed while it runs
+            base, points = compose_config(_fixed(args.overrides), hydra_config=True), []
+        for point in points:  # a point's values are validated by each job (sweep.on_invalid)
+            compose_config(point)
+        check_writable(Path(base.hydra.sweep.dir), "hydra.sweep.dir")
+    except OverrideParseException as e:
+        raise ConfigError(one_line(e)) from e
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """A UsageError unless `folder`, or the nearest folder above it that exists, can be written
+    to (a probe file is written and synced there); nothing is created in its place."""
+    from cnnlab.rundir import check_run_dir
+
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    try:
+        if not existing.is_dir():
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        check_run_dir(existing, need_bytes=0)
+    except (OSError, CnnlabError) as e:
+        reason = e.__cause__ if isinstance(e, CnnlabError) else e
+        raise UsageError(
+            f"cannot create the run directory: {reason.strerror or reason}: {folder}; "
+            f"choose a writable folder with {key}=..."
+        ) from e
+
+
+def run_app(task) -> None:
+    """Run `task(node)` as a Hydra app of conf/config.yaml, after `check_command_line`.
+
+    A user who sets HYDRA_FULL_ERROR gets Hydra alone, with its full error output."""
+    import hydra
+
+    register_schema()
+    if not os.environ.get("HYDRA_FULL_ERROR"):
+        try:
+            check_command_line(sys.argv[1:])
+        except CnnlabError as e:
+            exit_on_user_error(e)
+    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(task)()

@@ -8,26 +8,15 @@ table up to the layer whose feature map would be empty, and the one-line reason 
 
 import argparse
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
 from cnnlab import geometry
-from cnnlab.config import from_omegaconf
 from cnnlab.data import INPUT_SHAPES, load_dataset
-from cnnlab.errors import CnnlabError, ConfigError, GeometryError
+from cnnlab.errors import CnnlabError, GeometryError
 from cnnlab.validate import validate
-from experiments.hydra_conf import conf_dir, exit_on_user_error, one_line, register_schema
+from experiments.hydra_conf import compose_config, exit_on_user_error, to_config
 
 
 def table(overrides: list[str]) -> str:
-    register_schema()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        try:
-            node = compose(config_name="config", overrides=overrides)
-        except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(one_line(e)) from e
-    cfg = from_omegaconf(node)
+    cfg = to_config(compose_config(overrides))
     if cfg.data.name in INPUT_SHAPES:
         shape, num_classes = INPUT_SHAPES[cfg.data.name]
     else:  # a user's own data: its shape is known only by reading it

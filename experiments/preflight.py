@@ -8,23 +8,18 @@ check at the start of every multirun (experiments/callbacks.py). Exit code 2 if 
 """
 
 import argparse
-import itertools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from cnnlab import geometry
-from cnnlab.config import Config, from_omegaconf
+from cnnlab.config import Config
 from cnnlab.data import INPUT_SHAPES, SPLIT_SIZES
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.validate import validate
-
-
-class ContinuousSweep(ValueError):
-    """A sweep over a range (e.g. Optuna's interval): its points are chosen while it runs."""
+from experiments.hydra_conf import to_config
 
 
 @dataclass
@@ -39,23 +34,6 @@ class Point:
         return " ".join(self.overrides) or "(no swept values)"
 
 
-def expand(task_overrides: list[str], params: dict[str, str]) -> list[list[str]]:
-    """The jobs of a sweep as Hydra's basic sweeper makes them: every job gets all overrides, one
-    value of each swept key, over the cartesian product of the sweeper's `params` and the command
-    line's sweep overrides (the command line wins over `params` for the same key)."""
-    merged = {k: f"{k}={v}" for k, v in (params or {}).items()}
-    for override in OverridesParser.create().parse_overrides(task_overrides):
-        merged[override.get_key_element()] = override.input_line
-    axes = []
-    for override in OverridesParser.create().parse_overrides(list(merged.values())):
-        key = override.get_key_element()
-        if override.is_sweep_override() and not override.is_discrete_sweep():
-            raise ContinuousSweep(f"{key} is a range ({override.input_line}), not a list")
-        values = override.sweep_string_iterator() if override.is_sweep_override() else None
-        axes.append([f"{key}={v}" for v in values] if values else [override.input_line])
-    return [list(combo) for combo in itertools.product(*axes)]
-
-
 def check(points: list[list[str]], load: Callable[[list[str]], DictConfig]) -> list[Point]:
     """Compose and validate every point; geometry is computed for the named datasets' shapes."""
     varying = [len({p[i] for p in points}) > 1 for i in range(len(points[0]))] if points else []
@@ -63,7 +41,7 @@ def check(points: list[list[str]], load: Callable[[list[str]], DictConfig]) -> l
     for overrides in points:
         point = Point([o for o, swept in zip(overrides, varying, strict=True) if swept])
         try:
-            point.cfg = from_omegaconf(load(overrides))
+            point.cfg = to_config(load(overrides))
             validate(point.cfg)
             if point.cfg.data.name in INPUT_SHAPES:
                 shape, classes = INPUT_SHAPES[point.cfg.data.name]
@@ -112,37 +90,25 @@ def _si(value: float) -> str:
 
 
 def main() -> None:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from experiments.hydra_conf import conf_dir, exit_on_user_error, one_line, register_schema
+    from experiments.hydra_conf import (
+        ContinuousSweep,
+        compose_config,
+        exit_on_user_error,
+        sweep_points,
+    )
 
     parser = argparse.ArgumentParser(prog="cnnlab-preflight", description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="as for cnnlab-train -m")
     parser.add_argument("-m", "--multirun", action="store_true", help="accepted and ignored")
     args = parser.parse_args()
-    register_schema()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            fixed = [o for o in args.overrides if not _is_sweep(o)]
-            base = compose("config", overrides=fixed, return_hydra_config=True)
-            params = dict(base.hydra.sweeper.get("params") or {})
-            try:
-                points = expand(args.overrides, params)
-            except ContinuousSweep as e:
-                exit_on_user_error(f"cannot list the points of this sweep in advance: {e}")
-            checked = check(points, lambda point: compose("config", overrides=point))
-    except (HydraException, OmegaConfBaseException) as e:
-        exit_on_user_error(one_line(e))
+        checked = check(sweep_points(args.overrides)[1], compose_config)
+    except ContinuousSweep as e:
+        exit_on_user_error(f"cannot list the points of this sweep in advance: {e}")
     except CnnlabError as e:
         exit_on_user_error(e)
     print(report(checked))
     sys.exit(2 if any(p.error for p in checked) else 0)
-
-
-def _is_sweep(override: str) -> bool:
-    return OverridesParser.create().parse_override(override).is_sweep_override()
 
 
 if __name__ == "__main__":

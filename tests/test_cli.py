@@ -2,6 +2,7 @@
 run directory and W&B offline files, prediction from the checkpoint, and the inspect table
 (bad input: tests/test_bad_input.py)."""
 
+import csv
 import json
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 from PIL import Image
 
 from cnnlab.data import load_dataset
-from tests.conftest import cli, needs_fashion_mnist, small_config
+from cnnlab.rundir import RunDir
+from tests.conftest import cli, needs_fashion_mnist
 from tests.wandb_records import summary_and_history
 
 SMALL = [
@@ -88,24 +90,83 @@ def test_pictures_are_drawn_into_the_run_directory_and_logged_to_wandb(trained):
         assert (offline / "files" / wandb_summary[f"pictures/{name}/path"]).is_file()
 
 
-@needs_fashion_mnist
-def test_predict_prints_probabilities_from_the_checkpoint(trained, tmp_path):
+def predicted(stdout: str) -> dict[str, list[tuple[str, float]]]:
+    """cnnlab-predict's output: image path -> the (class, probability) lines printed under it."""
+    ranked: dict[str, list[tuple[str, float]]] = {}
+    for line in stdout.splitlines():
+        if line.startswith(" "):
+            probability, name = line.split(maxsplit=1)
+            ranked[next(reversed(ranked))].append((name, float(probability)))
+        else:
+            ranked[line] = []
+    return ranked
+
+
+@pytest.fixture(scope="module")
+def test_pngs(trained, tmp_path_factory):
+    """The run's own test split (read as its config says), each image a grey PNG file."""
     run_dir, _ = trained
-    test = load_dataset(small_config().data).test
-    paths = []
-    for i in range(3):
-        paths.append(tmp_path / f"{i}.png")
-        Image.fromarray(test.images[i, :, :, 0]).save(paths[-1])
+    test = load_dataset(RunDir(run_dir).config().data).test
+    folder = tmp_path_factory.mktemp("test_pngs")
+    paths = [folder / f"{i}.png" for i in range(len(test))]
+    for path, image in zip(paths, test.images, strict=True):
+        Image.fromarray(image[..., 0]).save(path)
+    return test, paths
+
+
+@needs_fashion_mnist
+def test_predict_gives_the_run_s_test_results_from_the_checkpoint(trained, test_pngs, tmp_path):
+    """On the run's 1,000 test images, saved as PNG files, cnnlab-predict's most likely classes
+    give the run's confusion_matrix.csv count for count (random weights would not)."""
+    run_dir, _ = trained
+    test, paths = test_pngs
     done = cli("predict", str(run_dir), *map(str, paths))
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert [line for line in lines if not line.startswith(" ")] == list(map(str, paths))
-    probs = [float(line.split()[0]) for line in lines[1:11]]
-    assert len(probs) == 10 and sum(probs) == pytest.approx(1, abs=1e-3)
-    assert probs == sorted(probs, reverse=True)
+    ranked = predicted(done.stdout)
+    assert list(ranked) == list(map(str, paths))
+    names = list(load_dataset(RunDir(run_dir).config().data).class_names)
+    counts = np.zeros((10, 10), int)  # rows true class, columns the most likely class
+    for label, lines in zip(test.labels, ranked.values(), strict=True):
+        probs = [p for _, p in lines]
+        assert len(lines) == 10 and sum(probs) == pytest.approx(1, abs=1e-3)
+        assert probs == sorted(probs, reverse=True)
+        counts[label, names.index(lines[0][0])] += 1
+    with open(run_dir / "confusion_matrix.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert header[1:] == names
+    np.testing.assert_array_equal(counts, [[int(v) for v in row[1:]] for row in rows])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert np.trace(counts) / len(test) == pytest.approx(summary["test/accuracy"], abs=1e-9)
     bad = cli("predict", str(run_dir), str(tmp_path / "missing.png"))
     assert bad.returncode != 0 and "cannot read image" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@needs_fashion_mnist
+def test_predict_top_and_its_conversion_of_colour_and_size(trained, test_pngs, tmp_path):
+    """--top N prints the N most likely classes; an RGB image becomes the grey one (L), and a
+    larger one is resized to 28x28 and still gets its class."""
+    run_dir, _ = trained
+    test, paths = test_pngs
+    grey = predicted(cli("predict", str(run_dir), *map(str, paths[:50])).stdout)
+    sure = [i for i, lines in enumerate(grey.values()) if lines[0][1] > 0.95][:6]
+    assert len(sure) == 6
+    converted = []
+    for i in sure:
+        rgb = np.repeat(test.images[i], 3, axis=-1)  # [28, 28, 3], the grey value thrice
+        converted.append(tmp_path / f"rgb{i}.png")
+        Image.fromarray(rgb).save(converted[-1])
+        converted.append(tmp_path / f"large{i}.jpg")
+        Image.fromarray(rgb).resize((70, 70), Image.Resampling.NEAREST).save(converted[-1])
+    done = cli("predict", "--top", "2", str(run_dir), *map(str, converted))
+    assert done.returncode == 0, done.stderr
+    ranked = list(predicted(done.stdout).values())
+    assert [len(lines) for lines in ranked] == [2] * len(converted)
+    for k, i in enumerate(sure):
+        rgb, expected = ranked[2 * k], grey[str(paths[i])][:2]  # RGB -> L: the grey image again
+        assert [name for name, _ in rgb] == [name for name, _ in expected]
+        assert [p for _, p in rgb] == pytest.approx([p for _, p in expected], abs=2e-4)
+        assert ranked[2 * k + 1][0][0] == grey[str(paths[i])][0][0]  # 70x70 -> 28x28
 
 
 def test_inspect_prints_the_table_without_training():
@@ -124,3 +185,20 @@ def test_inspect_shows_where_an_impossible_network_collapses():
     assert "0 x 0 x 64" in table[-1]
     assert done.stderr.startswith("cnnlab: error: pool5 (max pool 3x3, stride 2) after conv5")
     assert "fix: model." in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_the_flags_cnnlab_checks_are_the_flags_hydra_lists():
+    """experiments/hydra_conf.py parses Hydra's flags itself, to report a wrong one in one line;
+    the day Hydra adds, renames or drops one, this fails."""
+    from experiments.hydra_conf import FLAG_NAMES
+
+    done = cli("train", "--hydra-help")
+    assert done.returncode == 0, done.stderr
+    section = done.stdout.split("== Flags ==")[1].split("== ")[0]
+    listed = {
+        name.strip()
+        for line in section.splitlines()
+        if line.startswith("-")
+        for name in line.split(" : ")[0].split(",")
+    }
+    assert listed == FLAG_NAMES

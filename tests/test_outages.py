@@ -208,3 +208,11 @@ def test_a_run_directory_used_again_continues_its_wandb_run(tmp_path, monkeypatc
         [WANDB, "sync", "--dry-run", *map(str, folders)], capture_output=True, text=True, timeout=60
     )
     assert dry.returncode == 0 and "Would sync 2 run(s)" in dry.stdout + dry.stderr
+
+
+@needs_fashion_mnist
+def test_an_empty_wandb_variable_counts_as_unset(tmp_path):
+    """`WANDB_MODE= cnnlab-train ...`: wandb alone rejects the empty mode with a long traceback."""
+    done, _ = train(tmp_path / "run", "logger.mode=offline", env={"WANDB_MODE": ""})
+    assert "Traceback" not in done.stderr
+    check_offline_run(tmp_path / "run")

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from cnnlab import checkpoint
 from cnnlab.config import (
@@ -31,7 +30,6 @@ from cnnlab.config import (
     ModelConfig,
     OptimizerConfig,
     TrainConfig,
-    from_omegaconf,
 )
 from cnnlab.data import load_dataset
 from cnnlab.errors import ConfigError
@@ -49,7 +47,7 @@ from cnnlab.train.step import (
     variables,
 )
 from cnnlab.validate import check_devices, validate
-from experiments.hydra_conf import conf_dir, register_schema
+from experiments.hydra_conf import compose_config, to_config
 from tests.conftest import REPO, cli, needs_fashion_mnist
 from tests.test_slurm import slurm_report, why_no_slurm
 
@@ -69,9 +67,7 @@ SMALL = [
 
 
 def load(*overrides: str) -> Config:
-    register_schema()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return from_omegaconf(compose(config_name="config", overrides=list(overrides)))
+    return to_config(compose_config(list(overrides)))
 
 
 DEVICES = "--xla_force_host_platform_device_count="  # XLA_FLAGS: split the CPU into N devices

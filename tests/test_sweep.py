@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from experiments.preflight import expand
+from experiments.hydra_conf import expand
 from tests.conftest import SWEEP, cli, needs_fashion_mnist
 from tests.wandb_records import records
 

@@ -3,11 +3,13 @@
 The training code only sees the `Tracker` interface; `Trackers` fans out to several.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from cnnlab.config import Config, LoggerConfig
 from cnnlab.geometry import Layer
 
 
@@ -79,3 +81,32 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(
         num_classes, num_classes
     )
+
+
+@dataclass
+class MakeTrackers:
+    """`(a run's config, its folder) -> its trackers`: the local files, and a W&B run unless W&B
+    is disabled; none on a process of a multi-host run other than the first, which keeps the
+    record. With `seeds`, each seed's W&B run is `<name>-seed<s>`, open beside the others. A
+    class, not a closure, so that it pickles into the seeds' processes."""
+
+    logger: LoggerConfig
+    config: dict  # the job's resolved config, for W&B
+    name: str  # the W&B run's name
+    primary: bool = True
+    seeds: bool = False
+
+    def __call__(self, cfg: Config, folder: Path) -> Trackers:
+        from cnnlab.tracking.local import LocalTracker
+
+        if not self.primary:
+            return Trackers()
+        if self.logger.mode == "disabled":
+            return Trackers(LocalTracker(folder))
+        from cnnlab.tracking.wandb_run import WandbTracker
+
+        config, name = self.config, self.name
+        if self.seeds:
+            config, name = {**config, "seed": cfg.seed, "seeds": []}, f"{name}-seed{cfg.seed}"
+        wandb = WandbTracker(self.logger, folder, config, name, concurrent=self.seeds)
+        return Trackers(LocalTracker(folder), wandb)

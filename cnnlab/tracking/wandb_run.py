@@ -49,6 +49,13 @@ def _warn(message: str) -> None:
     print(f"cnnlab: warning: {message}", file=sys.stderr)
 
 
+def _drop_empty_settings() -> None:
+    """Treat an empty WANDB_* variable (`WANDB_MODE= cnnlab-train ...`) as unset, as a shell user
+    means it: wandb would reject it as an invalid setting, with a long traceback."""
+    for name in [k for k, v in os.environ.items() if k.startswith("WANDB_") and not v]:
+        del os.environ[name]
+
+
 def _base_url() -> str:
     import wandb
 
@@ -98,6 +105,7 @@ class WandbTracker:
     ):
         """`concurrent`: other runs of this process stay open beside this one (the seeds of a
         vmapped program); otherwise a run still open is finished first."""
+        _drop_empty_settings()
         import wandb
 
         self.wandb = wandb
