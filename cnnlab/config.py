@@ -172,8 +172,9 @@ class Config:
     # (cnnlab.train.seeds); empty = one run with `seed`.
     seeds: list[int] = field(default_factory=list)
     # How the seeds run: vmap (one program over stacked models), sequential (one after another,
-    # reusing the compiled steps) or auto (vmap on one GPU or TPU, sequential on the CPU, where
-    # vmapped convolutions are slower than running them one by one).
+    # reusing the compiled steps), processes (one process per seed, side by side on a CPU's
+    # cores) or auto (cnnlab.train.seeds.choose_strategy: vmap on one GPU or TPU; on the CPU,
+    # processes for several seeds where there are cores for them, else sequential).
     seeds_strategy: str = "auto"
     name: str = "default"  # experiment name, used for run directories and W&B run names
     # JAX's persistent compilation cache: a repeated run or sweep job with known shapes skips

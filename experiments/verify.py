@@ -70,8 +70,8 @@ def compose(overrides: list[str]):
     """The `Config` that cnnlab-train composes from `overrides`."""
     from hydra import compose, initialize_config_dir
 
-    from cnnlab.config import from_omegaconf
     from experiments.hydra_conf import register_schema
+    from experiments.hydra_conf import to_config as from_omegaconf
 
     register_schema()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
@@ -82,7 +82,8 @@ def saved_hash(run_dir: Path) -> str | None:
     """The config hash of the run that `run_dir` holds (its Hydra config), if any."""
     from omegaconf import OmegaConf
 
-    from cnnlab.config import Config, config_hash, from_omegaconf
+    from cnnlab.config import Config, config_hash
+    from experiments.hydra_conf import to_config as from_omegaconf
 
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
