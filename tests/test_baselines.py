@@ -15,13 +15,12 @@ from hydra import compose, initialize_config_dir
 
 from cnnlab import baselines
 from cnnlab.baselines import Band, Result
-from cnnlab.config import from_omegaconf
 from cnnlab.errors import ConfigError
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.run import run
 from cnnlab.validate import validate
 from experiments import verify
-from experiments.hydra_conf import conf_dir, register_schema
+from experiments.hydra_conf import conf_dir, register_schema, to_config
 from tests.conftest import REPO, cli, history, needs_fashion_mnist
 
 REGISTRY = baselines.registry(verify.BASELINES)
@@ -37,7 +36,7 @@ MINIMUM = {
 def compose_baseline(name: str, *overrides: str):
     register_schema()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return from_omegaconf(compose("config", overrides=[f"experiment={name}", *overrides]))
+        return to_config(compose("config", overrides=[f"experiment={name}", *overrides]))
 
 
 def test_the_registry_holds_every_baseline_of_the_issue():
