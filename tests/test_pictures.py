@@ -272,3 +272,54 @@ def test_feature_maps_with_a_norm_show_the_normalized_conv(kind):
     norm1 = ACTIVATIONS["relu"](state["intermediates"]["norm1"]["__call__"][0][0])
     np.testing.assert_allclose(maps[0].values, norm1, rtol=1e-5, atol=1e-5)
     assert f"{kind} norm, relu" in maps[0].detail
+
+
+def test_the_cli_draws_the_feature_maps_of_the_test_image_it_is_given(trained, monkeypatch):
+    """`cnnlab-pictures --image 7`: the feature maps and their title are of test image 7."""
+    drawn = []
+    real = pictures.draw_feature_maps
+
+    def recording(image, maps, path, title="", channels=16):  # the real drawing, its input kept
+        drawn.append((image, maps, title))
+        return real(image, maps, path, title, channels)
+
+    monkeypatch.setattr(pictures, "draw_feature_maps", recording)
+    cli_module.main([str(trained.run_dir), "--image", "7"])
+    ((image, maps, title),) = drawn
+    test = trained.data.test
+    np.testing.assert_array_equal(image, test.images[7])
+    assert "test image 7, true class " + trained.data.class_names[test.labels[7]] in title
+    own = pictures.feature_maps(
+        trained.trained, test.images[7], trained.data.mean, trained.data.std
+    )
+    for got, want in zip(maps, own, strict=True):
+        np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(
+        maps[0].values,
+        pictures.feature_maps(trained.trained, test.images[0], trained.data.mean, trained.data.std)[
+            0
+        ].values,
+    )
+
+
+def test_the_pictures_are_drawn_from_arrays_alone(tmp_path):
+    """`draw_run` needs no model, config or data set: a `RunPictures` of small arrays will do."""
+    rng = np.random.default_rng(0)
+    labels, probs = np.array([0, 1, 2, 2]), rng.dirichlet(np.ones(3), 4)
+    image = rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)
+    conv = pictures.FeatureMap(
+        "conv1", "3x3/1 pad 1, relu", rng.random((8, 8, 2)), (-0.5, 7.5, 7.5, -0.5)
+    )
+    counts = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 1]])
+    records = [{"step": 1, "train/loss": 2.0}, {"step": 2, "val/accuracy": 0.5, "epoch": 1}]
+    pics = pictures.RunPictures(
+        kernel=rng.normal(size=(3, 3, 1, 2)), maps=[conv], image_index=0,
+        images=np.stack([image] * 4), labels=labels, probs=probs, counts=counts,
+        class_names=["a", "b", "c"], records=records, model="tiny (relu, max pooling)",
+    )  # fmt: skip
+    paths = pictures.draw_run(pics, tmp_path, n_wrong=2)
+    assert list(paths) == list(pictures.PICTURES)
+    for name, path in paths.items():
+        assert path == tmp_path / f"{name}.png"
+        with Image.open(path) as img:
+            assert img.format == "PNG" and min(img.size) > 100

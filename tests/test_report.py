@@ -4,13 +4,17 @@ written with cnnlab's own config schema for seeds, failures and sweeps of other 
 import csv
 import json
 import statistics
+from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
-from cnnlab.config import Config, ModelConfig, OptimizerConfig
+from cnnlab.config import Config, ModelConfig, OptimizerConfig, config_hash, to_yaml
+from cnnlab.errors import CnnlabError
 from cnnlab.report import aggregate, collect, swept_keys, write_report
+from cnnlab.rundir import DatasetInfo, RunDir
 from tests.conftest import cli, needs_fashion_mnist, small_config
 
 PLOTS = ("accuracy", "heatmap", "accuracy_vs_flops")
@@ -45,7 +49,7 @@ def test_real_sweep_table_has_one_row_per_point_and_lists_the_impossible_one(swe
     assert int(rows[0]["flops"]) > int(rows[1]["flops"]) > int(rows[2]["flops"])
     impossible = rows[3]
     assert impossible["n"] == "0" and impossible["test_accuracy_mean"] == ""
-    assert int(impossible["invalid"]) + int(impossible["missing"]) == 1
+    assert (impossible["invalid"], impossible["missing"]) == ("1", "0")  # recorded, not lost
     markdown = (sweep / "summary.md").read_text()
     assert "| stride |" not in markdown and "| model.stride | model.padding | n |" in markdown
     assert "job 3 (model.stride=2 model.padding=valid)" in markdown
@@ -168,3 +172,71 @@ def test_cli_refuses_a_folder_that_is_not_a_sweep_in_one_line(tmp_path):
         assert done.stderr.startswith("cnnlab: error: ") and message in done.stderr
         assert done.stderr.count("\n") == 1
     assert not (run_dir / "report.html").exists()
+
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "format1"
+
+
+def test_a_run_s_config_reads_back_without_omegaconf(tmp_path):
+    """config.yaml as an older cnnlab wrote it (OmegaConf.to_yaml, before data.augment.erase,
+    logger.pictures and malloc_arenas existed) reads back as OmegaConf reads it, its missing keys
+    at their defaults; a Config written now reads back equal, in the YAML text OmegaConf wrote."""
+    old = RunDir(GOLDEN).config()
+    text = (GOLDEN / "config.yaml").read_text()
+    merged = OmegaConf.to_object(OmegaConf.merge(Config, OmegaConf.create(text)))
+    assert old == merged and config_hash(old) == config_hash(merged)
+    assert old.model.padding == [2, 0] and old.optimizer.eps == 1e-8 and old.optimizer.lr == 0.002
+    assert old.data.augment.erase == 0.0 and old.logger.pictures is True
+    cfg = small_config(model=ModelConfig(depth=(4, 8), dense=[16]), seeds=[1, 2])
+    cfg.optimizer.weight_decay = 1  # an int where a float belongs reads back as the float
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    back = RunDir(tmp_path).config()
+    assert back.model.depth == [4, 8] and back.optimizer.weight_decay == 1.0
+    assert to_yaml(back) == OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    assert to_yaml(old) == OmegaConf.to_yaml(OmegaConf.structured(old))  # as config.yaml was
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("model:\n  old_knob: 3\n", "unknown config key model.old_knob"),
+        ("model:\n  depht: 3\n", "unknown config key model.depht; did you mean model.depth?"),
+        ("trian:\n  epochs: 3\n", "unknown config key trian.epochs; did you mean train.epochs?"),
+        ("seed: seven\n", "seed must be int, not 'seven'"),
+        ("optimizer:\n  lr: [1]\n", "optimizer.lr must be float, not [1]"),
+        ("model: [1]\n", "model must be a mapping, not [1]"),
+        ("model: {depth: [\n", "cannot read"),
+    ],
+)
+def test_a_config_this_cnnlab_cannot_read_is_one_clear_error(tmp_path, yaml_text, message):
+    """A key that cnnlab has removed since the run (or a typo) may have changed what the run
+    computed: reading it back is an error that names the key and the file, never a silent drop."""
+    (tmp_path / "config.yaml").write_text(yaml_text)
+    with pytest.raises(CnnlabError) as info:
+        RunDir(tmp_path).config()
+    assert str(info.value).startswith(f"cannot read {tmp_path / 'config.yaml'}: ")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_swept_keys_are_the_ones_that_change_results_or_were_overridden(tmp_path):
+    """One definition of what changes a run's results (config.identity): a key outside it (the
+    run name that interpolates the model, checkpointing) is swept only where overrides set it."""
+    for job, (depth, keep, strategy) in enumerate(((4, 1, "vmap"), (8, 2, "sequential"))):
+        cfg = small_config(model=ModelConfig(depth=depth), name=f"lenet{depth}")
+        cfg.checkpoint.keep, cfg.seeds_strategy = keep, strategy
+        write_job(tmp_path, job, cfg, ok(0.5))
+        overrides = f"- model.depth={depth}\n- seeds_strategy={strategy}\n"
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(overrides)
+    assert swept_keys(collect(tmp_path)) == ["model.depth", "seeds_strategy"]
+
+
+def test_dataset_json_reads_back(tmp_path):
+    sizes = {"train": 54000, "val": 6000, "test": 10000}
+    info = DatasetInfo("mnist", list("0123456789"), (28, 28, 1), np.float32([33.3]),
+                       np.float32([78.5]), sizes)  # fmt: skip
+    (tmp_path / "dataset.json").write_text(json.dumps(info.to_json()))
+    back = RunDir(tmp_path).dataset()
+    assert back.differences(info) == [] and back.sizes == info.sizes and back.name == "mnist"
+    moved = DatasetInfo("mnist", list("0123456789"), (28, 28, 1), np.float32([33.4]),
+                        np.float32([78.5]), {})  # fmt: skip
+    assert back.differences(moved) == ["mean"]
