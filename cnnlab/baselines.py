@@ -154,6 +154,7 @@ def describe(result: Result) -> str:
 
 
 MARKERS = ("<!-- verify:begin -->", "<!-- verify:end -->")
+RECORDS = "experiments/results"  # where cnnlab-verify --record writes, relative to the README
 
 
 def results_table(results: list[Result], baselines: dict[str, Baseline]) -> str:
@@ -161,7 +162,7 @@ def results_table(results: list[Result], baselines: dict[str, Baseline]) -> str:
     registry's order."""
     rows = [
         "| baseline | tier | test accuracy (%) | per seed | band (%) | result | wall time | "
-        "machine | commit, date |",
+        "machine | record: commit, date |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {name: i for i, name in enumerate(baselines)}
@@ -171,7 +172,7 @@ def results_table(results: list[Result], baselines: dict[str, Baseline]) -> str:
         rows.append(
             f"| `{r.baseline}` | {r.tier} | {spread} | {seeds} | {r.band['mean']:g} +- "
             f"{r.band['tol']:g} | **{r.status}** | {_duration(r.wall_seconds)} | {r.machine} | "
-            f"{r.commit}, {r.date[:10]} |"
+            f"[{r.commit}, {r.date[:10]}]({RECORDS}/{r.baseline}-{r.tier}.json) |"
         )
     return "\n".join(rows)
 

@@ -34,7 +34,7 @@ from experiments.hydra_conf import conf_dir, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = Path(__file__).resolve().parent / "baselines"  # <name>.yaml: what each must reproduce
-RESULTS = REPO / "experiments" / "results"
+RESULTS = REPO / baselines.RECORDS
 PICTURES = REPO / "docs" / "baselines"
 README = REPO / "README.md"
 TRAINED = "verify_trained.json"  # in a tier's folder: the commit and machine that trained it

@@ -147,7 +147,7 @@ def test_recording_writes_the_result_and_regenerates_the_table(tmp_path, monkeyp
     assert "old" not in text and text.endswith("\n\nend\n")
     row = next(line for line in text.splitlines() if "lenet5_fashion_mnist" in line)
     assert "| full | 91.30 +- 0.10 | 91.25, 91.40 | 91.3 +- 0.3 | **pass** | 12 min |" in row
-    assert "abc1234, 2026-12-01" in row
+    assert "[abc1234, 2026-12-01](experiments/results/lenet5_fashion_mnist-full.json)" in row
 
 
 @needs_fashion_mnist
