@@ -4,6 +4,7 @@ run directory and W&B offline files, prediction from the checkpoint, and the ins
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,38 @@ def test_the_flags_cnnlab_checks_are_the_flags_hydra_lists():
         for name in line.split(" : ")[0].split(",")
     }
     assert listed == FLAG_NAMES
+
+
+def test_the_entry_points_work_from_a_built_wheel(tmp_path):
+    """The wheel, installed without the source tree (its dependencies from this environment),
+    run from another folder: cnnlab-train finds the packaged conf/, cnnlab-inspect its table."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    from tests.conftest import REPO
+
+    def run(*args, cwd=tmp_path):
+        done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done
+
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", REPO)
+    (wheel,) = (tmp_path / "dist").glob("cnnlab-*.whl")
+    run(sys.executable, "-m", "venv", tmp_path / "venv")
+    python, bin_dir = tmp_path / "venv" / "bin" / "python", tmp_path / "venv" / "bin"
+    run(python, "-m", "pip", "install", "-q", "--no-deps", wheel)
+    site = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    # this environment's packages after the wheel's: a plain path, so not its editable cnnlab
+    (Path(site.stdout.strip()) / "zz_dependencies.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n"
+    )
+    where = run(
+        python, "-c", "import cnnlab, experiments; print(cnnlab.__file__, experiments.__file__)"
+    )
+    assert str(REPO) not in where.stdout and where.stdout.count(str(tmp_path / "venv")) == 2
+    helped = run(bin_dir / "cnnlab-train", "--help")
+    assert "cnnlab-train: train a convolutional network" in helped.stdout
+    assert "model: alexnet_lite, lenet5" in helped.stdout  # the config groups of conf/
+    table = run(bin_dir / "cnnlab-inspect", "model=alexnet_lite", "data=cifar10")
+    assert "alexnet_lite on cifar10 (32x32x3 input, 10 classes)" in table.stdout
