@@ -98,26 +98,8 @@ def accuracy_plot(rows: list[Row], layout: Layout) -> Figure:
             label=label,
         )
         for p, r, a in zip(pos, mine, acc, strict=True):
-            if math.isnan(a):  # an invalid or failed point: a cross on the x axis
-                acc_ax.plot(
-                    p,
-                    0.02,
-                    "x",
-                    color=color,
-                    ms=9,
-                    mew=2,
-                    transform=acc_ax.get_xaxis_transform(),
-                    clip_on=False,
-                )
-                acc_ax.annotate(
-                    _short_status(r),
-                    (p, 0.05),
-                    xycoords=acc_ax.get_xaxis_transform(),
-                    ha="center",
-                    fontsize=7,
-                    color=color,
-                    rotation=90,
-                )
+            if math.isnan(a):
+                _cross(acc_ax, p, r, color)
         flops = [r.cost["flops"] or math.nan for r in mine]
         cost_ax.plot(pos, flops, color=color, marker=MARKERS[s % len(MARKERS)])
     for ax in (acc_ax, cost_ax):
@@ -141,6 +123,14 @@ def accuracy_plot(rows: list[Row], layout: Layout) -> Figure:
     return fig
 
 
+def _cross(ax, position: float, row: Row, color) -> None:
+    """An invalid or failed point: a cross on the x axis, labelled with its status."""
+    on_axis = ax.get_xaxis_transform()
+    ax.plot(position, 0.02, "x", color=color, ms=9, mew=2, transform=on_axis, clip_on=False)
+    ax.annotate(_short_status(row), (position, 0.05), xycoords=on_axis, ha="center", fontsize=7,
+                color=color, rotation=90)  # fmt: skip
+
+
 def heatmap_plot(rows: list[Row], layout: Layout) -> Figure:
     row_key, col_key = layout.grid
     row_vals, col_vals = _values(rows, row_key), _values(rows, col_key)
@@ -160,47 +150,7 @@ def heatmap_plot(rows: list[Row], layout: Layout) -> Figure:
         for i, rv in enumerate(row_vals):
             for j, cv in enumerate(col_vals):
                 cell = [r for r in rows if _match(r, layout, panel, rv, cv)]
-                accs = [
-                    r.mean["test_accuracy"] for r in cell if r.mean["test_accuracy"] is not None
-                ]
-                if accs:
-                    best = max(cell, key=lambda r: r.mean["test_accuracy"] or -1)
-                    grid[i, j] = 100 * max(accs)
-                    std = best.std["test_accuracy"]
-                    text = f"{grid[i, j]:.1f}%" + (f"\n±{100 * std:.1f}" if std is not None else "")
-                    dark = (grid[i, j] - lo) / (hi - lo) < 0.55
-                    ax.text(
-                        j,
-                        i,
-                        text,
-                        ha="center",
-                        va="center",
-                        fontsize=10,
-                        color="white" if dark else "black",
-                    )
-                else:
-                    ax.add_patch(
-                        Rectangle(
-                            (j - 0.5, i - 0.5),
-                            1,
-                            1,
-                            facecolor="0.85",
-                            hatch="///",
-                            edgecolor="0.6",
-                            lw=0,
-                        )
-                    )
-                    text = _short_status(cell[0]) if cell else "not run"
-                    ax.text(
-                        j,
-                        i,
-                        text,
-                        ha="center",
-                        va="center",
-                        fontsize=10,
-                        color="0.25",
-                        bbox={"facecolor": "0.85", "edgecolor": "none", "pad": 1},
-                    )
+                grid[i, j] = _heat_cell(ax, (i, j), cell, (lo, hi))
         image = ax.imshow(grid, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
         ax.set_xticks(range(len(col_vals)), _ticks(col_key, col_vals))
         ax.set_yticks(range(len(row_vals)), _ticks(row_key, row_vals))
@@ -214,10 +164,29 @@ def heatmap_plot(rows: list[Row], layout: Layout) -> Figure:
     return fig
 
 
+def _heat_cell(ax, at: tuple[int, int], cell: list[Row], limits: tuple[float, float]) -> float:
+    """Write heat-map cell `at` (row, column): the best mean test accuracy (%) of the rows in it,
+    with its std, returned; else a hatched cell with their status, and NaN."""
+    (i, j), (lo, hi) = at, limits
+    accs = [r.mean["test_accuracy"] for r in cell if r.mean["test_accuracy"] is not None]
+    if not accs:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", hatch="///",
+                               edgecolor="0.6", lw=0))  # fmt: skip
+        ax.text(j, i, _short_status(cell[0]) if cell else "not run", ha="center", va="center",
+                fontsize=10, color="0.25",
+                bbox={"facecolor": "0.85", "edgecolor": "none", "pad": 1})  # fmt: skip
+        return math.nan
+    best = max(cell, key=lambda r: r.mean["test_accuracy"] or -1)
+    value, std = 100 * max(accs), best.std["test_accuracy"]
+    text = f"{value:.1f}%" + (f"\n±{100 * std:.1f}" if std is not None else "")
+    dark = (value - lo) / (hi - lo) < 0.55
+    ax.text(j, i, text, ha="center", va="center", fontsize=10, color="white" if dark else "black")
+    return value
+
+
 def flops_plot(rows: list[Row], layout: Layout) -> Figure:
     fig = Figure(figsize=(8.5, 5.2), layout="constrained")
     ax = fig.subplots()
-    x_label = layout.labels.get(layout.x, "") if layout.x else ""
     palette = colormaps["viridis"]
     n_x = len(layout.x_values)
     colour = {v: palette(0.1 + 0.75 * i / max(n_x - 1, 1)) for i, v in enumerate(layout.x_values)}
@@ -254,6 +223,13 @@ def flops_plot(rows: list[Row], layout: Layout) -> Figure:
         title="Test accuracy against cost (mean ± std over seeds)",
     )
     ax.grid(alpha=0.3, which="both")
+    _flops_legends(ax, rows, layout, colour)
+    return fig
+
+
+def _flops_legends(ax, rows: list[Row], layout: Layout, colour: dict) -> None:
+    """The colour legend (the x key's values) and the marker legend (the series)."""
+    x_label = layout.labels.get(layout.x, "") if layout.x else ""
     if layout.x:
         handles = [
             Line2D([], [], color=c, marker="o", ls="", ms=9, mec="black") for c in colour.values()
@@ -277,7 +253,6 @@ def flops_plot(rows: list[Row], layout: Layout) -> Figure:
             for s, c in enumerate(layout.series_values)
         ]
         ax.legend(handles, labels, title="marker", loc="lower left", bbox_to_anchor=(1.01, 0))
-    return fig
 
 
 def short(key: str, keys: list[str]) -> str:
