@@ -2,6 +2,7 @@
 points on a rerun, and refusing to start."""
 
 import json
+import re
 import time
 
 import pytest
@@ -60,8 +61,21 @@ def test_each_job_is_its_own_wandb_run_in_one_group(sweep):
 
 @needs_fashion_mnist
 def test_jobs_share_jax_compilation_cache(sweep):
+    """A later job with the shapes of the sweep's job 0 (another seed, another process) loads
+    its train and eval steps from the sweep's cache, and compiles nothing new into it."""
     root, _ = sweep
-    assert len(list((root / "jax-cache").iterdir())) >= 2  # the train and eval step at least
+    cache = root / "jax-cache"
+    before = {path.name for path in cache.iterdir()}
+    job0 = [o for o in SWEEP if o != "-m" and "," not in o]
+    done = cli("train", *job0, "model.stride=1", "model.padding=same", "seed=1",
+               "logger.mode=disabled", f"compilation_cache={cache}",
+               f"hydra.run.dir={root}/same-shapes", env={"JAX_LOG_COMPILES": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    hits = set(re.findall(r"Persistent compilation cache hit for '[^']+' with key '([^']+)'",
+                          done.stderr))  # fmt: skip
+    assert any("train_step" in key for key in hits) and any("eval_step" in key for key in hits)
+    assert {f"{key}-cache" for key in hits} <= before
+    assert {path.name for path in cache.iterdir()} == before
 
 
 @needs_fashion_mnist
