@@ -144,6 +144,13 @@ def verify(
         if code != 0 or not summary_path.is_file():
             result.message = f"cnnlab-train exited with {code}: {last}"
             return result
+    return judged(result, band, run_dir)
+
+
+def judged(result: Result, band: baselines.Band, run_dir: Path) -> Result:
+    """`result` filled in from the finished tier in `run_dir` (its summary.json) and judged
+    against `band`; the record is also written to `run_dir/verify.json`."""
+    summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text())
     if summary["status"] != "ok":
         result.message = f"{summary['status']}: {summary.get('error', '')}"
