@@ -202,6 +202,14 @@ def write_readme(registry: dict[str, Baseline]) -> None:
     print(f"cnnlab-verify: wrote the results table of {README}")
 
 
+def print_registry(registry: dict[str, Baseline]) -> None:
+    """`cnnlab-verify --list`: each baseline's title, bands, compute and source."""
+    for b in registry.values():
+        print(f"{b.name}: {b.title}")
+        print(f"  full:  {b.tiers['full']}\n  quick: {b.tiers['quick']}")
+        print(f"  compute: {b.compute}\n  source: {b.source}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="cnnlab-verify",
@@ -237,10 +245,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"no baseline {unknown[0]!r}; the baselines are: {', '.join(registry)}"
             )
         if args.list:
-            for b in registry.values():
-                print(f"{b.name}: {b.title}")
-                print(f"  full:  {b.tiers['full']}\n  quick: {b.tiers['quick']}")
-                print(f"  compute: {b.compute}\n  source: {b.source}")
+            print_registry(registry)
             return
         if args.readme:
             write_readme(registry)
