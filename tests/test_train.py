@@ -14,13 +14,14 @@ import pytest
 from cnnlab.config import AugmentConfig, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cnnlab.data import load_dataset
 from cnnlab.models import build_model
+from cnnlab.preprocess import augment
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.loop import epoch_order
 from cnnlab.train.losses import LOSSES, squared_error
 from cnnlab.train.optim import OPTIMIZERS, build_optimizer
 from cnnlab.train.run import run
-from cnnlab.train.step import augment, create_state, make_train_step
+from cnnlab.train.step import StepSettings, create_state, make_train_step
 from tests.conftest import needs_fashion_mnist, small_config
 
 
@@ -75,15 +76,23 @@ def test_gradient_clipping_bounds_the_update():
 
 
 def test_augmentation_crops_and_flips_per_example():
-    images = jnp.arange(2 * 4 * 4, dtype=jnp.uint8).reshape(2, 4, 4, 1)
+    # 64 different, left-right asymmetric images: each comes out as it was or mirrored, both
+    # happen, and which one is drawn per example
+    images = jax.random.randint(jax.random.key(9), (64, 4, 4, 1), 0, 256).astype(jnp.uint8)
     flipped = augment(images, jax.random.key(0), AugmentConfig(flip=True))
-    for original, out in zip(images, flipped, strict=False):
-        assert jnp.array_equal(out, original) or jnp.array_equal(out, original[:, ::-1])
+    same = np.array([jnp.array_equal(o, i) for o, i in zip(flipped, images, strict=True)])
+    mirrored = np.array(
+        [jnp.array_equal(o, i[:, ::-1]) for o, i in zip(flipped, images, strict=True)]
+    )
+    assert not (same & mirrored).any()  # no image is its own mirror image
+    assert (same | mirrored).all() and 0.25 < mirrored.mean() < 0.75
     cropped = augment(images, jax.random.key(1), AugmentConfig(crop_padding=2))
     chex.assert_shape(cropped, images.shape)
     chex.assert_type(cropped, jnp.uint8)
     many = augment(jnp.ones((64, 4, 4, 1), jnp.uint8), jax.random.key(2), AugmentConfig(2, True))
     assert int((many == 0).sum()) > 0  # some crops show the zero padding
+    shown = {tuple(np.asarray(m[..., 0] == 0).ravel()) for m in many}
+    assert len(shown) > 8  # each example its own crop offset
     again = augment(jnp.ones((64, 4, 4, 1), jnp.uint8), jax.random.key(2), AugmentConfig(2, True))
     assert jnp.array_equal(many, again)
 
@@ -127,7 +136,9 @@ def test_random_erasing_fills_one_rectangle_of_the_asked_size_with_noise():
 def test_a_few_steps_on_one_batch_lower_the_loss(fmnist, model, loss, optimizer):
     tx, _ = build_optimizer(optimizer, 1, 1)
     state = create_state(build_model(model, 10), tx, fmnist.image_shape, jax.random.key(0))
-    step = make_train_step(LOSSES[loss], 0.0, fmnist.mean, fmnist.std, AugmentConfig())
+    step = make_train_step(
+        StepSettings(LOSSES[loss], 0.0, fmnist.mean, fmnist.std, AugmentConfig())
+    )
     images, labels = jnp.asarray(fmnist.train.images), jnp.asarray(fmnist.train.labels)
     idx = np.arange(64)
     losses = []
@@ -196,7 +207,7 @@ def test_skip_nonfinite_leaves_the_state_and_counts_the_skipped_updates(fmnist):
     state = create_state(
         build_model(ModelConfig(padding=[2, 0]), 10), tx, (28, 28, 1), jax.random.key(0)
     )
-    step = make_train_step(poisoned, 0.0, fmnist.mean, fmnist.std, AugmentConfig())
+    step = make_train_step(StepSettings(poisoned, 0.0, fmnist.mean, fmnist.std, AugmentConfig()))
     images, labels = jnp.asarray(fmnist.train.images), jnp.asarray(fmnist.train.labels)
     skipped = 0
     for i in range(12):

@@ -5,16 +5,18 @@ the order `np.random.default_rng([seed, e]).permutation(N)` (the last partial ba
 and step `s` draws its dropout and augmentation from `fold_in(train_key, s)`. Metrics stay on the
 device and are fetched only every `log_every_steps` steps.
 
-The same loop trains several models at once ("lanes", one per seed) when the state and the step
-are vmapped (`fit_lanes`, used by `cnnlab.train.seeds`); one model is one lane (`fit`).
+The loop trains S models at once ("lanes", one per seed) when the state and the step are vmapped
+(`Lanes.stacked`, used by `cnnlab.train.seeds`); one model is one lane, unstacked. Its position
+is a `LoopState`, which is also what a checkpoint stores beside the training state: passing it
+back continues exactly where the loop was.
 
 Glossary: `N` examples in a split, `B` batch, `K` classes, `S` lanes (models trained at once).
 """
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import jax
@@ -35,9 +37,10 @@ class EvalResult:
 
 
 @dataclass
-class FitResult:
-    state: TrainState
-    status: str  # ok | diverged | preempted
+class LaneRecord:
+    """How one lane's training went: what its summary reports."""
+
+    status: str = "ok"  # ok | diverged | preempted
     message: str = ""
     epochs: int = 0  # epochs completed
     best_val_accuracy: float = float("nan")
@@ -45,6 +48,114 @@ class FitResult:
     compile_seconds: float = 0.0  # the first step, compilation included
     images_per_second: float = 0.0  # training throughput after the first step
     last: dict[str, float] = field(default_factory=dict)  # the last logged train metrics
+
+
+@dataclass
+class LoopState:
+    """The loop's position, saved with each checkpoint (`to_json`) and resumed from (`from_json`):
+    the steps done, the lanes still training, the metrics not yet logged, and each lane's record.
+    """
+
+    step: int
+    live: list[int]  # the lanes still training
+    pending: list[dict]  # metrics of the steps since the last log (device or host arrays)
+    lanes: list[LaneRecord]
+
+    @classmethod
+    def start(cls, num_lanes: int) -> "LoopState":
+        return cls(0, list(range(num_lanes)), [], [LaneRecord() for _ in range(num_lanes)])
+
+    def to_json(self) -> dict:
+        """`{"step", "live", "pending", "lanes"}`, the layout of checkpoint format 1; the pending
+        metrics must be on the host."""
+        pending = [{k: [str(v.dtype), np.asarray(v).tolist()] for k, v in m.items()}
+                   for m in self.pending]  # fmt: skip
+        lanes = [asdict(lane) for lane in self.lanes]
+        return {"step": self.step, "live": list(self.live), "pending": pending, "lanes": lanes}
+
+    @classmethod
+    def from_json(cls, meta: dict) -> "LoopState":
+        """What `to_json` wrote (the pending metrics with the same bits)."""
+        pending = [{k: np.asarray(v, dtype=dtype) for k, (dtype, v) in m.items()}
+                   for m in meta["pending"]]  # fmt: skip
+        lanes = [LaneRecord(**lane) for lane in meta["lanes"]]
+        return cls(int(meta["step"]), list(meta["live"]), pending, lanes)
+
+
+@dataclass
+class FitResult:
+    state: TrainState  # the lane's final state (where it diverged, for a diverged one)
+    record: LaneRecord
+
+
+class Task(Protocol):
+    """What the loop runs (`cnnlab.train.run.Prepared` is one): the jitted steps of
+    `cnnlab.train.step`, the splits on the device as (images, labels), and the lr schedule."""
+
+    train_step: Callable
+    eval_step: Callable
+    train: tuple[jax.Array, jax.Array]
+    val: tuple[jax.Array, jax.Array]
+    schedule: Callable[[int], float]
+
+
+@dataclass
+class Lanes:
+    """The models the loop trains, one per seed. `stacked`: the state's leaves and `key` have a
+    leading axis S and the train step is vmapped over it (`make_train_step(lanes=True)`); else
+    there is one lane, as it is."""
+
+    seeds: list[int]  # lane i visits the data in the order of seeds[i]
+    key: jax.Array  # the train key (one per lane when stacked)
+    stacked: bool = False
+
+    def pick(self, tree, i: int):
+        """Lane i of a (stacked) tree."""
+        return jax.tree.map(lambda x: x[i], tree) if self.stacked else tree
+
+
+class Saver(Protocol):
+    """Where the loop's checkpoints go (`cnnlab.train.run` wraps `cnnlab.checkpoint`)."""
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after `step` within an epoch (epoch ends always save)."""
+
+    def save(self, state: TrainState, loop: LoopState, lanes: list[int] | None) -> bool:
+        """Save the state after `loop.step` with `loop`; False when it was refused (a non-finite
+        state, of the live `lanes` of stacked models)."""
+
+
+def never() -> bool:
+    return False
+
+
+@dataclass
+class Hooks:
+    """What the loop calls out to: each lane's metrics logger, the checkpoints, the stop request
+    (polled after every step) and the progress output (default: a `Progress` of the run)."""
+
+    log: Sequence[LogFn]  # one per lane: (record, step)
+    save: Saver | None = None
+    stop: Callable[[], bool] = never
+    progress: Progress | None = None
+
+
+@dataclass
+class _Fit:
+    """What the loop's functions share during one `fit`."""
+
+    task: Task
+    cfg: TrainConfig
+    lanes: Lanes
+    hooks: Hooks
+    progress: Progress
+    first: int  # the step this attempt started at
+    train_seconds: float = 0.0  # training so far, validation excluded
+    frozen: dict[int, TrainState] = field(default_factory=dict)  # diverged lanes' states
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return int(self.task.train[1].shape[0]) // self.cfg.batch_size
 
 
 def evaluate(eval_step, model_vars, images, labels, batch_size: int) -> EvalResult:
@@ -69,173 +180,153 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
 
 
-class Saver(Protocol):
-    """Where the loop's checkpoints go (`cnnlab.train.run` wraps `cnnlab.checkpoint`)."""
-
-    def due(self, step: int) -> bool:
-        """Whether a checkpoint is due after `step` within an epoch (epoch ends always save)."""
-
-    def save(self, step: int, state: TrainState, meta: dict, lanes: list[int] | None) -> bool:
-        """Save the state after `step` with the loop's `meta`; False when it was refused (a
-        non-finite state, of the live `lanes` of stacked models)."""
-
-
 def fit(
     state: TrainState,
-    train_step,
-    eval_step,
-    train: tuple[jax.Array, jax.Array],
-    val: tuple[jax.Array, jax.Array],
+    task: Task,
     cfg: TrainConfig,
-    seed: int,
-    train_key: jax.Array,
-    log: LogFn,
-    schedule: Callable[[int], float],
-    progress: Progress | None = None,
-    **resumable,
-) -> FitResult:
-    """Train for `cfg.epochs` epochs; `train` and `val` are (images, labels) on the device.
-    `resumable`: the `resume`, `saver` and `stop` of `fit_lanes`."""
-    (result,) = fit_lanes(
-        state, train_step, eval_step, train, val, cfg, [seed], train_key, [log], schedule,
-        progress, stacked=False, **resumable,
-    )  # fmt: skip
-    return result
-
-
-def fit_lanes(
-    state: TrainState,
-    train_step,
-    eval_step,
-    train: tuple[jax.Array, jax.Array],
-    val: tuple[jax.Array, jax.Array],
-    cfg: TrainConfig,
-    seeds: list[int],
-    train_key: jax.Array,
-    logs: list[LogFn],
-    schedule: Callable[[int], float],
-    progress: Progress | None = None,
-    stacked: bool = True,
-    resume: dict | None = None,
-    saver: Saver | None = None,
-    stop: Callable[[], bool] = lambda: False,
+    lanes: Lanes,
+    hooks: Hooks,
+    resume: LoopState | None = None,
 ) -> list[FitResult]:
-    """Train S models ("lanes") with one step program, one `FitResult` each.
+    """Train `lanes` for `cfg.epochs` epochs with one step program, one `FitResult` each.
 
-    With `stacked`, the leaves of `state` and `train_key` have a leading axis S and `train_step`
-    is vmapped over it (`make_train_step(lanes=True)`); without it there is one lane, as it is
-    (what `fit` does). Lane i visits the data in the order of `seeds[i]` and logs through
-    `logs[i]` at the steps a single run logs; a lane that diverges stops logging while the others
-    go on. Validation runs lane by lane on the same `eval_step`.
+    Lane i logs through `hooks.log[i]` at the steps a single run logs; a lane that diverges stops
+    logging while the others go on. Validation runs lane by lane on the same eval step.
 
-    Checkpoints: after every step that `saver.due` names, at every epoch end (after validation)
-    and when `stop()` turns true, the state goes to `saver` with the loop's `meta` (the step, each
-    lane's record, the metrics not yet logged). Passing that `meta` back as `resume`, with the
-    state saved beside it, continues exactly where the loop was: the data order and the keys are
-    functions of the seed, epoch and step, so the run ends bit-identical to an uninterrupted one.
-    When `stop()` turns true the loop saves and returns with status `preempted`.
+    Checkpoints: after every step that `hooks.save.due` names, at every epoch end (after
+    validation) and when `hooks.stop()` turns true, the state goes to `hooks.save` with the
+    `LoopState`. Passing that back as `resume`, with the state saved beside it, continues exactly
+    where the loop was: the data order and the keys are functions of the seed, epoch and step, so
+    the run ends bit-identical to an uninterrupted one. When `hooks.stop()` turns true the loop
+    saves and returns with status `preempted`.
     """
-    n = int(train[1].shape[0])
-    steps_per_epoch = n // cfg.batch_size
-    progress = progress or Progress(steps_per_epoch * cfg.epochs)
-    lane = _pick if stacked else lambda tree, i: tree  # lane i of a (stacked) tree
-    results = [FitResult(state, "ok") for _ in seeds]
-    live = list(range(len(seeds)))  # the lanes still training
-    pending: list[dict] = []  # metrics of the steps since the last log
-    step, first, train_seconds = 0, 0, 0.0
+    loop = resume or LoopState.start(len(lanes.seeds))
+    total = int(task.train[1].shape[0]) // cfg.batch_size * cfg.epochs
+    run = _Fit(task, cfg, lanes, hooks, hooks.progress or Progress(total), first=loop.step)
     if resume:
-        step, live, pending = resume["step"], resume["live"], _unpack(resume["pending"])
-        for r, saved in zip(results, resume["lanes"], strict=True):
-            vars(r).update(saved)
-        first = step
-        progress.advance(step)
-
-    def checkpoint() -> bool:
-        """Save after `step`, unless a live lane went non-finite since the last log."""
-        nonlocal pending
-        pending = jax.device_get(pending)
-        if any(not _finite(lane(m, s)) for m in pending for s in live):
-            return False  # the next log stops those lanes; the last good checkpoint stays
-        meta = {"step": step, "live": live, "pending": _pack(pending)}
-        meta["lanes"] = [{k: v for k, v in vars(r).items() if k != "state"} for r in results]
-        return saver.save(step, state, meta, live if stacked else None)
-
-    def finished(status: str, seconds: float) -> list[FitResult]:
-        """The live lanes' results; `seconds` of training (validation excluded) so far."""
-        steady, steps = seconds - results[0].compile_seconds, step - first - 1
-        for s in live:
-            r = results[s]
-            r.state, r.status = lane(state, s), status
-            r.images_per_second = steps * cfg.batch_size / steady if steady > 0 else 0.0
-            if status == "preempted":
-                r.message = (
-                    f"stopped by a signal after step {step}; rerun in the same run directory"
-                )
-        return results
-
+        run.progress.advance(loop.step)
     try:
-        for epoch in range(step // steps_per_epoch + 1, cfg.epochs + 1):
-            orders = [epoch_order(seed, epoch, n) for seed in seeds]
-            t_epoch = time.perf_counter()
-            for i in range(step - (epoch - 1) * steps_per_epoch, steps_per_epoch):
-                batch = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
-                idx = np.stack([o[batch] for o in orders]) if stacked else orders[0][batch]
-                state, metrics = train_step(state, *train, idx, train_key)  # idx [S, B] or [B]
-                step += 1
-                if step == first + 1:
-                    jax.block_until_ready(metrics)
-                    for r in results:
-                        r.compile_seconds = time.perf_counter() - t_epoch
-                pending.append(metrics)
-                progress.advance()
-                epoch_end = i == steps_per_epoch - 1
-                if step % cfg.log_every_steps == 0 or epoch_end:
-                    fetched, pending = jax.device_get(pending), []  # the only sync point
-                    records = {}
-                    for s in live:
-                        ms = [lane(m, s) for m in fetched]
-                        record = _mean(ms)
-                        record.update({"train/lr": float(schedule(step - 1)), "epoch": epoch})
-                        results[s].last = records[s] = record
-                        logs[s](record, step)
-                    progress.report(step, epoch, _across(records))
-                    for s in list(live):
-                        bad = [j for j, m in enumerate(fetched) if not _finite(lane(m, s))]
-                        if bad:
-                            r = results[s]
-                            r.state, r.status = lane(state, s), "diverged"
-                            at = step - len(fetched) + 1 + bad[0]
-                            r.message = f"loss or gradient became non-finite at step {at}"
-                            live.remove(s)
-                    if not live:
-                        return results
-                if not epoch_end:
-                    stopping = stop()  # once: a signal between two calls would skip the save
-                    if saver and (stopping or saver.due(step)):
-                        checkpoint()
-                    if stopping:
-                        return finished("preempted", train_seconds + time.perf_counter() - t_epoch)
-            train_seconds += time.perf_counter() - t_epoch
-            if (epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs) and len(val[1]):
-                records = {}
-                for s in live:
-                    r = results[s]
-                    ev = evaluate(eval_step, variables(lane(state, s)), *val, cfg.eval_batch_size)
-                    if not ev.accuracy <= r.best_val_accuracy:  # also replaces the initial NaN
-                        r.best_val_accuracy, r.best_epoch = ev.accuracy, epoch
-                    record = {"val/loss": ev.loss, "val/accuracy": ev.accuracy, "epoch": epoch}
-                    logs[s](record, step)
-                    records[s] = record
-                progress.report(step, epoch, _across(records))
-            for s in live:
-                results[s].epochs = epoch
-            if saver:
-                checkpoint()
-            if stop() and epoch < cfg.epochs:
-                return finished("preempted", train_seconds)
+        for epoch in range(loop.step // run.steps_per_epoch + 1, cfg.epochs + 1):
+            state, stopped = train_epoch(run, loop, state, epoch)
+            if stopped == "diverged":
+                return _results(run, loop, state)
+            if stopped == "preempted":
+                return finish(run, loop, state, "preempted")
+            if (epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs) and len(task.val[1]):
+                validate(run, loop, state, epoch)
+            for s in loop.live:
+                loop.lanes[s].epochs = epoch
+            if hooks.save:
+                checkpoint(run, loop, state)
+            if hooks.stop() and epoch < cfg.epochs:
+                return finish(run, loop, state, "preempted")
     finally:
-        progress.close()
-    return finished("ok", train_seconds)
+        run.progress.close()
+    return finish(run, loop, state, "ok")
+
+
+def train_epoch(run: _Fit, loop: LoopState, state: TrainState, epoch: int):
+    """The steps of `epoch` from `loop.step` on, each window of them logged; returns the state
+    and why the epoch ended early: "diverged" (no lane left), "preempted", or None."""
+    orders = [epoch_order(seed, epoch, int(run.task.train[1].shape[0])) for seed in run.lanes.seeds]
+    start, spe = time.perf_counter(), run.steps_per_epoch
+    for i in range(loop.step - (epoch - 1) * spe, spe):
+        batch = slice(i * run.cfg.batch_size, (i + 1) * run.cfg.batch_size)
+        idx = np.stack([o[batch] for o in orders]) if run.lanes.stacked else orders[0][batch]
+        state = train_step(run, loop, state, idx, start)  # idx [S, B] or [B]
+        epoch_end = i == spe - 1
+        if loop.step % run.cfg.log_every_steps == 0 or epoch_end:
+            log_window(run, loop, state, epoch)
+            if not loop.live:
+                return state, "diverged"
+        if not epoch_end:
+            stopping = run.hooks.stop()  # once: a signal between two calls would skip the save
+            if run.hooks.save and (stopping or run.hooks.save.due(loop.step)):
+                checkpoint(run, loop, state)
+            if stopping:
+                run.train_seconds += time.perf_counter() - start
+                return state, "preempted"
+    run.train_seconds += time.perf_counter() - start
+    return state, None
+
+
+def train_step(run: _Fit, loop: LoopState, state: TrainState, idx, epoch_start: float):
+    """One step; the first of this attempt is timed, compilation included."""
+    state, metrics = run.task.train_step(state, *run.task.train, idx, run.lanes.key)
+    loop.step += 1
+    if loop.step == run.first + 1:
+        jax.block_until_ready(metrics)
+        for record in loop.lanes:
+            record.compile_seconds = time.perf_counter() - epoch_start
+    loop.pending.append(metrics)
+    run.progress.advance()
+    return state
+
+
+def log_window(run: _Fit, loop: LoopState, state: TrainState, epoch: int) -> None:
+    """Log each live lane's mean metrics since the last log (the loop's only sync point), then
+    stop the lanes that went non-finite in that window."""
+    fetched, loop.pending = jax.device_get(loop.pending), []
+    records = {}
+    for s in loop.live:
+        record = _mean([run.lanes.pick(m, s) for m in fetched])
+        record.update({"train/lr": float(run.task.schedule(loop.step - 1)), "epoch": epoch})
+        loop.lanes[s].last = records[s] = record
+        run.hooks.log[s](record, loop.step)
+    run.progress.report(loop.step, epoch, _across(records))
+    for s in list(loop.live):
+        bad = [j for j, m in enumerate(fetched) if not _finite(run.lanes.pick(m, s))]
+        if bad:
+            at = loop.step - len(fetched) + 1 + bad[0]
+            loop.lanes[s].status = "diverged"
+            loop.lanes[s].message = f"loss or gradient became non-finite at step {at}"
+            run.frozen[s] = run.lanes.pick(state, s)
+            loop.live.remove(s)
+
+
+def validate(run: _Fit, loop: LoopState, state: TrainState, epoch: int) -> None:
+    """Evaluate each live lane on the validation split, log it and keep its best epoch."""
+    records = {}
+    for s in loop.live:
+        lane = loop.lanes[s]
+        model_vars = variables(run.lanes.pick(state, s))
+        ev = evaluate(run.task.eval_step, model_vars, *run.task.val, run.cfg.eval_batch_size)
+        if not ev.accuracy <= lane.best_val_accuracy:  # also replaces the initial NaN
+            lane.best_val_accuracy, lane.best_epoch = ev.accuracy, epoch
+        record = {"val/loss": ev.loss, "val/accuracy": ev.accuracy, "epoch": epoch}
+        run.hooks.log[s](record, loop.step)
+        records[s] = record
+    run.progress.report(loop.step, epoch, _across(records))
+
+
+def checkpoint(run: _Fit, loop: LoopState, state: TrainState) -> bool:
+    """Save after `loop.step`, unless a live lane went non-finite since the last log (the next log
+    stops those lanes; the last good checkpoint stays)."""
+    loop.pending = jax.device_get(loop.pending)
+    if any(not _finite(run.lanes.pick(m, s)) for m in loop.pending for s in loop.live):
+        return False
+    return run.hooks.save.save(state, loop, loop.live if run.lanes.stacked else None)
+
+
+def finish(run: _Fit, loop: LoopState, state: TrainState, status: str) -> list[FitResult]:
+    """The live lanes end with `status` and their training throughput."""
+    steady, steps = run.train_seconds - loop.lanes[0].compile_seconds, loop.step - run.first - 1
+    for s in loop.live:
+        lane = loop.lanes[s]
+        lane.status = status
+        lane.images_per_second = steps * run.cfg.batch_size / steady if steady > 0 else 0.0
+        if status == "preempted":
+            lane.message = (
+                f"stopped by a signal after step {loop.step}; rerun in the same run directory"
+            )
+    return _results(run, loop, state)
+
+
+def _results(run: _Fit, loop: LoopState, state: TrainState) -> list[FitResult]:
+    return [
+        FitResult(run.frozen.get(s, run.lanes.pick(state, s)), lane)
+        for s, lane in enumerate(loop.lanes)
+    ]
 
 
 # Metrics that count since the start (the newest value is logged, not the mean).
@@ -258,15 +349,6 @@ def _mean(metrics: list[dict]) -> dict[str, float]:
     return record
 
 
-def _pack(pending: list[dict]) -> list[dict]:
-    """Host metrics as JSON: {key: [dtype, values]}; `_unpack` gives back the same bits."""
-    return [{k: [str(v.dtype), np.asarray(v).tolist()] for k, v in m.items()} for m in pending]
-
-
-def _unpack(packed: list[dict]) -> list[dict]:
-    return [{k: np.asarray(v, dtype=dtype) for k, (dtype, v) in m.items()} for m in packed]
-
-
 def _finite(metrics: dict) -> bool:
     """Whether one step's metrics (or a record) show a finite model: with skipped non-finite
     updates (`optimizer.skip_nonfinite`) the parameters' norm, else the loss and gradient."""
@@ -275,11 +357,6 @@ def _finite(metrics: dict) -> bool:
 
 
 _WATCHED = ("train/loss", "train/grad_norm")
-
-
-def _pick(tree, i: int):
-    """Lane i of a tree whose leaves have a leading lane axis."""
-    return jax.tree.map(lambda x: x[i], tree)
 
 
 def _across(records: dict[int, dict[str, float]]) -> dict[str, float]:

@@ -2,8 +2,10 @@
 
 `run` is what `cnnlab-train` calls for each Hydra job; it takes a plain `Config`, a run directory
 and a tracker, and always finishes the tracker with a summary whose `status` says how it ended
-(ok, diverged, preempted, failed, interrupted), so a failed run still leaves its record. Its parts
-(`prepare`, `start_run`, `end_run`, `recording`) also serve the seeds of `cnnlab.train.seeds`.
+(ok, diverged, preempted, failed, interrupted), so a failed run still leaves its record.
+`train_lanes` is the one path from a prepared config to trained, tested models: one run is one
+lane; the stacked seeds of `cnnlab.train.seeds` are several. Each part returns its piece of the
+summary, which the caller that owns the record adds to it.
 """
 
 import sys
@@ -11,11 +13,12 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -29,18 +32,26 @@ from cnnlab.models import build_model
 from cnnlab.parallel import data_mesh, put, put_dataset, replicated
 from cnnlab.rundir import RunDir, TrainedModel
 from cnnlab.tracking import Tracker
-from cnnlab.train.loop import FitResult, evaluate, fit
+from cnnlab.train.loop import FitResult, Hooks, Lanes, LoopState, evaluate, fit, never
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
 from cnnlab.train.progress import Progress
-from cnnlab.train.step import TrainState, create_state, make_eval_step, make_train_step, variables
+from cnnlab.train.step import (
+    StepSettings,
+    TrainState,
+    create_state,
+    make_eval_step,
+    make_train_step,
+    variables,
+)
 from cnnlab.validate import check_devices, validate
 
 
 @dataclass
 class Prepared:
     """What the seeds of one config share: the data, on the host and on the device, the model, the
-    optimizer and the jitted steps (built once, so later seeds recompile no step)."""
+    optimizer and the jitted steps (built once, so later seeds recompile no step). It is the
+    loop's `cnnlab.train.loop.Task`."""
 
     data: Dataset
     rows: list[geometry.Layer]  # the per-layer table
@@ -53,6 +64,7 @@ class Prepared:
     train: tuple[jax.Array, jax.Array]  # (images, labels) on the device
     val: tuple[jax.Array, jax.Array]
     test: tuple[jax.Array, jax.Array]
+    stacked: bool = False  # the train step trains stacked models (`make_train_step(lanes=True)`)
 
 
 def prepare(cfg: Config, lanes: bool = False) -> Prepared:
@@ -74,14 +86,15 @@ def prepare(cfg: Config, lanes: bool = False) -> Prepared:
     loss_fn = LOSSES[cfg.loss.name]
     mean, std = data.mean.astype(np.float32), data.std.astype(np.float32)
     precision = cfg.train.precision
-    train_step = make_train_step(
-        loss_fn, cfg.loss.label_smoothing, mean, std, cfg.data.augment, precision, mesh, lanes
+    settings = StepSettings(
+        loss_fn, cfg.loss.label_smoothing, mean, std, cfg.data.augment, precision
     )
+    train_step = make_train_step(settings, mesh, lanes)
     eval_step = make_eval_step(model.apply, loss_fn, mean, std, precision, mesh)
-    device = lambda split: put_dataset((split.images, split.labels), mesh)  # noqa: E731
+    device = lambda split: put_dataset((split.images, split.labels), mesh)
     return Prepared(
         data, rows, model, tx, schedule, mesh, train_step, eval_step,
-        device(data.train), device(data.val), device(data.test),
+        device(data.train), device(data.val), device(data.test), lanes,
     )  # fmt: skip
 
 
@@ -111,53 +124,124 @@ def recording(summary: dict, finish: Callable[[dict], None]):
         finish(summary)
 
 
-def start_run(cfg: Config, run_dir: Path, tracker: Tracker, prepared: Prepared, summary: dict):
-    """The files and records of a run that come before training."""
-    summary.update(geometry.summarize(prepared.rows))
-    if jax.process_index() == 0:  # the processes of a multi-host run share the run directory
-        RunDir(run_dir).write(cfg, prepared.data)
-    tracker.log_layers(prepared.rows)
+@dataclass
+class Lane:
+    """One model of `train_lanes`: its config, run directory, tracker, and the summary that its
+    `recording` will finish."""
+
+    cfg: Config
+    folder: Path
+    tracker: Tracker
+    summary: dict = field(default_factory=dict)
 
 
-def end_run(
-    result: FitResult,
-    prepared: Prepared,
+def run(
     cfg: Config,
     run_dir: Path,
     tracker: Tracker,
-    summary: dict,
+    progress: Progress | None = None,
+    prepared: Prepared | None = None,
+    stop: Callable[[], bool] = never,
+) -> dict:
+    """Train and test one configuration; returns the summary written to `summary.json`.
+
+    A run directory that already holds checkpoints resumes from the newest good one. `stop`
+    (e.g. `cnnlab.train.preemption.Preemption`) turning true saves a checkpoint and ends the run
+    with status `preempted`. `prepared` (from `prepare(cfg)` of a config that differs at most in
+    its seed) reuses the data and the compiled steps of an earlier run.
+    """
+    run_dir = Path(run_dir)
+    with recording(new_summary(cfg), tracker.finish) as summary:
+        prepared = prepared or prepare(cfg)
+        train_lanes(cfg, run_dir, [Lane(cfg, run_dir, tracker, summary)], prepared, stop, progress)
+    return summary
+
+
+def train_lanes(
+    cfg: Config,
+    run_dir: Path,
+    lanes: list[Lane],
+    prepared: Prepared,
+    stop: Callable[[], bool] = never,
+    progress: Progress | None = None,
 ) -> None:
-    """Test a trained model, save its variables, draw its pictures (`logger.pictures`) and
-    complete its summary (a diverged one only gets its error)."""
-    test = None
-    model_vars = variables(result.state)
-    if result.status == "ok":
-        batch_size = cfg.train.eval_batch_size
-        test = evaluate(prepared.eval_step, model_vars, *prepared.test, batch_size)
-        tracker.log(
-            {"test/loss": test.loss, "test/accuracy": test.accuracy}, int(result.state.step)
-        )
-    summary.update(
-        status=result.status,
-        epochs=result.epochs,
-        steps=int(result.state.step),
-        compile_seconds=round(result.compile_seconds, 3),
-        images_per_second=round(result.images_per_second, 1),
-        **{"val/best_accuracy": result.best_val_accuracy, "val/best_epoch": result.best_epoch},
-        **{k: v for k, v in result.last.items() if k.startswith("train/")},
-    )
-    if test is None:
-        summary["error"] = result.message
-        return
-    summary.update({"test/accuracy": test.accuracy, "test/loss": test.loss})
+    """Train and test one model per lane (stacked when `prepared.stacked`, else one), adding
+    each part of their records to their summaries as it comes. The training state's checkpoints
+    are in `<run_dir>/checkpoints/`, with each lane's tracker history."""
+    for lane in lanes:
+        lane.summary.update(start_run(lane.cfg, lane.folder, lane.tracker, prepared))
+    state, train_key = initial_state(prepared, [lane.cfg.seed for lane in lanes])
+    primary = jax.process_index() == 0
+    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg, primary)
+    marks = LaneTrackers([lane.tracker for lane in lanes]) if prepared.stacked else lanes[0].tracker
+    try:
+        start = starting_state(cfg, checkpoints, state, prepared.mesh, marks)
+        for lane in lanes:
+            lane.summary.update(start.summary)
+        saver = CheckpointSaver(checkpoints, cfg.checkpoint.every_steps, marks)
+        hooks = Hooks([lane.tracker.log for lane in lanes], saver, stop, progress)
+        seeds = [lane.cfg.seed for lane in lanes]
+        lanes_fit = Lanes(seeds, train_key, prepared.stacked)
+        results = fit(start.state, prepared, cfg.train, lanes_fit, hooks, start.loop)
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    for result, lane in zip(results, lanes, strict=True):
+        lane.summary.update(end_run(result, prepared, lane.cfg, lane.folder, lane.tracker))
+
+
+def initial_state(prepared: Prepared, seeds: list[int]) -> tuple[TrainState, jax.Array]:
+    """The state each seed initializes (stacked when `prepared.stacked`) and the train key(s)
+    on the mesh: the two halves of `jax.random.key(seed)`."""
+    if prepared.stacked:
+        keys = jnp.stack([jax.random.split(jax.random.key(seed)) for seed in seeds])  # [S, 2]
+        init_key, train_key = keys[:, 0], keys[:, 1]  # [S]
+    else:
+        (seed,) = seeds
+        init_key, train_key = jax.random.split(jax.random.key(seed))
+    shape, mesh = prepared.data.image_shape, prepared.mesh
+    state = create_state(prepared.model, prepared.tx, shape, init_key, mesh, prepared.stacked)
+    return state, put(train_key, replicated(mesh))
+
+
+def start_run(cfg: Config, run_dir: Path, tracker: Tracker, prepared: Prepared) -> dict:
+    """The files and records of a run that come before training; returns its geometry summary."""
+    if jax.process_index() == 0:  # the processes of a multi-host run share the run directory
+        RunDir(run_dir).write(cfg, prepared.data)
+    tracker.log_layers(prepared.rows)
+    return geometry.summarize(prepared.rows)
+
+
+def end_run(
+    result: FitResult, prepared: Prepared, cfg: Config, run_dir: Path, tracker: Tracker
+) -> dict:
+    """Test a trained model, save its variables, draw its pictures (`logger.pictures`); returns
+    its part of the summary (a diverged one only gets its error)."""
+    lane, model_vars, step = result.record, variables(result.state), int(result.state.step)
+    part = {
+        "status": lane.status,
+        "epochs": lane.epochs,
+        "steps": step,
+        "compile_seconds": round(lane.compile_seconds, 3),
+        "images_per_second": round(lane.images_per_second, 1),
+        "val/best_accuracy": lane.best_val_accuracy,
+        "val/best_epoch": lane.best_epoch,
+        **{k: v for k, v in lane.last.items() if k.startswith("train/")},
+    }
+    if lane.status != "ok":
+        return {**part, "error": lane.message}
+    test = evaluate(prepared.eval_step, model_vars, *prepared.test, cfg.train.eval_batch_size)
+    tracker.log({"test/loss": test.loss, "test/accuracy": test.accuracy}, step)
+    part.update({"test/accuracy": test.accuracy, "test/loss": test.loss})
     # CI compares it between two runs of one config: equal exactly when bit-identical
-    summary["params_sha256"] = checkpoint.tree_sha256(jax.device_get(result.state.params))
+    part["params_sha256"] = checkpoint.tree_sha256(jax.device_get(result.state.params))
     data = prepared.data
     tracker.log_predictions(data.test.images, data.test.labels, test.probs, data.class_names)
     checkpoint.save_variables(run_dir / "checkpoint", model_vars)  # replaces a stale one
     if cfg.logger.pictures and jax.process_index() == 0:
         model = TrainedModel(cfg.model, prepared.model, jax.device_get(model_vars))
-        summary.update(draw_pictures(model, data, test.probs, run_dir, tracker))
+        part.update(draw_pictures(model, data, test.probs, run_dir, tracker))
+    return part
 
 
 def draw_pictures(
@@ -190,9 +274,23 @@ class CheckpointSaver:
     def due(self, step: int) -> bool:
         return bool(self.every_steps) and step % self.every_steps == 0
 
-    def save(self, step: int, state: TrainState, meta: dict, lanes: list[int] | None) -> bool:
-        meta = {"loop": meta, "trackers": self.tracker.mark()}
-        return self.checkpoints.save(step, state_tree(state), meta, lanes)
+    def save(self, state: TrainState, loop: LoopState, lanes: list[int] | None) -> bool:
+        meta = {"loop": loop.to_json(), "trackers": self.tracker.mark()}
+        return self.checkpoints.save(loop.step, state_tree(state), meta, lanes)
+
+
+class LaneTrackers:
+    """Stacked lanes' trackers as the one tracker a checkpoint marks and a resume rewinds."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def mark(self) -> dict:
+        return {str(i): t.mark() for i, t in enumerate(self.trackers)}
+
+    def rewind(self, mark: dict) -> None:
+        for i, t in enumerate(self.trackers):
+            t.rewind(mark[str(i)])
 
 
 def state_tree(state: TrainState) -> dict:
@@ -201,17 +299,21 @@ def state_tree(state: TrainState) -> dict:
     return {"step": state.step, "opt_state": state.opt_state, **variables(state)}
 
 
+@dataclass
+class Start:
+    """Where training starts: the state, the loop's position when resuming, and the summary's
+    record of it (`resumed_from_step` or `init_from`)."""
+
+    state: TrainState
+    loop: LoopState | None = None
+    summary: dict = field(default_factory=dict)
+
+
 def starting_state(
-    cfg: Config,
-    checkpoints: Checkpoints,
-    state: TrainState,
-    mesh: Mesh,
-    tracker: Tracker,
-    summary: dict,
-) -> tuple[TrainState, dict | None]:
-    """The state to train from and the loop's position: the newest good checkpoint of this run
-    directory (its trackers' history rewound to it), else `state`, with the parameters of
-    `checkpoint.init_from` where it is set."""
+    cfg: Config, checkpoints: Checkpoints, state: TrainState, mesh: Mesh, tracker
+) -> Start:
+    """The newest good checkpoint of this run directory (`tracker`'s history rewound to it), else
+    `state`, with the parameters of `checkpoint.init_from` where it is set."""
     ckpt = cfg.checkpoint
     if checkpoints.steps() and not ckpt.resume:
         raise ConfigError(
@@ -221,51 +323,11 @@ def starting_state(
     restored = checkpoints.restore(state_tree(state)) if ckpt.resume else None
     if restored is not None:
         tracker.rewind(restored.meta["trackers"])
-        summary["resumed_from_step"] = restored.step
         print(f"cnnlab: resuming from step {restored.step} ({checkpoints.directory})")
-        return state.replace(**put(restored.state, replicated(mesh))), restored.meta["loop"]
+        loop = LoopState.from_json(restored.meta["loop"])
+        state = state.replace(**put(restored.state, replicated(mesh)))
+        return Start(state, loop, {"resumed_from_step": restored.step})
     if ckpt.init_from:
-        loaded = checkpoint.load_init_variables(Path(ckpt.init_from), variables(state))
-        summary["init_from"] = str(ckpt.init_from)
-        return state.replace(**loaded), None
-    return state, None
-
-
-def run(
-    cfg: Config,
-    run_dir: Path,
-    tracker: Tracker,
-    progress: Progress | None = None,
-    prepared: Prepared | None = None,
-    stop: Callable[[], bool] = lambda: False,
-) -> dict:
-    """Train and test one configuration; returns the summary written to `summary.json`.
-
-    A run directory that already holds checkpoints resumes from the newest good one. `stop`
-    (e.g. `cnnlab.train.preemption.Preemption`) turning true saves a checkpoint and ends the run
-    with status `preempted`. `prepared` (from `prepare(cfg)` of a config that differs at most in
-    its seed) reuses the data and the compiled steps of an earlier run.
-    """
-    run_dir = Path(run_dir)
-    with recording(new_summary(cfg), tracker.finish) as summary:
-        prepared = prepared or prepare(cfg)
-        start_run(cfg, run_dir, tracker, prepared, summary)
-        init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
-        state = create_state(
-            prepared.model, prepared.tx, prepared.data.image_shape, init_key, prepared.mesh
-        )
-        primary = jax.process_index() == 0
-        checkpoints = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg, primary)
-        try:
-            state, resume = starting_state(cfg, checkpoints, state, prepared.mesh, tracker, summary)
-            saver = CheckpointSaver(checkpoints, cfg.checkpoint.every_steps, tracker)
-            result = fit(
-                state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
-                cfg.train, cfg.seed, put(train_key, replicated(prepared.mesh)), tracker.log,
-                prepared.schedule, progress, resume=resume, saver=saver, stop=stop,
-            )  # fmt: skip
-            checkpoints.wait()
-        finally:
-            checkpoints.close()
-        end_run(result, prepared, cfg, run_dir, tracker, summary)
-    return summary
+        loaded = checkpoint.load_init_variables(Path(ckpt.init_from), variables(state), cfg)
+        return Start(state.replace(**loaded), None, {"init_from": str(ckpt.init_from)})
+    return Start(state)

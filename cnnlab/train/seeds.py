@@ -6,14 +6,15 @@ every file a single run writes and its own tracker (its own W&B run). Three stra
 - `sequential`: one seed after another in this process, on data loaded once and steps compiled
   once (the shapes do not change, so nothing recompiles); each seed's results are bit-identical to
   its single run.
-- `vmap`: the S models stacked along a leading axis and trained by one vmapped step
-  (`fit_lanes`), each with its own data order and keys; the same results as `sequential` up to the
-  order of float sums. On one GPU or TPU S small models cost little more than one.
+- `vmap`: the S models stacked along a leading axis and trained by one vmapped step (one
+  `cnnlab.train.run.train_lanes` of S lanes), each with its own data order and keys; the same
+  results as `sequential` up to the order of float sums. On one GPU or TPU S small models cost
+  little more than one.
 - `processes`: on the CPU, each seed in its own spawned process pinned to its share of this
   process's cores, as many seeds at a time as there are cores (a last, smaller wave shares all of
-  them). XLA's CPU kernels use a second core far less well than a second model does: two
-  AlexNet-lite seeds on one core each take 44 minutes side by side, against 33 minutes each one
-  after another on both cores. Each seed equals its single run up to the order of float sums.
+  them). XLA's CPU kernels use a second core far less well than a second model does, so seeds
+  side by side on one core each finish sooner than one after another on all the cores
+  (docs/ has the measurements). Each seed equals its single run up to the order of float sums.
 
 `auto` picks vmap on one GPU or TPU, processes for several seeds on a CPU with several cores,
 and sequential otherwise (XLA turns vmapped convolutions into grouped convolutions, which run
@@ -30,33 +31,21 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cnnlab import malloc
-from cnnlab.checkpoint import Checkpoints
 from cnnlab.config import Config
 from cnnlab.errors import ConfigError
-from cnnlab.parallel import put, replicated
 from cnnlab.tracking import Tracker
 from cnnlab.tracking.local import write_json
-from cnnlab.train.loop import fit_lanes
+from cnnlab.train.loop import never
 from cnnlab.train.preemption import Preemption
-from cnnlab.train.run import (
-    CheckpointSaver,
-    end_run,
-    new_summary,
-    prepare,
-    recording,
-    run,
-    start_run,
-    starting_state,
-)
-from cnnlab.train.step import create_state
+from cnnlab.train.run import Lane, new_summary, prepare, recording, run, train_lanes
 
 MakeTracker = Callable[[Config, Path], Tracker]  # (a seed's config, its folder) -> its tracker
 
@@ -104,7 +93,7 @@ def seed_dir(run_dir: Path, seed: int) -> Path:
 
 
 def run_seeds(
-    cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop: Callable[[], bool] = lambda: False
+    cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop: Callable[[], bool] = never
 ) -> dict:
     """Train every seed of `cfg.seeds`; returns the aggregate written to `<run_dir>/summary.json`
     (written whatever happens, like a single run's). `stop` as in `cnnlab.train.run.run`: with
@@ -154,6 +143,7 @@ def _processes(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> d
     cores = usable_cores()
     settings = {name: getattr(jax.config, name) for name in INHERITED_JAX_CONFIG}
     context = multiprocessing.get_context("spawn")  # a fork of a process running XLA hangs
+    spawner = _Spawner(context, cfg, run_dir, make_tracker, settings)
     summaries: dict[int, dict] = {}
     pending = list(cfg.seeds)
     while pending:
@@ -163,7 +153,7 @@ def _processes(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> d
             break
         wave, pending = pending[: len(cores)], pending[len(cores) :]
         shares = [cores[i :: len(wave)] for i in range(len(wave))]
-        outcomes = _run_wave(context, cfg, run_dir, make_tracker, stop, wave, shares, settings)
+        outcomes = _run_wave(spawner, wave, shares, stop)
         for seed in wave:
             kind, value = outcomes[seed]
             if kind == "raised":
@@ -179,15 +169,27 @@ def usable_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def _run_wave(context, cfg, run_dir, make_tracker, stop, wave, shares, settings) -> dict:
-    """Start one process per seed of `wave`, wait for all of them, and return each one's
-    `("summary", summary)` or `("raised", exception)`."""
+@dataclass
+class _Spawner:
+    """What every seed process of `_processes` starts from."""
+
+    context: multiprocessing.context.BaseContext
+    cfg: Config
+    run_dir: Path
+    make_tracker: MakeTracker
+    settings: dict  # INHERITED_JAX_CONFIG's values
+
+
+def _run_wave(spawner: _Spawner, wave: list[int], shares: list[list[int]], stop) -> dict:
+    """Start one process per seed of `wave` on its share of the cores, wait for all of them, and
+    return each one's `("summary", summary)` or `("raised", exception)`."""
     processes, receivers, outcomes = {}, {}, {}
+    context = spawner.context
     try:
         for seed, share in zip(wave, shares, strict=True):
             receive, send = context.Pipe(duplex=False)
-            one, folder = seed_config(cfg, seed), seed_dir(run_dir, seed)
-            args = (one, folder, make_tracker, share, settings, send)
+            one, folder = seed_config(spawner.cfg, seed), seed_dir(spawner.run_dir, seed)
+            args = (one, folder, spawner.make_tracker, share, spawner.settings, send)
             processes[seed] = context.Process(
                 target=_seed_process, args=args, name=f"cnnlab-seed{seed}"
             )
@@ -262,62 +264,24 @@ def _seed_process(one: Config, folder: Path, make_tracker, cores, settings, send
 
 
 def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> dict[int, dict]:
+    """The seeds as the stacked lanes of one `train_lanes`, their checkpoints (one stacked state)
+    in `<run_dir>/checkpoints/`, beside the seeds' folders."""
     if cfg.checkpoint.init_from:
         raise ConfigError(
             "checkpoint.init_from starts one model, not a stack of them: use "
             "seeds_strategy=sequential with it"
         )
     prepared = prepare(cfg, lanes=True)
-    configs = [seed_config(cfg, seed) for seed in cfg.seeds]
-    folders = [seed_dir(run_dir, seed) for seed in cfg.seeds]
-    trackers, summaries = [], []
+    lanes = []
     with ExitStack() as stack:  # every seed's tracker is finished with its summary, on every path
-        for one, folder in zip(configs, folders, strict=True):
+        for seed in cfg.seeds:
+            one, folder = seed_config(cfg, seed), seed_dir(run_dir, seed)
             folder.mkdir(parents=True, exist_ok=True)
-            trackers.append(make_tracker(one, folder))
-            summaries.append(stack.enter_context(recording(new_summary(one), trackers[-1].finish)))
-            start_run(one, folder, trackers[-1], prepared, summaries[-1])
-        keys = jnp.stack([jax.random.split(jax.random.key(seed)) for seed in cfg.seeds])  # [S, 2]
-        init_keys, train_keys = keys[:, 0], put(keys[:, 1], replicated(prepared.mesh))  # [S]
-        shape, mesh = prepared.data.image_shape, prepared.mesh
-        state = create_state(prepared.model, prepared.tx, shape, init_keys, mesh, lanes=True)
-        # the stacked state's checkpoints, beside the seeds' folders; each seed's history with it
-        primary = jax.process_index() == 0
-        checkpoints = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg, primary)
-        lanes = _LaneTrackers(trackers)
-        try:
-            resumed: dict = {}
-            state, resume = starting_state(cfg, checkpoints, state, mesh, lanes, resumed)
-            for summary in summaries:
-                summary.update(resumed)
-            results = fit_lanes(
-                state, prepared.train_step, prepared.eval_step, prepared.train, prepared.val,
-                cfg.train, list(cfg.seeds), train_keys, [t.log for t in trackers],
-                prepared.schedule, resume=resume,
-                saver=CheckpointSaver(checkpoints, cfg.checkpoint.every_steps, lanes), stop=stop,
-            )  # fmt: skip
-            checkpoints.wait()
-        finally:
-            checkpoints.close()
-        for result, folder, tracker, summary in zip(
-            results, folders, trackers, summaries, strict=True
-        ):
-            end_run(result, prepared, cfg, folder, tracker, summary)
-    return dict(zip(cfg.seeds, summaries, strict=True))
-
-
-class _LaneTrackers:
-    """The seeds' trackers as the one tracker a checkpoint marks and a resume rewinds."""
-
-    def __init__(self, trackers: list[Tracker]):
-        self.trackers = trackers
-
-    def mark(self) -> dict:
-        return {str(i): t.mark() for i, t in enumerate(self.trackers)}
-
-    def rewind(self, mark: dict) -> None:
-        for i, t in enumerate(self.trackers):
-            t.rewind(mark[str(i)])
+            tracker = make_tracker(one, folder)
+            summary = stack.enter_context(recording(new_summary(one), tracker.finish))
+            lanes.append(Lane(one, folder, tracker, summary))
+        train_lanes(cfg, run_dir, lanes, prepared, stop)
+    return {lane.cfg.seed: lane.summary for lane in lanes}
 
 
 def aggregate(summaries: dict[int, dict]) -> dict:

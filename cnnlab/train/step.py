@@ -22,6 +22,7 @@ Glossary: `N` examples in a split, `B` batch, `H, W` spatial, `C` channels, `K` 
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -99,19 +100,24 @@ def to_dtype(tree, dtype):
     float32 program has no casts at all."""
     if dtype == jnp.float32:
         return tree
-    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
     return jax.tree.map(cast, tree)
 
 
+@dataclass
+class StepSettings:
+    """What a train step computes besides the model and the optimizer (in the state)."""
+
+    loss_fn: Callable  # cnnlab.train.losses: (logits [B, K], labels [B], smoothing) -> [B]
+    label_smoothing: float
+    mean: np.ndarray  # [C] the training split's per-channel mean, float32
+    std: np.ndarray  # [C]
+    augment: AugmentConfig
+    precision: str = "float32"  # PRECISIONS
+
+
 def make_train_step(
-    loss_fn: Callable,
-    label_smoothing: float,
-    mean: np.ndarray,
-    std: np.ndarray,
-    augment_cfg: AugmentConfig,
-    precision: str = "float32",
-    mesh: Mesh | None = None,
-    lanes: bool = False,
+    settings: StepSettings, mesh: Mesh | None = None, lanes: bool = False
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """`(state, images, labels, idx, key) -> (state, metrics)`, jitted, with the state donated.
 
@@ -124,41 +130,9 @@ def make_train_step(
     `lanes=True` trains S models at once (`jax.vmap`, one device): the state, `idx` [S, B], `key`
     [S] and the metrics have a leading axis S, one entry per model; the dataset is shared.
     """
-    dtype = PRECISIONS[precision]
     mesh = mesh or data_mesh()
     everywhere, split = replicated(mesh), batch_sharded(mesh)
-
-    def train_step(state: TrainState, images, labels, idx, key) -> tuple[TrainState, Metrics]:
-        augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
-        x, y = images[idx], labels[idx]  # [B, H, W, C] uint8, [B]
-        if augmenting(augment_cfg):
-            x = augment(x, augment_key, augment_cfg)
-        x = normalize(x, mean, std)
-
-        def loss(params):
-            logits, updates = state.apply_fn(
-                collect(to_dtype(params, dtype), state.batch_stats),
-                to_dtype(x, dtype),
-                train=True,
-                rngs={"dropout": dropout_key},
-                mutable=["batch_stats"],  # the running statistics' new values, if there are any
-            )
-            logits = logits.astype(jnp.float32)  # [B, K]
-            return loss_fn(logits, y, label_smoothing).mean(), (logits, updates)
-
-        # float32 gradients: the cast of the float32 parameters is part of the differentiated path
-        (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-        state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
-        metrics = {
-            "train/loss": value,
-            "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-            "train/grad_norm": optax.global_norm(grads),
-        }
-        if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # optimizer.skip_nonfinite
-            metrics["train/skipped_updates"] = state.opt_state.total_notfinite
-            metrics["train/param_norm"] = optax.global_norm(state.params)
-        return state, metrics
-
+    train_step = functools.partial(_train_step, settings)
     if lanes:
         train_step = jax.vmap(train_step, in_axes=(0, None, None, 0, 0))
     jitted, nestable = jit(
@@ -174,6 +148,42 @@ def make_train_step(
         return jitted(state, images, labels, step_input(idx, split), key)
 
     return step
+
+
+def _train_step(
+    settings: StepSettings, state: TrainState, images, labels, idx, key
+) -> tuple[TrainState, Metrics]:
+    """The train step of `make_train_step`, before jit."""
+    dtype = PRECISIONS[settings.precision]
+    augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
+    x, y = images[idx], labels[idx]  # [B, H, W, C] uint8, [B]
+    if augmenting(settings.augment):
+        x = augment(x, augment_key, settings.augment)
+    x = normalize(x, settings.mean, settings.std)
+
+    def loss(params):
+        logits, updates = state.apply_fn(
+            collect(to_dtype(params, dtype), state.batch_stats),
+            to_dtype(x, dtype),
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],  # the running statistics' new values, if there are any
+        )
+        logits = logits.astype(jnp.float32)  # [B, K]
+        return settings.loss_fn(logits, y, settings.label_smoothing).mean(), (logits, updates)
+
+    # float32 gradients: the cast of the float32 parameters is part of the differentiated path
+    (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    metrics = {
+        "train/loss": value,
+        "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+        "train/grad_norm": optax.global_norm(grads),
+    }
+    if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # optimizer.skip_nonfinite
+        metrics["train/skipped_updates"] = state.opt_state.total_notfinite
+        metrics["train/param_norm"] = optax.global_norm(state.params)
+    return state, metrics
 
 
 def make_eval_step(
