@@ -20,13 +20,14 @@ checkpoint is used instead. A non-finite state is never saved.
 
 import hashlib
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import yaml
 
 from cnnlab.config import Config, config_hash, identity, identity_changes
 from cnnlab.errors import CnnlabError, ConfigError
@@ -97,12 +98,20 @@ def params_source(path: Path) -> Path:
     return path
 
 
-def load_init_variables(path: Path, like: dict) -> dict:
+def load_init_variables(path: Path, like: dict, cfg: Config | None = None) -> dict:
     """The model variables for `checkpoint.init_from` (parameters, and running statistics where
-    the model has them), checked against the model's (`like`, as `load_variables` takes it)."""
+    the model has them), checked against the model's (`like`, as `load_variables` takes it).
+    Another model's checkpoint is an error that names both models: `cfg`'s and, from the
+    config.yaml of the run that saved it, the checkpoint's."""
     source = params_source(path)
     if not source.is_dir():
         raise CnnlabError(f"checkpoint.init_from={path}: no run directory or checkpoint there")
+    saved, wanted = _saved_variable_shapes(source), _shapes(like)
+    if saved != wanted:
+        raise CnnlabError(
+            f"checkpoint.init_from={path} holds another model than this config's: "
+            f"{_other_model(Path(path).expanduser(), cfg, saved, wanted)}"
+        )
     if source.name == "state":  # a full training state: take the model's part of it
         state = load_params(source, _like_state_variables(source, like))
         return {k: state[k] for k in like}
@@ -114,6 +123,57 @@ def _like_state_variables(source: Path, like: dict):
     metadata = ocp.StandardCheckpointer().metadata(source).item_metadata
     tree = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(metadata))
     return {**tree, **like}
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """`{"params/conv1/kernel": shape, ...}` of a tree of arrays or of array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in leaves
+    }
+
+
+def _saved_variable_shapes(source: Path) -> dict[str, tuple]:
+    """The shapes of the model variables saved in `source`, keyed as `_shapes` of
+    `{"params": ..., "batch_stats": ...}` (whichever layout `save_variables` chose)."""
+    tree = dict(ocp.StandardCheckpointer().metadata(source).item_metadata)
+    if source.name == "state" or set(tree) <= {"params", "batch_stats"}:
+        return _shapes({k: tree[k] for k in ("params", "batch_stats") if k in tree})
+    return _shapes({"params": tree})
+
+
+def _other_model(path: Path, cfg: Config | None, saved: dict, wanted: dict) -> str:
+    """In the user's words, how the checkpoint's model differs from the config's: the model keys
+    (and dataset) of the run that saved it, else the first parameter whose shape differs."""
+    run_config = next(
+        (d / "config.yaml" for d in (path, path.parent) if (d / "config.yaml").is_file()), None
+    )
+    if cfg is not None and run_config is not None:
+        theirs = yaml.safe_load(run_config.read_text()) or {}
+        ours = {"model": asdict(cfg.model), "data": {"name": cfg.data.name}}
+        changed = [
+            (f"{group}.{key}", theirs.get(group, {}).get(key), value)
+            for group in ("model", "data")
+            for key, value in ours[group].items()
+            if key in theirs.get(group, {}) and theirs[group][key] != value
+        ]
+        if changed:
+            there = ", ".join(f"{key}={old}" for key, old, _ in changed)
+            here = ", ".join(f"{key}={new}" for key, _, new in changed)
+            name = theirs.get("model", {}).get("name")
+            return (
+                f"its run ({run_config}) trained {name} with {there}; this config asks for "
+                f"{cfg.model.name} with {here}. Start from a run of this model, or set those "
+                "keys as that run had them"
+            )
+    key = next(k for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k))
+    there = list(saved[key]) if key in saved else "none"
+    here = list(wanted[key]) if key in wanted else "none"
+    return (
+        f"its parameter {key} has shape {there}, this model's {here} (another model, or another "
+        "dataset's image size or classes)"
+    )
 
 
 def versions() -> dict[str, str]:

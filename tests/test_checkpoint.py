@@ -11,14 +11,23 @@ import chex
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from cnnlab import checkpoint
-from cnnlab.config import CheckpointConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cnnlab.config import (
+    CheckpointConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+    from_dict,
+)
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.models import variables_like
+from cnnlab.parallel import put, replicated
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
-from cnnlab.train.run import prepare, run
+from cnnlab.train.loop import Hooks, Lanes, LoopState, fit
+from cnnlab.train.run import initial_state, prepare, run, state_tree
 from tests.conftest import final_params, history, needs_fashion_mnist, small_config
 
 pytestmark = needs_fashion_mnist
@@ -161,6 +170,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     assert "non-finite at step" in summary["error"]
     saved = checkpoint.Checkpoints(run_dir / "checkpoints", 100, cfg)
     steps = saved.steps()
+    assert steps, "nothing was saved before the divergence: the loops below would pass empty"
     bad_step = int(summary["error"].split("at step ")[1].split()[0])
     assert all(step < bad_step for step in steps)
     for step in steps:  # each saved state is finite
@@ -181,10 +191,30 @@ def test_init_from_starts_from_another_runs_weights(tmp_path, prepared, uninterr
     assert summary["status"] == "ok" and summary["init_from"] == str(whole)
     first = history(run_dir)[0]["train/loss"]
     assert first < history(whole)[0]["train/loss"] - 0.5  # starts trained, not from scratch
-    bad = dataclasses.replace(cfg, model=ModelConfig(padding=[2, 0], depth=8))
+
+
+def test_init_from_another_model_names_both_models(tmp_path, uninterrupted):
+    """Not orbax's tree-structure message: the model keys of the run that saved the checkpoint
+    (its config.yaml) and of this config; without a config.yaml, the first shape that differs."""
+    whole = uninterrupted[0]
+    cfg = resumable_config(
+        model=ModelConfig(padding=[2, 0], depth=8),
+        checkpoint=CheckpointConfig(init_from=str(whole)),
+    )
     (tmp_path / "other").mkdir()
-    with pytest.raises(CnnlabError, match="cannot read the checkpoint"):
-        run(bad, tmp_path / "other", Trackers())
+    with pytest.raises(CnnlabError) as raised:
+        run(cfg, tmp_path / "other", Trackers())
+    message = str(raised.value)
+    assert f"checkpoint.init_from={whole} holds another model than this config's" in message
+    assert f"its run ({whole / 'config.yaml'}) trained lenet5 with model.depth=6" in message
+    assert "this config asks for lenet5 with model.depth=8, model.dropout=0.0." in message
+    assert "tree structures" not in message and "\n" not in message
+    bare = tmp_path / "bare"  # a checkpoint folder alone, no run directory around it
+    shutil.copytree(whole / "checkpoint", bare / "weights")
+    cfg = dataclasses.replace(cfg, checkpoint=CheckpointConfig(init_from=str(bare / "weights")))
+    shape = r"its parameter params/conv1/bias has shape \[6\], this model's \[8\] \(another"
+    with pytest.raises(CnnlabError, match=shape):
+        run(cfg, tmp_path / "other", Trackers())
 
 
 def test_a_checkpoint_of_an_earlier_release_still_loads(tmp_path):
@@ -215,6 +245,37 @@ def test_a_checkpoint_of_an_earlier_release_still_loads(tmp_path):
     chex.assert_trees_all_equal(final_params(run_dir), params)
     meta = json.loads((golden / "checkpoints" / "4" / "meta" / "metadata").read_text())
     assert meta["format"] == 1 and meta["versions"]["cnnlab"] and meta["state_sha256"]
+
+
+def test_a_checkpoint_of_an_earlier_release_trains_on(tmp_path):
+    """The golden training state (step 4, the end of its one epoch) trained on to 3 epochs gives
+    the metrics and parameters recorded from it by the loop it was written for: its optimizer
+    state (Adam's moments and step count), its loop state in the old JSON layout (each lane's
+    record: the best validation accuracy so far) and the per-step keys all carry over."""
+    golden = tmp_path / "format1"
+    shutil.copytree(GOLDEN / "format1", golden)
+    expected = json.loads((GOLDEN / "format1_trained_on.json").read_text())
+    cfg = from_dict(yaml.safe_load((golden / "config.yaml").read_text()))
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
+    prepared = prepare(longer)
+    state, train_key = initial_state(prepared, [cfg.seed])
+    saved = checkpoint.Checkpoints(golden / "checkpoints", 1, cfg)
+    restored = saved.restore(state_tree(state))
+    saved.close()
+    assert restored.step == 4 and restored.meta["loop"]["lanes"][0]["best_epoch"] == 1
+    state = state.replace(**put(restored.state, replicated(prepared.mesh)))
+    records = []
+    hooks = Hooks([lambda record, step: records.append({**record, "step": step})])
+    resume = LoopState.from_json(restored.meta["loop"])
+    (result,) = fit(state, prepared, longer.train, Lanes([cfg.seed], train_key), hooks, resume)
+    assert int(result.state.step) == expected["steps"] == 12
+    assert len(records) == len(expected["records"])
+    for got, want in zip(records, expected["records"], strict=True):
+        assert got == pytest.approx(want, rel=1e-5), (got, want)
+    assert result.record.best_epoch == expected["best_epoch"]
+    x = np.linspace(-1, 1, 2 * 28 * 28, dtype=np.float32).reshape(2, 28, 28, 1)
+    logits = prepared.model.apply({"params": result.state.params}, x, train=False)
+    np.testing.assert_allclose(logits, expected["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_batch_norm_statistics_resume_start_fine_tunes_and_predict(tmp_path):
