@@ -9,7 +9,7 @@ import pytest
 
 from experiments.hydra_conf import expand
 from tests.conftest import SWEEP, cli, needs_fashion_mnist
-from tests.wandb_records import records
+from tests.wandb_records import records, summary_and_history
 
 
 def test_expand_is_the_cartesian_product_and_the_command_line_wins():
@@ -60,6 +60,23 @@ def test_each_job_is_its_own_wandb_run_in_one_group(sweep):
 
 
 @needs_fashion_mnist
+def test_the_sweep_report_is_a_wandb_run_in_the_sweep_s_group(sweep):
+    """`<group>/report`: the summary table, a row per point, and the plots, in the jobs' group."""
+    root, _ = sweep
+    (run_file,) = (root / "first" / "wandb").glob("offline-run-*/run-*.wandb")
+    (run,) = [r.run for r in records(run_file) if r.WhichOneof("record_type") == "run"]
+    group = f"{root.name}/first"
+    assert (run.run_group, run.display_name) == (group, f"{group}/report")
+    _, _, summary = summary_and_history(run_file)
+    assert summary["status"] == "ok" and summary["sweep/summary/_type"] == "table-file"
+    assert summary["sweep/summary/nrows"] == 4
+    plots = {
+        key.split("/")[1] for key in summary if key.endswith("/_type") and "image" in summary[key]
+    }
+    assert {"accuracy", "heatmap"} <= plots, plots
+
+
+@needs_fashion_mnist
 def test_jobs_share_jax_compilation_cache(sweep):
     """A later job with the shapes of the sweep's job 0 (another seed, another process) loads
     its train and eval steps from the sweep's cache, and compiles nothing new into it."""
@@ -92,6 +109,22 @@ def test_rerunning_the_sweep_reuses_every_finished_point(sweep):
         assert summary["test/accuracy"] == first["test/accuracy"]
         assert not (root / "second" / job / "wandb").exists()
     assert time.monotonic() - start < 60  # no training: start-up and the pre-flight only
+
+
+@needs_fashion_mnist
+def test_skip_done_false_trains_a_finished_point_again(sweep):
+    """sweep.skip_done=false: job 0's point, finished in the first sweep, is trained again."""
+    root, _ = sweep
+    job0 = [o for o in SWEEP if "," not in o]
+    done = cli("train", *job0, "model.stride=1", "model.padding=same", "sweep.skip_done=false",
+               "logger.mode=disabled", f"hydra.sweep.dir={root}/again")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already done" not in done.stdout and "cnnlab: ok: test accuracy" in done.stdout
+    summary = json.loads((root / "again" / "0" / "summary.json").read_text())
+    first = json.loads((root / "first" / "0" / "summary.json").read_text())
+    assert summary["status"] == "ok" and "cached_from" not in summary
+    assert summary["test/accuracy"] == first["test/accuracy"]  # trained again, bit for bit
+    assert (root / "again" / "0" / "checkpoint").is_dir()
 
 
 @needs_fashion_mnist
