@@ -17,10 +17,10 @@ from cnnlab.models import build_model
 from cnnlab.preprocess import augment
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
-from cnnlab.train.loop import epoch_order
+from cnnlab.train.loop import Hooks, Lanes, epoch_order, fit
 from cnnlab.train.losses import LOSSES, squared_error
 from cnnlab.train.optim import OPTIMIZERS, build_optimizer
-from cnnlab.train.run import run
+from cnnlab.train.run import initial_state, prepare, run
 from cnnlab.train.step import StepSettings, create_state, make_train_step
 from tests.conftest import needs_fashion_mnist, small_config
 
@@ -221,3 +221,33 @@ def test_skip_nonfinite_leaves_the_state_and_counts_the_skipped_updates(fmnist):
         same = jax.tree.leaves(jax.tree.map(np.array_equal, before, jax.device_get(state.params)))
         assert all(same) == bad
     assert skipped >= 1, "no batch started with label 3: pick other batches"
+
+
+@needs_fashion_mnist
+def test_skip_nonfinite_stops_a_run_whose_updates_stay_non_finite():
+    """`optimizer.skip_nonfinite=3` with a loss that is NaN at every step: optax skips three
+    updates in a row and applies the fourth, and the loop, which then watches the parameters'
+    norm rather than the loss, goes on through the skipped ones and stops the run at that step."""
+    cfg = small_config(
+        optimizer=OptimizerConfig(name="adamw", lr=1e-3, schedule="constant", skip_nonfinite=3),
+        train=TrainConfig(epochs=1, batch_size=64, log_every_steps=1),
+    )
+    prepared = prepare(cfg)
+
+    def poisoned(logits, labels, smoothing):
+        return LOSSES["cross_entropy"](logits, labels, smoothing) * jnp.nan
+
+    data = prepared.data
+    settings = StepSettings(poisoned, 0.0, data.mean.astype(np.float32),
+                            data.std.astype(np.float32), AugmentConfig())  # fmt: skip
+    task = dataclasses.replace(prepared, train_step=make_train_step(settings))
+    state, key = initial_state(prepared, [0])
+    records = []
+    hooks = Hooks([lambda record, step: records.append((step, record))])
+    (result,) = fit(state, task, cfg.train, Lanes([0], key), hooks)
+    assert result.record.status == "diverged"
+    assert result.record.message == "loss or gradient became non-finite at step 4"
+    assert [step for step, _ in records] == [1, 2, 3, 4]
+    assert [r["train/skipped_updates"] for _, r in records] == [1, 2, 3, 4]  # non-finite ones
+    assert all(math.isfinite(r["train/param_norm"]) for _, r in records[:3])
+    assert not math.isfinite(records[-1][1]["train/param_norm"])
