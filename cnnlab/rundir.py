@@ -138,9 +138,13 @@ class RunDir:
 
     def write(self, cfg: Config, data: Dataset) -> None:
         """config.yaml and dataset.json, at the start of a run."""
-        (self.path / "config.yaml").write_text(to_yaml(cfg))
+        self.write_config(cfg)
         info = json.dumps(DatasetInfo.of(data).to_json(), indent=2)
         (self.path / "dataset.json").write_text(info + "\n")
+
+    def write_config(self, cfg: Config) -> None:
+        """config.yaml alone: the record of a sweep point that trains nothing."""
+        (self.path / "config.yaml").write_text(to_yaml(cfg))
 
     def config(self) -> Config:
         """The run's config. A key it lacks has its default (it was added to cnnlab since, with a
