@@ -323,3 +323,11 @@ def test_the_pictures_are_drawn_from_arrays_alone(tmp_path):
         assert path == tmp_path / f"{name}.png"
         with Image.open(path) as img:
             assert img.format == "PNG" and min(img.size) > 100
+
+
+def test_a_run_with_one_train_record_shows_it_as_a_point():
+    records = [{"step": 15, "train/loss": 1.9, "train/accuracy": 0.4},
+               {"step": 15, "epoch": 1, "val/loss": 1.2, "val/accuracy": 0.6}]  # fmt: skip
+    loss_ax, _ = pictures.curves_figure(records).axes
+    (train,) = [line for line in loss_ax.lines if line.get_label().startswith("train")]
+    assert train.get_marker() == "o" and list(train.get_xdata()) == [15]

@@ -278,6 +278,8 @@ def curves_figure(records: list[dict]) -> Figure:
                     "train": "train (running, per log step)",
                     "val": "validation (each epoch)",
                 }[split]
+                if len(points) == 1:  # a short run's one train record: a line alone would not show
+                    style = {**style, "marker": "o"}
                 ax.plot(x, y, color=series_color(split == "val"), label=label, **style)
         test = [(r["step"], r[f"test/{metric}"]) for r in records if f"test/{metric}" in r]
         if test:
