@@ -9,6 +9,7 @@ import multiprocessing
 import os
 
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -66,6 +67,29 @@ def test_sequential_seeds_are_bit_identical_to_single_runs(sequential, tmp_path)
     assert (run_dir / "seed_1" / "config.yaml").read_text() == (
         tmp_path / "config.yaml"
     ).read_text()
+
+
+# JAX's compilation events: a trace or compile of a program that is not in the in-memory cache
+COMPILING: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kwargs: COMPILING.append(event) if "/compile/" in event else None
+)
+
+
+@needs_fashion_mnist
+def test_sequential_seeds_after_the_first_compile_nothing(tmp_path):
+    """The seeds share the data and the compiled programs (initialization, train and eval
+    steps): once the first seed has started, the others trace and compile nothing."""
+    started = {}
+
+    def tracker(cfg, folder):
+        started[cfg.seed] = len(COMPILING)
+        return local(cfg, folder)
+
+    cfg = config(seeds=[0, 1, 2], seeds_strategy="sequential")
+    assert run_seeds(cfg, tmp_path, tracker)["status"] == "ok"
+    assert started[1] - started[0] > 0  # the first seed compiles: the count can see it
+    assert len(COMPILING) == started[1], sorted(set(COMPILING[started[1] :]))
 
 
 @needs_fashion_mnist

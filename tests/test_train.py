@@ -182,6 +182,30 @@ def test_divergence_stops_the_run_with_its_step(tmp_path):
 
 
 @needs_fashion_mnist
+def test_ctrl_c_ends_the_run_with_status_interrupted(tmp_path):
+    """Ctrl-C (a KeyboardInterrupt) during training goes on to the caller, and the run's record
+    says so: status `interrupted`, with what was known by then."""
+
+    class CtrlC:
+        calls = 0
+
+        def __call__(self) -> bool:  # the loop asks after every step
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return False
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run(small_config(), run_dir, Trackers(LocalTracker(run_dir)), stop=CtrlC())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == "interrupted by the user"
+    assert summary["params"] > 0 and summary["wall_seconds"] > 0
+    assert "steps" not in summary  # training never returned
+
+
+@needs_fashion_mnist
 def test_a_run_without_a_validation_split_writes_strict_json(tmp_path):
     data = DataConfig(train_limit=1000, test_limit=500, val_fraction=0.0)
     run_dir, summary = _run(tmp_path, "noval", data=data)

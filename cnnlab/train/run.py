@@ -39,8 +39,8 @@ from cnnlab.train.progress import Progress
 from cnnlab.train.step import (
     StepSettings,
     TrainState,
-    create_state,
     make_eval_step,
+    make_init,
     make_train_step,
     variables,
 )
@@ -64,6 +64,7 @@ class Prepared:
     train: tuple[jax.Array, jax.Array]  # (images, labels) on the device
     val: tuple[jax.Array, jax.Array]
     test: tuple[jax.Array, jax.Array]
+    init: Callable[[jax.Array], TrainState]  # key(s) -> the initial state (`make_init`)
     stacked: bool = False  # the train step trains stacked models (`make_train_step(lanes=True)`)
 
 
@@ -92,9 +93,10 @@ def prepare(cfg: Config, lanes: bool = False) -> Prepared:
     train_step = make_train_step(settings, mesh, lanes)
     eval_step = make_eval_step(model.apply, loss_fn, mean, std, precision, mesh)
     device = lambda split: put_dataset((split.images, split.labels), mesh)
+    init = make_init(model, tx, data.image_shape, mesh, lanes)
     return Prepared(
         data, rows, model, tx, schedule, mesh, train_step, eval_step,
-        device(data.train), device(data.val), device(data.test), lanes,
+        device(data.train), device(data.val), device(data.test), init, lanes,
     )  # fmt: skip
 
 
@@ -199,9 +201,7 @@ def initial_state(prepared: Prepared, seeds: list[int]) -> tuple[TrainState, jax
     else:
         (seed,) = seeds
         init_key, train_key = jax.random.split(jax.random.key(seed))
-    shape, mesh = prepared.data.image_shape, prepared.mesh
-    state = create_state(prepared.model, prepared.tx, shape, init_key, mesh, prepared.stacked)
-    return state, put(train_key, replicated(mesh))
+    return prepared.init(init_key), put(train_key, replicated(prepared.mesh))
 
 
 def start_run(cfg: Config, run_dir: Path, tracker: Tracker, prepared: Prepared) -> dict:

@@ -72,7 +72,18 @@ def create_state(
     lanes: bool = False,
 ) -> TrainState:
     """Initialize parameters from `key` for images of `image_shape` (H, W, C), replicated on
-    every device of `mesh` (default: every device).
+    every device of `mesh` (default: every device): `make_init(...)(key)`."""
+    return make_init(model, tx, image_shape, mesh, lanes)(key)
+
+
+def make_init(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    image_shape: tuple,
+    mesh: Mesh | None = None,
+    lanes: bool = False,
+) -> Callable[[jax.Array], TrainState]:
+    """`key -> TrainState`, jitted once: calling it for several seeds compiles it once.
 
     One compiled program (the same values as running it op by op): every process of a multi-host
     run computes the same state from the same key, and there a compilation per op costs seconds.
@@ -92,7 +103,7 @@ def create_state(
         init = jax.vmap(init)
     mesh = mesh or data_mesh()
     options = compiler_options(mesh, once=True)
-    return jax.jit(init, out_shardings=replicated(mesh), compiler_options=options)(key)
+    return jax.jit(init, out_shardings=replicated(mesh), compiler_options=options)
 
 
 def to_dtype(tree, dtype):
