@@ -124,8 +124,8 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def test_sigkill_at_random_steps_and_during_saves_resumes_exactly(tmp_path, uninterrupted):
     run_dir = tmp_path / "killed"
-    during_save, out = interrupted_run(run_dir, kills=6, rng=random.Random(5))
-    assert during_save >= 2, "no kill landed in the middle of a save"
+    during_save, out = interrupted_run(run_dir, kills=10, rng=random.Random(5))
+    assert during_save >= 3, "too few kills landed in the middle of a save"
     assert "cnnlab: resuming from step" in out
     chex.assert_trees_all_equal(final_params(run_dir), final_params(uninterrupted))
     assert history(run_dir) == history(uninterrupted)  # no record twice, none missing
