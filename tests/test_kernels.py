@@ -17,8 +17,6 @@ from cnnlab.config import ModelConfig
 from cnnlab.models import build_model
 from cnnlab.models.conv import conv2d
 
-ONEDNN = ("onednn",) * 3
-
 
 def test_the_kernels_are_available_on_this_machine():
     # cnnlab depends on the oneDNN wheels on x86-64 Linux, and CI has a C++ compiler: a kernel
@@ -92,7 +90,7 @@ def test_several_seeds_under_vmap_match_one_at_a_time():
     x = jnp.asarray(rng.normal(size=(3, 4, 9, 9, 2)).astype(np.float32))  # [S, B, H, W, C]
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 5)).astype(np.float32))  # [S, k, k, C, F]
     pads = ((1, 1), (1, 1))
-    loss = lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, (1, 1), pads, ONEDNN)))  # noqa: E731
+    loss = lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, (1, 1), pads, "onednn")))
     dx, dw = jax.jit(jax.vmap(jax.grad(loss, (0, 1))))(x, w)
     for s in range(3):
         chex.assert_trees_all_close((dx[s], dw[s]), jax.grad(loss, (0, 1))(x[s], w[s]), atol=1e-5)

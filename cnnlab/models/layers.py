@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cnnlab import kernels
 from cnnlab.models import pool
@@ -9,10 +10,10 @@ from cnnlab.models.conv import conv2d, plan
 
 
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-    """`nn.max_pool` ("VALID"); on the CPU through oneDNN where `cnnlab.kernels` are available
-    (float32, one device, as the convolutions), else through `cnnlab.models.pool`'s views: both
-    several times faster than `nn.max_pool`'s gradient there."""
-    if jax.default_backend() == "cpu":
+    """`nn.max_pool` ("VALID"); for float32 on the CPU through oneDNN where `cnnlab.kernels` apply
+    (one device, as the convolutions), else through `cnnlab.models.pool`'s views: both faster than
+    `nn.max_pool`'s gradient there. In bfloat16 the views are slower: `nn.max_pool`."""
+    if jax.default_backend() == "cpu" and x.dtype == jnp.float32:
         if kernels.applies(x.dtype, jax.device_count()):
             return pool.max_pool_onednn(x, window, stride)
         return pool.max_pool(x, window, stride)
@@ -45,7 +46,7 @@ def norm(kind: str, groups: int, name: str, train: bool, dtype=None):
 
 class Conv(nn.Module):
     """A square convolution with the parameters of `nn.Conv` (kernel [k, k, C, F], bias [F]),
-    computed by `cnnlab.models.conv.conv2d`, which picks a fast formulation per shape."""
+    computed by `cnnlab.models.conv.conv2d` the way `cnnlab.models.conv.plan` picks for it."""
 
     features: int  # F, filters = depth of the output volume
     kernel_size: int  # k
@@ -63,5 +64,5 @@ class Conv(nn.Module):
             padding = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), self.padding.upper())
         else:
             padding = ((self.padding, self.padding),) * 2
-        how = plan(x.shape, kernel.shape, jax.default_backend(), jax.device_count(), x.dtype)
+        how = plan(x.shape[-1], jax.default_backend(), jax.device_count(), x.dtype)
         return conv2d(x, kernel.astype(x.dtype), (s, s), padding, how) + bias.astype(x.dtype)

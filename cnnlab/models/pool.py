@@ -1,23 +1,23 @@
 """Max pooling as an elementwise maximum of strided views, with a gradient XLA's CPU runs fast.
 
-`nn.max_pool` is `lax.reduce_window`, whose gradient JAX writes with `select_and_scatter_add`: on
-the XLA CPU backend, measured alone at batch 128, that takes ~10 ms for LeNet-5's first pool and
-~130 ms for AlexNet-lite's. Here the forward pass is the maximum of the window's k*k strided views
-of the input, and the gradient sends each output's cotangent to the first input (in row-major
-window order, as `select_and_scatter_add` does) that equals the maximum, by padding the masked
-cotangent back into place: elementwise work that XLA fuses. Same values and gradients as
-`nn.max_pool` with "VALID" padding, and five to ten times faster on the CPU when measured alone.
-It follows every convolution, a first layer's multiply-adds too (`cnnlab.models.conv._written`
-makes XLA write them once instead of computing them again in each view). No scatter, so
-the gradient is deterministic; cnnlab uses it on the CPU only (`cnnlab.models.layers.max_pool`).
+`nn.max_pool` is `lax.reduce_window`, whose gradient JAX writes with `select_and_scatter_add`,
+which the XLA CPU backend runs several times slower than this. Here the forward pass is the
+maximum of the window's k*k strided views of the input, and the gradient sends each output's
+cotangent to the first input (in row-major window order, as `select_and_scatter_add` does) that
+equals the maximum, by padding the masked cotangent back into place: elementwise work that XLA
+fuses. Same values and gradients as `nn.max_pool` with "VALID" padding, and no scatter, so the
+gradient is deterministic. It follows every convolution, a first layer's multiply-adds too
+(`cnnlab.models.conv._written` makes XLA write them once instead of computing them again in each
+view). cnnlab uses it for float32 on the CPU where oneDNN does not apply
+(`cnnlab.models.layers.max_pool`); in bfloat16 `nn.max_pool` is faster. The figures are in
+docs/xla-formulations.md.
 
-Where `cnnlab.kernels` are built, float32 on one CPU device, `max_pool_onednn` is used instead:
+Where `cnnlab.kernels` apply, float32 on one CPU device, `max_pool_onednn` is used instead:
 oneDNN's pooling primitives, whose forward pass keeps where each maximum was (one byte per output)
-so that the backward pass only reads it. XLA computed this module's map of taps again inside the
-gradient's fusion, for each window an input belongs to: AlexNet-lite's first pool's gradient took
-~57 ms of a ~340 ms step on a 2-core AVX2 CPU, where oneDNN's takes a few. Same values and
-gradients, ties included; a NaN, though, does not pass on: oneDNN's maximum skips it (a window of
-NaNs gives -3.4e38), where `nn.max_pool` and this module give NaN.
+so that the backward pass only reads it, where XLA computes this module's map of taps again
+inside the gradient's fusion, for each window an input belongs to. Same values and gradients,
+ties included; a NaN, though, does not pass on: oneDNN's maximum skips it (a window of NaNs gives
+-3.4e38), where `nn.max_pool` and this module give NaN.
 
 Glossary: `B` batch, `H, W` spatial, `C` channels, `k` window side, `s` stride.
 """
@@ -50,9 +50,8 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
 
 def _forward(x, window, stride):
     # The first maximum's tap, as `select_and_scatter_add` picks it, from a running comparison of
-    # the views (elementwise work that XLA fuses into one loop; an argmax over the stacked views
-    # took 48 ms instead of 2.8 for AlexNet-lite's first pool at batch 128, one core). The
-    # backward pass reads only this map, not the views of `x` again.
+    # the views: elementwise work that XLA fuses into one loop (an argmax over the stacked views
+    # is many times slower). The backward pass reads only this map, not the views of `x` again.
     views = _views(x, window, stride)
     _, _, best = next(views)
     first = jnp.zeros(best.shape, jnp.int8)  # [B, H', W', C]
