@@ -236,18 +236,22 @@ def check_command_line(argv: list[str]) -> None:
     """What Hydra does first with `argv`, done here so that a mistake is one line: the flags, the
     overrides, the composed config (each sweep point's with `-m`) and the folder Hydra writes."""
     args = parse_flags(argv)
-    if args.config_path or args.config_name or args.config_dir or args.experimental_rerun:
-        return  # another config tree: Hydra reports on it itself
+    if args.version or args.config_path or args.config_name or args.config_dir:
+        return  # no config, or another config tree: Hydra reports on it itself
+    if args.experimental_rerun:  # a pickled config, not these overrides
+        return
     parser = OverridesParser.create()
     for override in args.overrides:
         try:
             parser.parse_override(override)
         except HydraException as e:  # the grammar's error, or a sweep that cannot be evaluated
             raise ConfigError(_parse_error(override, str(e))) from e
+    writes = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
     try:
         if not args.multirun:
             base = compose_config(args.overrides, hydra_config=True)
-            check_writable(Path(base.hydra.run.dir), "hydra.run.dir")
+            if writes:
+                check_writable(Path(base.hydra.run.dir), "hydra.run.dir")
             return
         try:
             base, points = sweep_points(args.overrides)
@@ -255,7 +259,8 @@ def check_command_line(argv: list[str]) -> None:
             base, points = compose_config(_fixed(args.overrides), hydra_config=True), []
         for point in points:  # a point's values are validated by each job (sweep.on_invalid)
             compose_config(point)
-        check_writable(Path(base.hydra.sweep.dir), "hydra.sweep.dir")
+        if writes:
+            check_writable(Path(base.hydra.sweep.dir), "hydra.sweep.dir")
     except OverrideParseException as e:
         raise ConfigError(one_line(e)) from e
 
