@@ -1,9 +1,9 @@
 """Typed configuration schema: one dataclass per Hydra config group.
 
 Hydra composes YAML from `conf/` on top of these dataclasses (registered in a ConfigStore by the
-entry points), the entry point converts the result once with `OmegaConf.to_object`, and from then
-on the library only sees these plain dataclasses. Functions take the part they need
-(`ModelConfig`, `DataConfig`, ...), never the whole tree.
+entry points), the entry point converts the result once (`experiments.hydra_conf.to_config`, on
+`from_dict`), and from then on the library only sees these plain dataclasses. Functions take the
+part they need (`ModelConfig`, `DataConfig`, ...), never the whole tree.
 
 Fields typed `Any` accept an int/str or a per-layer list; OmegaConf cannot express such unions, so
 `cnnlab.validate` checks them instead.
@@ -240,21 +240,6 @@ _NOT_HASHED = (
 )
 
 
-def from_omegaconf(node) -> Config:
-    """Convert Hydra's composed `DictConfig` into a `Config`, once, at the entry point.
-
-    Hydra lets `+key=value` add keys the schema does not have; here such a key (usually a typo)
-    is a ConfigError naming the closest valid key, as is any required value left unset (`???`).
-    """
-    from omegaconf import OmegaConf
-
-    _check_keys(node, Config, "")
-    missing = sorted(OmegaConf.missing_keys(node))
-    if missing:
-        raise ConfigError(f"{missing[0]} is required but unset; set it with {missing[0]}=...")
-    return OmegaConf.to_object(node)
-
-
 def closest_key(dotted: str) -> str | None:
     """The valid config key nearest to a mistyped dotted key, e.g. model.depht -> model.depth,
     trian.epochs -> train.epochs (a mistyped group is matched among the groups)."""
@@ -272,27 +257,6 @@ def closest_key(dotted: str) -> str | None:
         schema, prefix = groups[part], f"{prefix}{part}."
     close = difflib.get_close_matches(last, [f.name for f in fields(schema)], n=1)
     return f"{prefix}{close[0]}" if close else None
-
-
-def _check_keys(node, schema, prefix: str) -> None:
-    from dataclasses import fields, is_dataclass
-
-    from omegaconf import DictConfig
-
-    known = {f.name: f for f in fields(schema)}
-    for key in node:
-        if key not in known:
-            dotted, child = f"{prefix}{key}", node._get_node(key)
-            if isinstance(child, DictConfig) and len(child):  # +trian.epochs=3: name the leaf
-                dotted += f".{next(iter(child))}"
-            close = closest_key(dotted)
-            hint = f"; did you mean {close}?" if close else ""
-            valid = ", ".join(sorted(known))
-            raise ConfigError(f"unknown config key {dotted}{hint} (valid here: {valid})")
-        field_type = known[key].type
-        child = node._get_node(key)
-        if is_dataclass(field_type) and isinstance(child, DictConfig):
-            _check_keys(child, field_type, f"{prefix}{key}.")
 
 
 def from_dict(tree: dict, schema: type = Config, prefix: str = "") -> Any:
