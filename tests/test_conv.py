@@ -1,5 +1,5 @@
-"""Every way of computing a convolution and the max pools agree with XLA's own, gradients
-included, and `plan` picks the way each layer is computed."""
+"""Every way of computing a convolution, and oneDNN's max pool, agree with XLA's own, gradients
+included; `plan` and `layers.max_pool` pick the way each layer is computed."""
 
 import chex
 import flax.linen as nn
@@ -12,7 +12,7 @@ from cnnlab import kernels
 from cnnlab.models import layers
 from cnnlab.models.conv import FORMULATIONS, conv2d, plan
 from cnnlab.models.layers import Conv
-from cnnlab.models.pool import max_pool, max_pool_onednn
+from cnnlab.models.pool import max_pool_onednn
 
 # (x shape [B, H, W, C], kernel side, filters, stride, padding): LeNet-5's and AlexNet-lite's
 # layers, strided and asymmetric "same" padding, a 1-channel input with stride 2, larger batches,
@@ -114,13 +114,19 @@ def _layer_ops(dtype) -> tuple[str, str]:
     return str(jax.make_jaxpr(layer)(params, x)), str(jax.make_jaxpr(jax.grad(layer))(params, x))
 
 
-def test_without_onednn_float32_takes_taps_and_views_and_bfloat16_xlas_ops(monkeypatch):
+def test_float32_takes_onednn_else_taps_and_bfloat16_xlas_convolution_all_else_nn_max_pool(
+    monkeypatch,
+):
+    forward, grad = _layer_ops(jnp.float32)
+    assert "cnnlab_conv_forward" in forward and "cnnlab_max_pool_forward" in forward
+    assert "cnnlab_max_pool_backward" in grad and "select_and_scatter_add" not in grad
     monkeypatch.setattr(kernels, "available", lambda: False)  # as where oneDNN is not built
     (forward32, grad32), (forward16, grad16) = _layer_ops(jnp.float32), _layer_ops(jnp.bfloat16)
-    assert "conv_general_dilated" not in forward32 and "reduce_window_max" not in forward32
-    assert "select_and_scatter_add" not in grad32
-    assert "conv_general_dilated" in forward16 and "reduce_window_max" in forward16
-    assert "select_and_scatter_add" in grad16
+    assert "conv_general_dilated" not in forward32  # the taps
+    assert "conv_general_dilated" in forward16
+    for forward, grad in [(forward32, grad32), (forward16, grad16)]:
+        assert "cnnlab_" not in forward + grad
+        assert "reduce_window_max" in forward and "select_and_scatter_add" in grad
 
 
 @pytest.mark.parametrize("padding", [2, "same", "valid"])
@@ -138,13 +144,12 @@ def test_conv_layer_has_nn_conv_parameters_and_output(padding):
     "shape, window, stride",
     [((2, 28, 28, 3), 2, 2), ((2, 15, 15, 4), 3, 2), ((1, 9, 11, 2), 3, 3), ((2, 7, 7, 1), 2, 1)],
 )
-@pytest.mark.parametrize("pool", [max_pool, max_pool_onednn], ids=["views", "onednn"])
-def test_max_pool_matches_flax_values_and_gradient(shape, window, stride, pool):
+def test_onednn_max_pool_matches_flax_values_and_gradient(shape, window, stride):
     rng = np.random.default_rng(3)
     # Rounded values make ties within windows common: the gradient must pick the same input.
     x = jnp.asarray(np.round(rng.normal(size=shape), 1).astype(np.float32))
     ref = lambda x: nn.max_pool(x, (window, window), (stride, stride))
-    ours = lambda x: pool(x, window, stride)
+    ours = lambda x: max_pool_onednn(x, window, stride)
     y, ref_vjp = jax.vjp(ref, x)
     g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
     both = jax.jit(lambda x: jax.vjp(ours, x)[0:1] + (jax.vjp(ours, x)[1](g),))
@@ -152,12 +157,3 @@ def test_max_pool_matches_flax_values_and_gradient(shape, window, stride, pool):
     chex.assert_trees_all_equal(got_y, y)
     # Overlapping windows add several cotangents into one input, in another order than XLA.
     chex.assert_trees_all_close(got_dx, ref_vjp(g)[0], atol=1e-6, rtol=0)
-
-
-def test_max_pool_in_training_passes_a_nan_on_as_its_primal_does():
-    x = np.zeros((1, 3, 3, 1), np.float32)
-    x[0, 2, 2, 0] = np.nan  # the window's last tap
-    x = jnp.asarray(x)
-    primal = max_pool(x, 3, 2)
-    trained, _ = jax.vjp(lambda x: max_pool(x, 3, 2), x)
-    assert np.isnan(primal).all() and np.isnan(trained).all()

@@ -74,10 +74,10 @@ def _written(y: jax.Array) -> jax.Array:
     """`y`, which XLA writes to memory once instead of computing it again in each consumer.
 
     XLA's CPU backend fuses the multiply-add loop of `_taps` into every consumer of its result and
-    computes it again there: BatchNorm's two reductions and its normalization, each strided view
-    of the max pool after it. A matrix product is never fused into its consumers, so the result
-    goes through one with the identity (exact for finite values: y * 1 + 0s; a non-finite value
-    makes its pixel NaN in every channel). It costs far less than the loops it saves.
+    computes it again there, in BatchNorm's two reductions and its normalization. A matrix product
+    is never fused into its consumers, so the result goes through one with the identity (exact
+    for finite values: y * 1 + 0s; a non-finite value makes its pixel NaN in every channel). It
+    costs far less than the loops it saves.
     """
     return y @ jnp.eye(y.shape[-1], dtype=y.dtype)
 

@@ -2,7 +2,6 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cnnlab import kernels
 from cnnlab.models import pool
@@ -10,13 +9,10 @@ from cnnlab.models.conv import conv2d, plan
 
 
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-    """`nn.max_pool` ("VALID"); for float32 on the CPU through oneDNN where `cnnlab.kernels` apply
-    (one device, as the convolutions), else through `cnnlab.models.pool`'s views: both faster than
-    `nn.max_pool`'s gradient there. In bfloat16 the views are slower: `nn.max_pool`."""
-    if jax.default_backend() == "cpu" and x.dtype == jnp.float32:
-        if kernels.applies(x.dtype, jax.device_count()):
-            return pool.max_pool_onednn(x, window, stride)
-        return pool.max_pool(x, window, stride)
+    """`nn.max_pool` ("VALID"); through oneDNN where `cnnlab.kernels` apply (float32 on one CPU
+    device, as the convolutions), whose gradient is several times faster than `nn.max_pool`'s."""
+    if jax.default_backend() == "cpu" and kernels.applies(x.dtype, jax.device_count()):
+        return pool.max_pool_onednn(x, window, stride)
     return nn.max_pool(x, (window, window), (stride, stride))
 
 

@@ -1,12 +1,13 @@
 """Time a whole training step of LeNet-5 or AlexNet-lite with each set of XLA-side CPU
-formulations (`cnnlab.models.conv`, `cnnlab.models.pool`) against plain XLA ops, in one process.
+formulations (`cnnlab.models.conv`) against plain XLA ops, in one process.
 
 The cases are those where oneDNN does not apply: `--case xla` (no compiler: `CNNLAB_CONV=xla`),
 `--case bf16` (bfloat16 forward and backward) and `--case devices2` (two CPU devices, the batch
 split over them). Each variant's step is compiled first, then the variants run in turn, `--rounds`
 times, `--steps` steps each; the report gives each variant's median step time and its ratio to
-the first variant's median (the rounds' spread in brackets). Synthetic images, forward + backward
-+ SGD update, as `cnnlab.train.step` does.
+the first variant's median, as its speed-up (the rounds' spread in brackets). Synthetic images,
+forward + backward + SGD update, as `cnnlab.train.step` does. docs/xla-formulations.md has the
+figures; the commit it names has the version of this script that measured the deleted ones.
 
   .venv/bin/python docs/scripts/xla_formulations.py --net lenet5 --case xla
 """
@@ -55,26 +56,22 @@ def set_case(case: str) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-FORMULATIONS = {"taps", "written", "views"}  # what the XLA-side CPU path still uses
+FORMULATIONS = {"taps", "written"}  # what the XLA-side CPU path still uses
 
 
 @contextlib.contextmanager
 def variant(name: str):
     """The models as `name` builds them: "cnnlab", the code as it is; "plain", every conv
-    `lax.conv_general_dilated` and every max pool `nn.max_pool`; "cnnlab-X", the code without
-    formulation X (the plain op instead), for X in `FORMULATIONS`; "plain+X+Y", only X and Y."""
-    import flax.linen as nn
-
-    from cnnlab.models import conv, layers, pool
+    `lax.conv_general_dilated`; "cnnlab-X", the code without formulation X (the plain op
+    instead), for X in `FORMULATIONS`; "plain+X+Y", only X and Y."""
+    from cnnlab.models import conv, layers
 
     off = set()
     if name.startswith("cnnlab-"):
         off = {name.removeprefix("cnnlab-")}
     elif name != "cnnlab":
         off = FORMULATIONS - set(name.split("+")[1:])
-    saved = {
-        (m, k): getattr(m, k) for m, k in [(layers, "plan"), (conv, "_written"), (pool, "max_pool")]
-    }
+    saved = {(m, k): getattr(m, k) for m, k in [(layers, "plan"), (conv, "_written")]}
     original_plan = layers.plan
 
     def plan(*args, **kwargs):
@@ -84,8 +81,6 @@ def variant(name: str):
     layers.plan = plan
     if "written" in off:
         conv._written = lambda y: y
-    if "views" in off:
-        pool.max_pool = lambda x, k, s: nn.max_pool(x, (k, k), (s, s))
     try:
         yield
     finally:
