@@ -79,7 +79,8 @@ def test_the_sweep_report_is_a_wandb_run_in_the_sweep_s_group(sweep):
 @needs_fashion_mnist
 def test_jobs_share_jax_compilation_cache(sweep):
     """A later job with the shapes of the sweep's job 0 (another seed, another process) loads
-    its train and eval steps from the sweep's cache, and compiles nothing new into it."""
+    its train step from the sweep's cache instead of compiling it. (Programs that compile in
+    under 0.5 s, such as the eval step on a quiet machine, are not cached at all.)"""
     root, _ = sweep
     cache = root / "jax-cache"
     before = {path.name for path in cache.iterdir()}
@@ -90,9 +91,10 @@ def test_jobs_share_jax_compilation_cache(sweep):
     assert done.returncode == 0, done.stderr[-3000:]
     hits = set(re.findall(r"Persistent compilation cache hit for '[^']+' with key '([^']+)'",
                           done.stderr))  # fmt: skip
-    assert any("train_step" in key for key in hits) and any("eval_step" in key for key in hits)
+    assert any("train_step" in key for key in hits), hits
     assert {f"{key}-cache" for key in hits} <= before
-    assert {path.name for path in cache.iterdir()} == before
+    added = {path.name for path in cache.iterdir()} - before
+    assert not [name for name in added if "train_step" in name], added
 
 
 @needs_fashion_mnist
