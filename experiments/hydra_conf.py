@@ -90,8 +90,8 @@ def one_line(error: HydraException | OmegaConfBaseException) -> str:
 def _parse_error(override: str, message: str) -> str:
     """An override the grammar rejects (`key=6,,12`, `key=[6,16`, an unclosed quote)."""
     reason = next(line for line in message.splitlines() if not line.startswith("Error parsing"))
-    if "Exception: " in reason:  # the lexer's own error on an unclosed quote
-        reason = "unbalanced quote or bracket"
+    if "Exception: " in reason or reason.startswith("token recognition error"):
+        reason = "unbalanced quote or bracket"  # the lexer's words for an unclosed quote
     reason = reason.split(" expecting ")[0]  # the grammar's token list helps nobody
     return (
         f"cannot parse the override {override!r} ({reason}): sweeps are key=a,b with -m, "
