@@ -4,12 +4,8 @@ On the CPU, cnnlab compiles its steps with XLA's elemental IR emitters instead o
 MLIR fusion emitters (`xla_cpu_use_fusion_emitters=False`). The programs compute the same values
 (LeNet-5's training bit for bit; with BatchNorm a reduction differs in float32 rounding) and run
 at least as fast, but they compile in about half the time and with far less memory, and the
-compiler's memory sets a CPU training process's peak. Measured on a 2-core CPU, one core each,
-alternating, cold compilation cache (JAX 0.10.2, 2026-12-02): LeNet-5 on Fashion-MNIST, first
-step 2.3-3.2 s instead of 4.9-5.5 s and peak resident memory 390-444 MB instead of 489-519 MB;
-AlexNet-lite on Fashion-MNIST 6.1-6.5 s instead of 10.2-10.6 s and 452 MB instead of 645 MB; on
-CIFAR-10 8.6-9.2 s instead of 11.2-12.0 s and 564 MB instead of 773 MB. Steady-state speed, the
-two compiled steps alternating in one process: 1.05x (LeNet-5), 1.09x and 0.99x (AlexNet-lite).
+compiler's memory sets a CPU training process's peak (figures: docs/performance.md, "Compiling
+on the CPU").
 
 An XLA_FLAGS entry that names the option wins: `XLA_FLAGS=--xla_cpu_use_fusion_emitters=true`
 restores XLA's default. On GPUs and TPUs, and with an XLA that does not know the option, the
@@ -24,11 +20,11 @@ import jax
 from jax.sharding import Mesh
 
 CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
-# Programs that run once (the initialization) compile without LLVM's optimizations, in less than
-# a fifth of the time: each truncated-normal initializer cost about 0.45 s of compilation at the
-# default level on a 2-core AVX2 CPU, and LeNet-5's initialization 6.8 s, most of its start-up
-# (1.3 s at level 0; 2026-12-06). The initial values differ in the last bit of a few percent of
-# the weights (the inverse error function's polynomial is evaluated in another order).
+# Programs that run once (the initialization) compile without LLVM's optimizations, in a fraction
+# of the time: each truncated-normal initializer is costly to optimize, and the initialization was
+# most of LeNet-5's start-up (docs/performance.md). The initial values differ in the last bit of a
+# few percent of the weights (the inverse error function's polynomial is evaluated in another
+# order).
 ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 

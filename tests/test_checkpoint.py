@@ -303,7 +303,7 @@ def test_batch_norm_statistics_resume_start_fine_tunes_and_predict(tmp_path):
     # the final checkpoint gives the test accuracy the run measured, here and in cnnlab-predict
     from PIL import Image
 
-    from cnnlab.report.pictures import predict_probs
+    from cnnlab.inference import predict_probs
     from experiments.predict import predict
 
     test = prepared.data.test

@@ -26,7 +26,13 @@ from cnnlab.parallel import data_mesh, put_dataset
 from cnnlab.train.loop import epoch_order, evaluate
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
-from cnnlab.train.step import create_state, make_eval_step, make_train_step, variables
+from cnnlab.train.step import (
+    StepSettings,
+    create_state,
+    make_eval_step,
+    make_train_step,
+    variables,
+)
 from experiments.bench_workers.common import Spec, main
 
 
@@ -46,7 +52,7 @@ class CnnlabTrainer:
         loss_fn = LOSSES["cross_entropy"]
         mean, std = data["mean"].astype(np.float32), data["std"].astype(np.float32)
         augment = AugmentConfig(**spec.augment)
-        self.train_step = make_train_step(loss_fn, 0.0, mean, std, augment)
+        self.train_step = make_train_step(StepSettings(loss_fn, 0.0, mean, std, augment))
         self.eval_step = make_eval_step(model.apply, loss_fn, mean, std)
         mesh = data_mesh()  # one device here, as `cnnlab.train.run.prepare` builds it
         self.train = put_dataset((images, data["train_labels"]), mesh)
