@@ -1,9 +1,8 @@
 """Compiled CPU kernels: convolution and max pooling through oneDNN, as XLA FFI custom calls.
 
 XLA's CPU backend computes convolutions with Eigen, which runs cnnlab's layers two to five times
-slower than oneDNN, the library behind PyTorch's CPU convolutions (measured alone at batch 128,
-AVX2, 2 threads, 2026-12-06: LeNet-5's second layer's input gradient 10.8 -> 4.5 ms, AlexNet-lite's
-conv2 kernel gradient 214 -> 39 ms). `onednn.cc` wraps oneDNN's convolution (forward,
+slower than oneDNN, the library behind PyTorch's CPU convolutions (the figures are in
+docs/xla-formulations.md). `onednn.cc` wraps oneDNN's convolution (forward,
 backward-data and backward-weights) and max-pooling (forward and backward) primitives as XLA FFI
 handlers; on the CPU `cnnlab.models.conv` and `cnnlab.models.pool` call them through the
 functions below.
@@ -61,7 +60,7 @@ def available() -> bool:
         return False
     # oneDNN's OpenMP threads sleep when idle instead of spinning: between its calls XLA's own
     # threads run the step's elementwise work on the same cores (LeNet-5's step about 10% faster
-    # on 2 cores, 2026-12-06). Read when OpenMP loads, with the library; a value set wins.
+    # on 2 cores). Read when OpenMP loads, with the library; a value set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         library = ctypes.CDLL(str(build()))
