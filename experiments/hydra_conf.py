@@ -161,20 +161,25 @@ def check_keys(overrides: list[str]) -> None:
         key = override.key_or_group
         if key.startswith("hydra") or override.package is not None or (conf_dir() / key).is_dir():
             continue  # Hydra's own settings, and config groups, whose options Hydra checks
-        if not _in_schema(key):
+        if override.is_delete():
+            continue  # Hydra says itself that a key to delete does not exist
+        if (known := _unknown_in(key)) is not None:
             close = closest_key(key)
             hint = f"; did you mean {close}?" if close else "; `cnnlab-train --cfg job` lists them"
+            if override.is_add() and known:  # `+key=...`: what may be added there
+                hint += f" (valid here: {', '.join(sorted(known))})"
             raise ConfigError(f"unknown config key {key}{hint}")
 
 
-def _in_schema(dotted: str) -> bool:
+def _unknown_in(dotted: str) -> list[str] | None:
+    """None if `dotted` is a key of the schema, else the valid keys where it leaves it."""
     schema = Config
     for part in dotted.split("."):
         kinds = {f.name: f.type for f in fields(schema)} if is_dataclass(schema) else {}
         if part not in kinds:
-            return False
+            return list(kinds)
         schema = kinds[part]
-    return True
+    return None
 
 
 def compose_config(overrides: list[str], hydra_config: bool = False) -> DictConfig:
@@ -209,7 +214,7 @@ def expand(task_overrides: list[str], params: dict[str, str]) -> list[list[str]]
         try:
             values = list(override.sweep_string_iterator()) if override.is_sweep_override() else []
         except ValueError as e:
-            raise ValueError(f"cannot use the override {override.input_line!r}: {e}") from e
+            raise ValueError(f"malformed sweep {override.input_line}: {e}") from e
         axes.append([f"{key}={v}" for v in values] if values else [override.input_line])
     return [list(combo) for combo in itertools.product(*axes)]
 
@@ -251,7 +256,7 @@ def check_command_line(argv: list[str]) -> None:
         if not args.multirun:
             base = compose_config(args.overrides, hydra_config=True)
             if writes:
-                check_writable(Path(base.hydra.run.dir), "hydra.run.dir")
+                check_writable(Path(base.hydra.run.dir), multirun=False)
             return
         try:
             base, points = sweep_points(args.overrides)
@@ -260,12 +265,12 @@ def check_command_line(argv: list[str]) -> None:
         for point in points:  # a point's values are validated by each job (sweep.on_invalid)
             compose_config(point)
         if writes:
-            check_writable(Path(base.hydra.sweep.dir), "hydra.sweep.dir")
+            check_writable(Path(base.hydra.sweep.dir), multirun=True)
     except OverrideParseException as e:
         raise ConfigError(one_line(e)) from e
 
 
-def check_writable(folder: Path, key: str) -> None:
+def check_writable(folder: Path, multirun: bool) -> None:
     """A UsageError unless `folder`, or the nearest folder above it that exists, can be written
     to (a probe file is written and synced there); nothing is created in its place."""
     from cnnlab.rundir import check_run_dir
@@ -277,9 +282,15 @@ def check_writable(folder: Path, key: str) -> None:
         check_run_dir(existing, need_bytes=0)
     except (OSError, CnnlabError) as e:
         reason = e.__cause__ if isinstance(e, CnnlabError) else e
+        reason = reason.strerror or reason
+        if multirun:
+            raise UsageError(
+                f"cannot write the sweep directory {folder}: {reason}; choose a writable folder "
+                "with hydra.sweep.dir=..."
+            ) from e
         raise UsageError(
-            f"cannot create the run directory: {reason.strerror or reason}: {folder}; "
-            f"choose a writable folder with {key}=..."
+            f"cannot create the run directory: {reason}: {folder}; choose a writable folder with "
+            "hydra.run.dir=... (hydra.sweep.dir=... with -m)"
         ) from e
 
 
