@@ -154,9 +154,9 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
 
 
 def check_keys(overrides: list[str]) -> None:
-    """A ConfigError for an override whose key the schema lacks (with or without `+` or `~`),
-    naming the closest valid key. Hydra would add a `+key` silently, and for a typo without `+`
-    advise adding it."""
+    """A ConfigError for an override whose key the schema lacks (with or without `+`), naming the
+    closest valid key. Hydra would add a `+key` silently, and for a typo without `+` advise adding
+    it."""
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
         if key.startswith("hydra") or override.package is not None or (conf_dir() / key).is_dir():
@@ -252,22 +252,19 @@ def check_command_line(argv: list[str]) -> None:
         except HydraException as e:  # the grammar's error, or a sweep that cannot be evaluated
             raise ConfigError(_parse_error(override, str(e))) from e
     writes = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
-    try:
-        if not args.multirun:
-            base = compose_config(args.overrides, hydra_config=True)
-            if writes:
-                check_writable(Path(base.hydra.run.dir), multirun=False)
-            return
-        try:
-            base, points = sweep_points(args.overrides)
-        except ContinuousSweep:  # its points are composed while it runs
-            base, points = compose_config(_fixed(args.overrides), hydra_config=True), []
-        for point in points:  # a point's values are validated by each job (sweep.on_invalid)
-            compose_config(point)
+    if not args.multirun:
+        base = compose_config(args.overrides, hydra_config=True)
         if writes:
-            check_writable(Path(base.hydra.sweep.dir), multirun=True)
-    except OverrideParseException as e:
-        raise ConfigError(one_line(e)) from e
+            check_writable(Path(base.hydra.run.dir), multirun=False)
+        return
+    try:
+        base, points = sweep_points(args.overrides)
+    except ContinuousSweep:  # its points are composed while it runs
+        base, points = compose_config(_fixed(args.overrides), hydra_config=True), []
+    for point in points:  # a point's values are validated by each job (sweep.on_invalid)
+        compose_config(point)
+    if writes:
+        check_writable(Path(base.hydra.sweep.dir), multirun=True)
 
 
 def check_writable(folder: Path, multirun: bool) -> None:
