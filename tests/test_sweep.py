@@ -91,7 +91,8 @@ def test_jobs_share_jax_compilation_cache(sweep):
     assert done.returncode == 0, done.stderr[-3000:]
     hits = set(re.findall(r"Persistent compilation cache hit for '[^']+' with key '([^']+)'",
                           done.stderr))  # fmt: skip
-    assert any("train_step" in key for key in hits), hits
+    log = [line for line in done.stderr.splitlines() if "train_step" in line]
+    assert any("train_step" in key for key in hits), (sorted(before), log)
     assert {f"{key}-cache" for key in hits} <= before
     added = {path.name for path in cache.iterdir()} - before
     assert not [name for name in added if "train_step" in name], added
