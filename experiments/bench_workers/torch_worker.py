@@ -68,7 +68,7 @@ class TorchTrainer:
         torch.manual_seed(spec.seed)  # initialisation and dropout
         self.gen = torch.Generator().manual_seed(spec.seed)  # augmentation
         self.spec = spec
-        nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+        nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
         self.images = nchw(data["train_images"])  # [N, C, H, W] uint8
         self.labels = torch.from_numpy(data["train_labels"].astype(np.int64))  # [N]
         self.test_images = nchw(data["test_images"])
@@ -87,7 +87,7 @@ class TorchTrainer:
             lr=opt["lr"], betas=(opt["b1"], opt["b2"]), eps=opt["eps"],
         )  # fmt: skip
         steps_per_epoch = len(self.labels) // spec.batch_size
-        factor = lambda s: learning_rate(opt, s, steps_per_epoch, spec.epochs) / opt["lr"]  # noqa: E731
+        factor = lambda s: learning_rate(opt, s, steps_per_epoch, spec.epochs) / opt["lr"]
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.metrics: dict[str, torch.Tensor] = {}
 
