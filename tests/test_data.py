@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cnnlab.config import DataConfig
-from cnnlab.data import DATASETS, DEBIAN_FASHION_MNIST, INPUT_SHAPES, load_dataset
+from cnnlab.data import DATASETS, DEBIAN_FASHION_MNIST, INPUT_SHAPES, image_folder, load_dataset
 from cnnlab.data.idx import read_idx
 from cnnlab.data.splits import Split
 from cnnlab.data.tfds_source import load_tfds
@@ -321,13 +321,21 @@ def test_changed_folder_gets_a_new_cache_entry(tmp_path, cache_dir):
 
 
 @pytest.mark.skipif(not CIFAR_ZIP.is_file(), reason=f"{CIFAR_ZIP} missing")
-def test_cifar10_zip_decodes_once_then_loads_from_cache():
+def test_cifar10_zip_decodes_once_then_loads_from_cache(cache_dir, monkeypatch):
     cfg = DataConfig(name="cifar10", path=str(CIFAR_ZIP), val_fraction=0.0)
-    start = time.monotonic()
+    decoded = []  # the names of the JPEGs decoded, by the real decoder
+    real_decode = image_folder._decode
+
+    def counting_decode(name, read, where):
+        decoded.append(name)
+        return real_decode(name, read, where)
+
+    monkeypatch.setattr(image_folder, "_decode", counting_decode)
     data = load_dataset(cfg)
-    decode_s, start = time.monotonic() - start, time.monotonic()
+    assert len(decoded) == 60_000 and len(list(cache_dir.glob("*.npz"))) == 1
+    decoded.clear()
     cached = load_dataset(cfg)
-    cached_s = time.monotonic() - start
+    assert decoded == []  # read from the cache, no JPEG decoded again
     assert (len(data.train), len(data.test)) == (50_000, 10_000)
     assert (data.image_shape, data.num_classes) == INPUT_SHAPES["cifar10"] == ((32, 32, 3), 10)
     assert data.class_names[:2] == ("airplane", "automobile") and data.class_names[-1] == "truck"
@@ -335,7 +343,7 @@ def test_cifar10_zip_decodes_once_then_loads_from_cache():
     assert np.bincount(data.test.labels[:2000], minlength=10).min() > 100  # classes are mixed
     np.testing.assert_allclose(data.mean, [125.3, 123.0, 113.9], atol=1.5)
     np.testing.assert_array_equal(cached.test.images, data.test.images)
-    assert cached_s < decode_s / 3, (decode_s, cached_s)
+    np.testing.assert_array_equal(cached.train.labels, data.train.labels)
 
 
 # ------------------------------------------------------------------------------------- TFDS
