@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnlab.config import Config, LoggerConfig, to_yaml
+from cnnlab.config import Config, LoggerConfig
 from cnnlab.errors import CnnlabError, ConfigError
 from experiments.hydra_conf import exit_on_user_error, run_app, sweep_group, to_config
 
@@ -93,6 +93,7 @@ def train(node: DictConfig) -> float:
 def _valid(cfg: Config, job: Job) -> bool:
     """Validate `cfg` before W&B starts, so that a bad value leaves no W&B run behind. An invalid
     sweep point is recorded in its folder as status "invalid" and not trained."""
+    from cnnlab.rundir import RunDir
     from cnnlab.tracking.local import write_json
     from cnnlab.validate import validate
 
@@ -102,7 +103,7 @@ def _valid(cfg: Config, job: Job) -> bool:
         if not job.multirun:
             raise
         job.run_dir.mkdir(parents=True, exist_ok=True)
-        (job.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        RunDir(job.run_dir).write_config(cfg)
         write_json(job.run_dir / "summary.json", {"status": "invalid", "error": str(e)})
         print(f"cnnlab: job {job.num} is invalid, not trained: {e}", file=sys.stderr)
         return False
@@ -135,14 +136,14 @@ def _run(cfg: Config, job: Job, stop) -> dict:
     """Train the job (or copy an identical finished sweep point) and return its summary."""
     import jax
 
-    from cnnlab.rundir import copy_done, record_done
+    from cnnlab.rundir import RunDir, copy_done, record_done
     from cnnlab.tracking import MakeTrackers
     from cnnlab.train.run import run
     from cnnlab.train.seeds import run_seeds
 
     skip_done = job.multirun and cfg.sweep.skip_done and not cfg.seeds  # (seed folders: not yet)
     if skip_done and (summary := copy_done(cfg, job.run_dir)):
-        (job.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        RunDir(job.run_dir).write_config(cfg)
         print(f"cnnlab: job {job.num} already done in {summary['cached_from']}")
         return summary
     config = dataclasses.asdict(cfg)  # for W&B, as the user set it
