@@ -6,7 +6,7 @@ Forced CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`) must b
 starts, so those runs are subprocesses. The 2-process run (`pytest -m slow`: two processes that
 each compile everything) is two `cnnlab-train` processes joined by `jax.distributed.initialize`
 through a coordinator on localhost, as two hosts would be; where a SLURM cluster answers (CI),
-the same happens as one SLURM job of two tasks, started as the README says.
+the same happens as one SLURM job of two tasks, started as docs/reference.md says.
 """
 
 import json
@@ -221,8 +221,8 @@ def test_two_processes_of_two_devices_train_like_one_device(reference, tmp_path)
 @pytest.mark.slurm
 @needs_fashion_mnist
 def test_a_slurm_job_of_two_tasks_is_one_run_of_two_processes(reference, tmp_path):
-    """The README's multi-host recipe on CPU tasks: JAX reads the coordinator, the number of
-    processes and the ranks from the SLURM job's environment."""
+    """The multi-host recipe (docs/reference.md) on CPU tasks: JAX reads the coordinator, the
+    number of processes and the ranks from the SLURM job's environment."""
     if reason := why_no_slurm():
         if os.environ.get("CNNLAB_SLURM_REQUIRED") == "1":
             pytest.fail(f"CNNLAB_SLURM_REQUIRED=1 but {reason}")
