@@ -18,7 +18,7 @@ CPUs with the same thread count; the report gives medians and the ratio cnnlab /
 `--against REV` measures cnnlab before and after a change instead: the second contender is the
 cnnlab worker of commit REV, run from that commit's files (`git archive`, in a temporary folder)
 with this environment's packages, alternating with this working tree's in the same way. REV must
-have this bench's worker protocol (its `experiments/bench_workers/`, 2026-12-04 or later).
+have this bench's worker protocol (its `experiments/bench_workers/`, from commit d77f683 on).
 """
 
 import argparse
