@@ -53,10 +53,12 @@ def check(points: list[list[str]], load: Callable[[list[str]], DictConfig]) -> l
 
 
 def training_flops(cfg: Config, rows: list[geometry.Layer]) -> float:
-    """Forward and backward (about 3x the forward FLOPs) over every training image and epoch."""
+    """Forward and backward (about 3x the forward FLOPs) over every training image and epoch, for
+    each of the job's `seeds`."""
     train, _ = SPLIT_SIZES.get(cfg.data.name, (0, 0))
     images = min(round(train * (1 - cfg.data.val_fraction)), cfg.data.train_limit or train)
-    return 3.0 * geometry.summarize(rows)["flops"] * images * cfg.train.epochs
+    models = max(1, len(cfg.seeds))
+    return 3.0 * geometry.summarize(rows)["flops"] * images * cfg.train.epochs * models
 
 
 def report(points: list[Point]) -> str:

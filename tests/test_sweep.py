@@ -142,7 +142,7 @@ def test_refuse_stops_an_invalid_sweep_before_any_job(tmp_path):
 def test_preflight_command_prints_tables_invalid_points_and_totals():
     done = cli("preflight", "sweep=lenet5_geometry")
     assert done.returncode == 2  # the preset has invalid points (stride 2 with valid padding)
-    assert "36 point(s): 27 job(s) to run, 9 invalid" in done.stdout
+    assert "8 point(s): 6 job(s) to run, 2 invalid" in done.stdout
     assert "receptive field" in done.stdout and "architecture 1 of" in done.stdout
     ok = cli("preflight", "-m", "model.depth=3,6", "model.stride=1,2")
     assert ok.returncode == 0 and "4 point(s): 4 job(s) to run, 0 invalid" in ok.stdout
