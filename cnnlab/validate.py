@@ -9,7 +9,7 @@ precisions are listed here; tests/test_config.py checks them against the trainin
 import math
 import sys
 
-from cnnlab import geometry
+from cnnlab import geometry, memory
 from cnnlab.architecture import resolve
 from cnnlab.config import Config, DistributedConfig, TrainConfig
 from cnnlab.data import DATASETS, INPUT_SHAPES, PATH_REQUIRED
@@ -87,8 +87,16 @@ def validate(cfg: Config) -> None:
     check_choice("sweep.on_invalid", cfg.sweep.on_invalid, ("skip", "refuse"))
     _validate_distributed(cfg.distributed)
     if data.name in INPUT_SHAPES:  # otherwise checked once the data is loaded
-        shape, num_classes = INPUT_SHAPES[data.name]
-        geometry.check(cfg.model, shape, num_classes)
+        _validate_size(cfg, *INPUT_SHAPES[data.name])
+
+
+def _validate_size(cfg: Config, shape: tuple[int, int, int], num_classes: int) -> None:
+    """The geometry, then the memory of a training step against this machine's: JAX is not loaded
+    yet, so an accelerator's memory is checked later (`cnnlab.train.run.prepare`), and on a GPU
+    machine the host's memory only refuses what fits nowhere."""
+    rows = geometry.layers(cfg.model, shape, num_classes)
+    est = memory.estimate(cfg, rows, memory.dataset_examples(cfg.data))
+    memory.check(est, memory.host_available())
 
 
 def _validate_seeds(seeds: list[int], strategy: str) -> None:

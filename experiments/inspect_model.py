@@ -2,13 +2,15 @@
 
 Takes the same overrides as cnnlab-train, e.g.
     cnnlab-inspect model=alexnet_lite data=cifar10 model.stride=2
-and prints each layer's output H x W x C, parameters, multiply-adds and receptive field, or the
-table up to the layer whose feature map would be empty, and the one-line reason (exit code 2).
+and prints each layer's output H x W x C, parameters, multiply-adds and receptive field, and the
+memory of a training step (cnnlab.memory), or the table up to the layer whose feature map would
+be empty, and the one-line reason (exit code 2). A configuration whose training step would not
+fit this machine's memory is refused with the figures (exit code 2).
 """
 
 import argparse
 
-from cnnlab import geometry
+from cnnlab import geometry, memory
 from cnnlab.data import INPUT_SHAPES, load_dataset
 from cnnlab.errors import CnnlabError, GeometryError
 from cnnlab.validate import validate
@@ -19,9 +21,11 @@ def table(overrides: list[str]) -> str:
     cfg = to_config(compose_config(overrides))
     if cfg.data.name in INPUT_SHAPES:
         shape, num_classes = INPUT_SHAPES[cfg.data.name]
-    else:  # a user's own data: its shape is known only by reading it
+        examples = memory.dataset_examples(cfg.data)
+    else:  # a user's own data: its shape and size are known only by reading it
         data = load_dataset(cfg.data)
         shape, num_classes = data.image_shape, data.num_classes
+        examples = len(data.train) + len(data.val) + len(data.test)
     size = "x".join(map(str, shape))
     title = f"{cfg.model.name} on {cfg.data.name} ({size} input, {num_classes} classes)"
     try:
@@ -30,9 +34,11 @@ def table(overrides: list[str]) -> str:
     except GeometryError as e:  # show where the feature map collapses, then the error
         print(geometry.format_table(e.rows, title, totals=False))
         raise
+    est = memory.estimate(cfg, rows, examples)
+    memory.check(est, memory.host_available())  # a user's own data: not checked by validate
     totals = geometry.summarize(rows)
     footer = f"forward FLOPs per image: {totals['flops']:,} (2 per multiply-add)"
-    return f"{geometry.format_table(rows, title)}\n{footer}"
+    return f"{geometry.format_table(rows, title)}\n{footer}\n{est.text()}"
 
 
 def main() -> None:

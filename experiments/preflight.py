@@ -2,9 +2,11 @@
 
 Takes the same arguments as `cnnlab-train -m` (ad-hoc `key=a,b` sweeps and `sweep=` presets) and
 prints each distinct architecture's per-layer table (feature-map sizes, parameters,
-multiply-adds, receptive fields) with the points that use it, every impossible point with its
-reason, the number of jobs and an estimate of the training compute. `cnnlab-train` runs the same
-check at the start of every multirun (experiments/callbacks.py). Exit code 2 if a point is invalid.
+multiply-adds, receptive fields) with the points that use it and the largest of their training
+steps' memory (cnnlab.memory), every impossible point with its reason (a feature map that would be
+empty, a step that needs more memory than this machine has), the number of jobs and an estimate
+of the training compute. `cnnlab-train` runs the same check at the start of every multirun
+(experiments/callbacks.py). Exit code 2 if a point is invalid.
 """
 
 import argparse
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from cnnlab import geometry
+from cnnlab import geometry, memory
 from cnnlab.config import Config
 from cnnlab.data import INPUT_SHAPES, SPLIT_SIZES
 from cnnlab.errors import CnnlabError, ConfigError
@@ -63,13 +65,18 @@ def training_flops(cfg: Config, rows: list[geometry.Layer]) -> float:
 
 def report(points: list[Point]) -> str:
     """The pre-flight text: tables per distinct architecture, invalid points, totals."""
-    lines, tables = [], {}
+    lines, tables, largest = [], {}, {}
     for point in points:
         if point.rows:
-            tables.setdefault(geometry.format_table(point.rows), []).append(point.label)
+            table = geometry.format_table(point.rows)
+            tables.setdefault(table, []).append(point.label)
+            est = memory.estimate(point.cfg, point.rows, memory.dataset_examples(point.cfg.data))
+            if table not in largest or est.total > largest[table].total:
+                largest[table] = est  # the batch size or optimizer may differ between its jobs
     for i, (table, labels) in enumerate(tables.items(), start=1):
         lines += [f"architecture {i} of {len(tables)}, used by {len(labels)} job(s):"]
-        lines += [f"  {label}" for label in labels] + [table, ""]
+        lines += [f"  {label}" for label in labels] + [table]
+        lines += [largest[table].text(), ""]
     invalid = [p for p in points if p.error]
     if invalid:
         lines.append(f"{len(invalid)} invalid point(s), not launched:")

@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import subprocess
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,6 +86,9 @@ BAD = [
     ("geometry stride", ["model.padding=valid", "model.stride=2"], "pool2"),
     ("geometry alexnet", ["model=alexnet_lite", "model.stride=2"], "pool"),
     ("geometry list length", ["model.conv_layers=3"], "model.padding"),
+    # a training step larger than the machine's memory
+    ("memory depth", ["model.depth=100000000"], "lower train.batch_size or model.depth"),
+    ("memory batch", ["model=alexnet_lite", "train.batch_size=100000000"], "at batch 100000000"),
     # malformed sweep syntax
     ("sweep empty item", ["-m", "model.depth=6,,12"], "model.depth=6,,12"),
     ("sweep range", ["-m", "model.depth=range(1"], "model.depth=range(1"),
@@ -173,6 +177,22 @@ def test_bad_input_is_a_short_error_naming_the_key_or_file(outcomes, name, named
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert 1 <= len(lines) <= 3 and lines[-1].startswith("cnnlab: error: "), done.stderr
     assert named.format(tmp=root) in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "inspect_model"])
+def test_a_step_larger_than_memory_is_refused_in_one_line_before_jax(command, tmp_path):
+    """666 quadrillion parameters: refused with the figures before JAX loads, not allocated."""
+    dirs = [f"hydra.run.dir={tmp_path}/run"] if command == "train" else []
+    start = time.perf_counter()
+    done = cli(command, *SHORT, "model.depth=100000000", *dirs)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 2, done.stdout[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: a training step needs"), lines
+    assert "parameters 2,666.7 PB" in lines[0] and "GB available" in lines[0]
+    assert "total" not in done.stdout  # no layer table of an impossible net
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert seconds < 15, seconds  # about 1 s; generous for a loaded CI machine
 
 
 def test_run_dir_check_refuses_a_folder_below_a_file(tmp_path):

@@ -148,6 +148,22 @@ def test_preflight_command_prints_tables_invalid_points_and_totals():
     assert ok.returncode == 0 and "4 point(s): 4 job(s) to run, 0 invalid" in ok.stdout
 
 
+def test_preflight_shows_memory_and_refuses_a_point_larger_than_memory():
+    done = cli("preflight", "-m", "model.depth=6,100000000")
+    assert done.returncode == 2
+    assert "2 point(s): 1 job(s) to run, 1 invalid" in done.stdout
+    assert "memory per training step at batch 128: about" in done.stdout  # the valid point's
+    (refused,) = [line for line in done.stdout.splitlines() if "model.depth=100000000:" in line]
+    assert "a training step needs at least" in refused and "lower train.batch_size" in refused
+
+
+def test_sweep_presets_are_mostly_valid_grids():
+    lenet = cli("preflight", "sweep=lenet5_geometry")
+    assert "8 point(s): 6 job(s) to run, 2 invalid" in lenet.stdout
+    alexnet = cli("preflight", "sweep=alexnet_lite_geometry", "data.path=/somewhere")
+    assert "12 point(s): 10 job(s) to run, 2 invalid" in alexnet.stdout, alexnet.stdout[-2000:]
+
+
 @needs_fashion_mnist
 def test_optuna_search_maximises_validation_accuracy(tmp_path):
     done = cli(

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from cnnlab import checkpoint, geometry
+from cnnlab import checkpoint, geometry, memory
 from cnnlab.checkpoint import Checkpoints
 from cnnlab.config import Config
 from cnnlab.data import Dataset, load_dataset
@@ -80,6 +80,7 @@ def prepare(cfg: Config, lanes: bool = False) -> Prepared:
             "training examples; lower it, or raise data.train_limit"
         )
     rows = geometry.layers(cfg.model, data.image_shape, data.num_classes)
+    _check_memory(cfg, rows, data)
     model = build_model(cfg.model, data.num_classes)
     steps_per_epoch = len(data.train) // cfg.train.batch_size
     tx, schedule = build_optimizer(cfg.optimizer, steps_per_epoch, cfg.train.epochs)
@@ -98,6 +99,21 @@ def prepare(cfg: Config, lanes: bool = False) -> Prepared:
         data, rows, model, tx, schedule, mesh, train_step, eval_step,
         device(data.train), device(data.val), device(data.test), init, lanes,
     )  # fmt: skip
+
+
+def _check_memory(cfg: Config, rows: list[geometry.Layer], data: Dataset) -> None:
+    """A training step's memory against the first device's, before anything compiles. On the CPU
+    the loaded dataset is already in the memory that is left (the device shares it), so only the
+    model's part is checked, against the machine's; `validate` checked the whole beforehand where
+    the input shape is known."""
+    device = jax.devices()[0]
+    on_cpu = device.platform == "cpu"
+    examples = 0 if on_cpu else len(data.train) + len(data.val) + len(data.test)
+    est = memory.estimate(cfg, rows, examples, jax.device_count())
+    if on_cpu:
+        memory.check(est, memory.host_available())
+    else:
+        memory.check(est, memory.device_available(device), f"{device.platform} device 0")
 
 
 def new_summary(cfg: Config) -> dict:
