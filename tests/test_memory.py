@@ -89,3 +89,20 @@ def test_shipped_presets_need_well_under_a_laptops_memory(preset):
     rows = geometry.layers(cfg.model, *INPUT_SHAPES[cfg.data.name])
     est = memory.estimate(cfg, rows, memory.dataset_examples(cfg.data))
     assert 10**6 < est.total < 2 * 10**9, est.text()
+
+
+class FakeDevice:
+    """What `memory.device_available` reads of a JAX device: its `memory_stats()`."""
+
+    def __init__(self, stats: dict | None):
+        self.stats = stats
+
+    def memory_stats(self) -> dict | None:
+        return self.stats
+
+
+def test_an_accelerators_memory_is_its_limit_less_what_is_in_use():
+    gpu = FakeDevice({"bytes_limit": 80 * 10**9, "bytes_in_use": 10**9, "peak_bytes_in_use": 0})
+    assert memory.device_available(gpu) == 79 * 10**9
+    assert memory.device_available(FakeDevice(None)) is None  # the CPU reports no stats
+    assert memory.device_available(FakeDevice({"bytes_in_use": 5})) is None
