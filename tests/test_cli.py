@@ -176,6 +176,8 @@ def test_inspect_prints_the_table_without_training():
     assert "alexnet_lite on cifar10 (32x32x3 input, 10 classes)" in done.stdout
     assert "16 x 16 x 24" in done.stdout and "receptive field" in done.stdout
     assert "total" in done.stdout and "535,146" in done.stdout
+    assert "memory per training step at batch 128: about" in done.stdout  # cnnlab.memory
+    assert "optimizer state 4.3 MB (2 slots)" in done.stdout  # AdamW: 535,146 x 4 bytes x 2
 
 
 def test_inspect_shows_where_an_impossible_network_collapses():
