@@ -105,6 +105,33 @@ def test_seeds_are_averaged_and_failures_are_kept_out_of_the_means(tmp_path):
     assert "NaN at step 7" in paths["html"].read_text()
 
 
+def test_a_job_s_seeds_are_replicates_like_swept_seeds(tmp_path):
+    """A job that trained `seeds=[...]` counts one point per seed (its seed_<s>/ folder); an
+    invalid seeds job, which made no seed folder, stays one point."""
+    accuracies = {1: (0.5, 0.7), 2: (0.4, 0.8)}
+    for job, stride in enumerate((1, 2)):
+        cfg = small_config(seeds=[0, 1], model=ModelConfig(stride=stride))
+        write_job(tmp_path, job, cfg, {"status": "ok", "test/accuracy": 0.0})  # the aggregate
+        for seed, accuracy in enumerate(accuracies[stride]):
+            folder = tmp_path / str(job) / f"seed_{seed}"
+            folder.mkdir()
+            (folder / "config.yaml").write_text(to_yaml(small_config(seed=seed)))
+            (folder / "summary.json").write_text(json.dumps({"seed": seed, **ok(accuracy)}))
+    error = "pool2 (max pool 2x2, stride 2) after conv2 gets a 1x1x16 input & would output 0x0"
+    cfg = small_config(seeds=[0, 1], model=ModelConfig(stride=3))
+    write_job(tmp_path, 2, cfg, {"status": "invalid", "error": error})
+    points = collect(tmp_path)
+    assert [p.job for p in points] == ["0/seed_0", "0/seed_1", "1/seed_0", "1/seed_1", "2"]
+    assert [p.config["seed"] for p in points[:4]] == [0, 1, 0, 1]
+    assert swept_keys(points) == ["seed", "model.stride"]
+    rows = aggregate(points)
+    assert [(r.values["model.stride"], r.n, r.status) for r in rows] == [
+        (1, 2, "2 ok"), (2, 2, "2 ok"), (3, 0, "1 invalid"),
+    ]  # fmt: skip
+    assert rows[0].mean["test_accuracy"] == pytest.approx(0.6)
+    assert rows[1].std["test_accuracy"] == pytest.approx(statistics.stdev([0.4, 0.8]))
+
+
 def test_invalid_points_are_rows_and_an_all_invalid_sweep_still_reports(tmp_path):
     error = "pool2 (max pool 2x2, stride 2) after conv2 gets a 1x1x16 input & would output 0x0"
     for job, stride in enumerate((1, 2)):

@@ -22,6 +22,8 @@ from cnnlab.rundir import RunDir
 # the sweep's overrides set it: `name`, say, varies with the model when it interpolates it.
 RESULT_KEYS = frozenset(flatten(identity(Config())))
 REPLICATE = "seed"  # the replicate axis: rows average over it
+# A job's `seeds=[...]` are replicates too (`read_points` makes one point per seed), not a point.
+NOT_A_POINT = frozenset({"seeds"})
 
 
 @dataclass
@@ -75,18 +77,42 @@ def collect(sweep_dir: Path) -> list[Point]:
     sweep_dir = Path(sweep_dir)
     check_sweep_dir(sweep_dir)
     jobs = sorted(filter(is_job_dir, sweep_dir.iterdir()), key=lambda p: int(p.name))
-    return [read_point(job) for job in jobs]
+    return [point for job in jobs for point in read_points(job)]
 
 
-def read_point(job: Path) -> Point:
+def read_points(job: Path) -> list[Point]:
+    """A job's points: one per seed where it trained `seeds=[...]`, each the run `seed=<s>`
+    alone would be (so a job's seeds are replicates, like a swept `seed`), else the job itself
+    (also a seeds job that stopped before its first seed, or an invalid one)."""
     run = RunDir(job)
-    overrides, summary = run.overrides(), run.summary()
+    tree = run.config_tree()
+    seeds = tree.get("seeds") or []
+    if not any((job / f"seed_{s}").is_dir() for s in seeds):
+        return [read_point(job)]
+    overrides = run.overrides()  # Hydra's files are the job's, not the seeds'
+    return [
+        read_point(
+            job / f"seed_{s}", overrides, f"{job.name}/seed_{s}", {**tree, "seed": s, "seeds": []}
+        )
+        for s in seeds
+    ]
+
+
+def read_point(
+    folder: Path, overrides: list[str] | None = None, name: str = "", tree: dict | None = None
+) -> Point:
+    """The point of a job folder, or of a seed's folder inside one (its job's `overrides`, its
+    `name` and its config `tree`)."""
+    run = RunDir(folder)
+    overrides = run.overrides() if overrides is None else overrides
+    tree = run.config_tree() if tree is None else tree
+    summary = run.summary()
     status = str(summary.get("status", "missing")) if summary else "missing"
     error = str(summary.get("error", "")) if summary else "no summary.json (the job did not finish)"
     return Point(
-        job=job.name,
-        path=job,
-        config=_config(run.config_tree(), overrides),
+        job=name or folder.name,
+        path=folder,
+        config=_config(tree, overrides),
         overrides=overrides,
         status=status,
         error=error,
@@ -107,7 +133,7 @@ def swept_keys(points: list[Point]) -> list[str]:
         order.update(dict.fromkeys(point.config))
     swept = []
     for key in order:
-        if key not in RESULT_KEYS and key not in overridden:
+        if key in NOT_A_POINT or (key not in RESULT_KEYS and key not in overridden):
             continue
         values = {repr(p.config[key]) for p in points if key in p.config}
         if len(values) > 1:
