@@ -277,13 +277,21 @@ def copy_done(cfg: Config, job_dir: Path) -> dict | None:
     source = Path(json.loads(entry.read_text())["run_dir"])
     if not (source / "summary.json").is_file():
         return None  # the earlier result was deleted: train again
-    for name in RESULT_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, job_dir / name)
+    _copy_results(source, job_dir, RESULT_FILES)
+    for seed in cfg.seeds:  # a seeds job's points are its seed folders (cnnlab.report.collect)
+        folder = f"seed_{seed}"
+        _copy_results(source / folder, job_dir / folder, ("config.yaml", *RESULT_FILES))
     summary = json.loads((job_dir / "summary.json").read_text())
     summary["cached_from"] = str(source)
     write_json(job_dir / "summary.json", summary)
     return summary
+
+
+def _copy_results(source: Path, target: Path, names: tuple[str, ...]) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
 
 
 def record_done(cfg: Config, job_dir: Path) -> None:

@@ -141,7 +141,7 @@ def _run(cfg: Config, job: Job, stop) -> dict:
     from cnnlab.train.run import run
     from cnnlab.train.seeds import run_seeds
 
-    skip_done = job.multirun and cfg.sweep.skip_done and not cfg.seeds  # (seed folders: not yet)
+    skip_done = job.multirun and cfg.sweep.skip_done
     if skip_done and (summary := copy_done(cfg, job.run_dir)):
         RunDir(job.run_dir).write_config(cfg)
         print(f"cnnlab: job {job.num} already done in {summary['cached_from']}")

@@ -1,8 +1,10 @@
 """Sweeps end to end: expansion, pre-flight, invalid points, one W&B run per job, skipping done
 points on a rerun, and refusing to start."""
 
+import csv
 import json
 import re
+import statistics
 import time
 
 import pytest
@@ -128,6 +130,39 @@ def test_skip_done_false_trains_a_finished_point_again(sweep):
     assert summary["status"] == "ok" and "cached_from" not in summary
     assert summary["test/accuracy"] == first["test/accuracy"]  # trained again, bit for bit
     assert (root / "again" / "0" / "checkpoint").is_dir()
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@needs_fashion_mnist
+def test_a_sweep_of_seeds_jobs_reports_each_seed_and_a_rerun_copies_them(tmp_path):
+    """`seeds=[...]` inside each job (as the geometry presets do): the report's row is the mean
+    and std over the job's seeds, and a rerun copies the finished job with its seed folders."""
+    args = ["-m", *(o for o in SWEEP if "," not in o and o != "-m")]
+    args += ["model.stride=2", "model.padding=same,valid", "seeds=[0,1]",
+             "seeds_strategy=sequential", "logger.mode=disabled"]  # fmt: skip
+    first = cli("train", *args, f"hydra.sweep.dir={tmp_path}/first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (row, invalid) = read_csv(tmp_path / "first" / "summary.csv")
+    per_seed = [json.loads((tmp_path / "first" / "0" / f"seed_{s}" / "summary.json").read_text())
+                for s in (0, 1)]  # fmt: skip
+    accuracies = [s["test/accuracy"] for s in per_seed]
+    assert row["n"] == "2" and float(row["test_accuracy_mean"]) == pytest.approx(
+        statistics.fmean(accuracies), abs=1e-4
+    )
+    assert float(row["test_accuracy_std"]) == pytest.approx(statistics.stdev(accuracies), abs=1e-4)
+    assert (invalid["n"], invalid["invalid"]) == ("0", "1")
+    again = cli("train", *args, f"hydra.sweep.dir={tmp_path}/second")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already done in") == 1
+    for seed, first_summary in enumerate(per_seed):
+        copied = tmp_path / "second" / "0" / f"seed_{seed}"
+        assert json.loads((copied / "summary.json").read_text()) == first_summary
+    (row_again, _) = read_csv(tmp_path / "second" / "summary.csv")
+    assert row_again["test_accuracy_std"] == row["test_accuracy_std"]
 
 
 @needs_fashion_mnist
