@@ -43,7 +43,7 @@ from cnnlab.config import DataConfig, ModelConfig, OptimizerConfig
 from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError, ConfigError
 from experiments.bench_report import CONTENDERS, METRICS, PAIR, summarize, table
-from experiments.hydra_conf import conf_dir, exit_on_user_error
+from experiments.hydra_conf import conf_dir, entry_point, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = {  # contender -> the module that measures it
@@ -319,6 +319,7 @@ def _version(package: str) -> str | None:
         return None
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)

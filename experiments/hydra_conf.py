@@ -11,9 +11,11 @@ a command line that is known to compose.
 
 import argparse
 import errno
+import functools
 import itertools
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -57,6 +59,22 @@ def to_config(node: DictConfig) -> Config:
 def sweep_group(sweep_dir: Path) -> str:
     """The W&B group of a sweep's jobs and its report run: `<name>/<timestamp>`."""
     return str(sweep_dir.relative_to(sweep_dir.parents[1]))
+
+
+def entry_point(main: Callable) -> Callable:
+    """A command's `main`, ending quietly with exit code 1 when the reader of its output goes away
+    (`cnnlab-verify --list | head -3`) instead of in a BrokenPipeError traceback (the recipe of
+    Python's `signal` documentation: stdout goes to /dev/null so the exit's flush cannot fail)."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+
+    return run
 
 
 def exit_on_user_error(error: CnnlabError | str, code: int | None = None):

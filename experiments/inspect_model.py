@@ -14,7 +14,7 @@ from cnnlab import geometry, memory
 from cnnlab.data import INPUT_SHAPES, load_dataset
 from cnnlab.errors import CnnlabError, GeometryError
 from cnnlab.validate import validate
-from experiments.hydra_conf import compose_config, exit_on_user_error, to_config
+from experiments.hydra_conf import compose_config, entry_point, exit_on_user_error, to_config
 
 
 def table(overrides: list[str]) -> str:
@@ -41,6 +41,7 @@ def table(overrides: list[str]) -> str:
     return f"{geometry.format_table(rows, title)}\n{footer}\n{est.text()}"
 
 
+@entry_point
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="cnnlab-inspect", description=__doc__.split("\n\n")[0].split(": ", 1)[1]

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from cnnlab.errors import CnnlabError
 from cnnlab.report.pictures import draw_all
-from experiments.hydra_conf import exit_on_user_error
+from experiments.hydra_conf import entry_point, exit_on_user_error
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="cnnlab-pictures", description=__doc__.split("\n\n")[0].split(": ", 1)[1]

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from cnnlab.errors import CnnlabError
 from cnnlab.inference import predict_probs
 from cnnlab.rundir import RunDir
-from experiments.hydra_conf import exit_on_user_error
+from experiments.hydra_conf import entry_point, exit_on_user_error
 
 
 def load_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -40,6 +40,7 @@ def predict(run_dir: Path, images: list[Path]) -> list[list[tuple[str, float]]]:
     return [sorted(zip(names, map(float, p), strict=True), key=lambda t: -t[1]) for p in probs]
 
 
+@entry_point
 def main() -> None:
     parser = argparse.ArgumentParser(prog="cnnlab-predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory written by cnnlab-train")

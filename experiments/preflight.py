@@ -21,7 +21,7 @@ from cnnlab.config import Config
 from cnnlab.data import INPUT_SHAPES, SPLIT_SIZES
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.validate import validate
-from experiments.hydra_conf import to_config
+from experiments.hydra_conf import entry_point, to_config
 
 
 @dataclass
@@ -98,6 +98,7 @@ def _si(value: float) -> str:
     return f"{value:,.0f} "
 
 
+@entry_point
 def main() -> None:
     from experiments.hydra_conf import (
         ContinuousSweep,

@@ -23,7 +23,13 @@ from omegaconf import DictConfig
 
 from cnnlab.config import Config, LoggerConfig
 from cnnlab.errors import CnnlabError, ConfigError
-from experiments.hydra_conf import exit_on_user_error, run_app, sweep_group, to_config
+from experiments.hydra_conf import (
+    entry_point,
+    exit_on_user_error,
+    run_app,
+    sweep_group,
+    to_config,
+)
 
 # JAX, Flax and the training code load inside the functions that use them (a second on start):
 # a mistake found while composing the config answers without them.
@@ -184,6 +190,7 @@ def _print_result(summary: dict, run_dir: Path) -> None:
     print(f"cnnlab: ok: test accuracy {accuracy} in {seconds:.0f}s, run directory {run_dir}")
 
 
+@entry_point
 def main() -> None:
     run_app(train)
 

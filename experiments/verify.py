@@ -30,7 +30,7 @@ from pathlib import Path
 from cnnlab import baselines
 from cnnlab.baselines import Baseline, Result
 from cnnlab.errors import CnnlabError, ConfigError, DataError
-from experiments.hydra_conf import conf_dir, exit_on_user_error
+from experiments.hydra_conf import conf_dir, entry_point, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = Path(__file__).resolve().parent / "baselines"  # <name>.yaml: what each must reproduce
@@ -210,6 +210,7 @@ def print_registry(registry: dict[str, Baseline]) -> None:
         print(f"  compute: {b.compute}\n  source: {b.source}")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="cnnlab-verify",

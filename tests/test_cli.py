@@ -4,6 +4,9 @@ run directory and W&B offline files, prediction from the checkpoint, and the ins
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +243,22 @@ def test_the_entry_points_work_from_a_built_wheel(tmp_path):
     assert "model: alexnet_lite, lenet5" in helped.stdout  # the config groups of conf/
     table = run(bin_dir / "cnnlab-inspect", "model=alexnet_lite", "data=cifar10")
     assert "alexnet_lite on cifar10 (32x32x3 input, 10 classes)" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "command", [["cnnlab-verify", "--list"], ["cnnlab-inspect"], ["cnnlab-preflight"]]
+)
+def test_output_into_a_closed_pipe_ends_quietly(command):
+    """`cnnlab-verify --list | head -3`: when the reader has gone, the command ends with exit code
+    1 and no BrokenPipeError traceback. The pipe's reading end is closed before the command
+    starts, so its first write fails, whatever the timing."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / command[0]), *command[1:]],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == "", done.stderr[-2000:]
