@@ -1,7 +1,6 @@
 """Sweeps end to end: expansion, pre-flight, invalid points, one W&B run per job, skipping done
 points on a rerun, and refusing to start."""
 
-import csv
 import json
 import re
 import statistics
@@ -11,6 +10,7 @@ import pytest
 
 from experiments.hydra_conf import expand
 from tests.conftest import SWEEP, cli, needs_fashion_mnist
+from tests.test_report import read_csv
 from tests.wandb_records import records, summary_and_history
 
 
@@ -130,11 +130,6 @@ def test_skip_done_false_trains_a_finished_point_again(sweep):
     assert summary["status"] == "ok" and "cached_from" not in summary
     assert summary["test/accuracy"] == first["test/accuracy"]  # trained again, bit for bit
     assert (root / "again" / "0" / "checkpoint").is_dir()
-
-
-def read_csv(path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 @needs_fashion_mnist
