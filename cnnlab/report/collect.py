@@ -22,8 +22,6 @@ from cnnlab.rundir import RunDir
 # the sweep's overrides set it: `name`, say, varies with the model when it interpolates it.
 RESULT_KEYS = frozenset(flatten(identity(Config())))
 REPLICATE = "seed"  # the replicate axis: rows average over it
-# A job's `seeds=[...]` are replicates too (`read_points` makes one point per seed), not a point.
-NOT_A_POINT = frozenset({"seeds"})
 
 
 @dataclass
@@ -81,8 +79,8 @@ def collect(sweep_dir: Path) -> list[Point]:
 
 
 def read_points(job: Path) -> list[Point]:
-    """A job's points: one per seed where it trained `seeds=[...]`, each the run `seed=<s>`
-    alone would be (so a job's seeds are replicates, like a swept `seed`), else the job itself
+    """A job's points: one per seed where it trained `seeds=[...]`, each with the job's config and
+    its own `seed` (so a job's seeds are replicates, like a swept `seed`), else the job itself
     (also a seeds job that stopped before its first seed, or an invalid one)."""
     run = RunDir(job)
     tree = run.config_tree()
@@ -91,9 +89,7 @@ def read_points(job: Path) -> list[Point]:
         return [read_point(job)]
     overrides = run.overrides()  # Hydra's files are the job's, not the seeds'
     return [
-        read_point(
-            job / f"seed_{s}", overrides, f"{job.name}/seed_{s}", {**tree, "seed": s, "seeds": []}
-        )
+        read_point(job / f"seed_{s}", overrides, f"{job.name}/seed_{s}", {**tree, "seed": s})
         for s in seeds
     ]
 
@@ -133,7 +129,7 @@ def swept_keys(points: list[Point]) -> list[str]:
         order.update(dict.fromkeys(point.config))
     swept = []
     for key in order:
-        if key in NOT_A_POINT or (key not in RESULT_KEYS and key not in overridden):
+        if key not in RESULT_KEYS and key not in overridden:
             continue
         values = {repr(p.config[key]) for p in points if key in p.config}
         if len(values) > 1:

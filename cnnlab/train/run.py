@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from cnnlab import checkpoint, geometry, memory
 from cnnlab.checkpoint import Checkpoints
 from cnnlab.config import Config
-from cnnlab.data import Dataset, load_dataset
+from cnnlab.data import INPUT_SHAPES, Dataset, load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
 from cnnlab.parallel import data_mesh, put, put_dataset, replicated
@@ -103,11 +103,13 @@ def prepare(cfg: Config, lanes: bool = False) -> Prepared:
 
 def _check_memory(cfg: Config, rows: list[geometry.Layer], data: Dataset) -> None:
     """A training step's memory against the first device's, before anything compiles. On the CPU
-    the loaded dataset is already in the memory that is left (the device shares it), so only the
-    model's part is checked, against the machine's; `validate` checked the whole beforehand where
-    the input shape is known."""
+    `validate` checked the whole against the machine's memory where the input shape is known;
+    otherwise the loaded dataset is already in the memory that is left (the device shares it), so
+    only the model's part is checked."""
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
+    if on_cpu and cfg.data.name in INPUT_SHAPES:
+        return
     examples = 0 if on_cpu else len(data.train) + len(data.val) + len(data.test)
     est = memory.estimate(cfg, rows, examples, jax.device_count())
     if on_cpu:
