@@ -15,28 +15,42 @@ from typing import Any
 from cnnlab.errors import ConfigError
 from cnnlab.malloc import DEFAULT_ARENAS
 
+# LeNet-5 (LeCun et al., 1998) on 28x28 inputs, the schema's default network (conf/model/lenet5.yaml
+# writes the same list): C1 pads 28x28 to the paper's 32x32 field, C5 is a dense layer on S4's
+# 5x5x16 map; 61,706 parameters with the 10 logits.
+LENET5_LAYERS = [
+    {"conv": 6, "kernel": 5, "padding": 2}, {"act": "relu"}, {"pool": "max", "window": 2},
+    {"conv": 16, "kernel": 5, "padding": 0}, {"act": "relu"}, {"pool": "max", "window": 2},
+    "flatten", {"dense": 120}, {"act": "relu"}, {"dense": 84}, {"act": "relu"},
+]  # fmt: skip
+
 
 @dataclass
 class ModelConfig:
-    name: str = "lenet5"  # a key of cnnlab.models.MODELS
-    # Number of filters = depth of each conv layer's output volume. An int scales the architecture's
-    # widths so that the first conv layer has `depth` filters; a list gives each conv layer's width.
-    depth: Any = 6
-    conv_layers: int | None = None  # number of conv layers; None = the architecture's own count
-    kernel_size: Any = 5  # conv kernel side; int or per-layer list
-    stride: Any = 1  # conv stride; int or per-layer list
-    padding: Any = "same"  # "same", "valid" or pixels per side; one value or a per-layer list
-    activation: str = "relu"  # relu | tanh
-    pool: str = "max"  # max | avg
-    pool_size: int = 2  # pooling window side
-    pool_stride: int = 2  # pooling stride (== pool_size: non-overlapping, < pool_size: overlapping)
-    dense: list[int] = field(default_factory=lambda: [120, 84])  # hidden fully connected widths
-    dropout: float = 0.0  # dropout rate before each hidden dense layer, in [0, 1)
-    # none | batch | group: a normalization after each conv, before the activation. batch:
-    # BatchNorm (Ioffe & Szegedy, 2015), batch statistics in training, running averages in
-    # evaluation. group: GroupNorm (Wu & He, 2018), each example on its own, the same in both.
-    norm: str = "none"
-    norm_groups: int = 8  # GroupNorm's channel groups; every conv width must split into them
+    """A network as a list of layers (`cnnlab.architecture`, README "Models"), and knobs that
+    change every layer of a kind at once (`cnnlab.knobs`): null leaves the layers as written."""
+
+    name: str = "lenet5"  # the preset's name, in run names and reports
+    layers: list[Any] = field(default_factory=lambda: [*LENET5_LAYERS])
+    # Number of filters = depth of each conv layer's output volume. An int scales every conv
+    # width so that the first conv has `depth` filters; a list gives each conv its width.
+    depth: Any = None
+    conv_layers: int | None = None  # keep (or repeat) conv blocks of a plain stack
+    kernel_size: Any = None  # conv kernel side; one value or one per conv
+    stride: Any = None  # conv stride; one value or one per conv
+    padding: Any = None  # "same", "valid" or pixels per side; one value or one per conv
+    activation: str | None = None  # every activation layer: relu, gelu, tanh, ... (Activation)
+    pool: str | None = None  # every pooling layer: max | avg
+    pool_size: int | None = None  # every pooling layer's window side
+    pool_stride: int | None = None  # ... and stride (< pool_size: overlapping)
+    dense: list[int] | None = None  # the hidden fully connected widths
+    dropout: float | None = None  # every dropout layer's rate (one before each dense if none)
+    # none | batch | group | layer: the kind of every normalization layer, one after each conv
+    # (before its activation) where the layers have none. batch: BatchNorm (Ioffe & Szegedy,
+    # 2015), batch statistics in training, running averages in evaluation. group: GroupNorm (Wu &
+    # He, 2018), each example on its own, the same in both.
+    norm: str | None = None
+    norm_groups: int | None = None  # GroupNorm's channel groups; they must divide its channels
 
 
 @dataclass

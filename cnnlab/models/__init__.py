@@ -1,44 +1,28 @@
-"""The model registry: a config's architecture (`cnnlab.architecture.resolve`) as a Flax module.
+"""A config's network (`cnnlab.architecture.resolve`) as a Flax module.
 
-`build_model` passes the resolved per-layer values to the module, so the geometry table and the
-network agree.
+`build_model` gives `ConvNet` the resolved layers that `cnnlab.geometry` walks, so the geometry
+table and the network agree.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnlab.architecture import Architecture, Conv, resolve
+from cnnlab.architecture import Architecture, resolve
 from cnnlab.config import ModelConfig
-from cnnlab.models.alexnet_lite import AlexNetLite
-from cnnlab.models.lenet5 import LeNet5
+from cnnlab.models.convnet import ConvNet
 
-__all__ = ["MODELS", "Architecture", "Conv", "build_model", "resolve", "variables_like"]
-
-MODELS = {"lenet5": LeNet5, "alexnet_lite": AlexNetLite}
+__all__ = ["Architecture", "ConvNet", "build_model", "resolve", "variables_like"]
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The Flax module for this config (validate the geometry first with cnnlab.geometry)."""
-    arch = resolve(cfg)
-    return MODELS[arch.name](
-        features=tuple(c.features for c in arch.convs),
-        kernel_size=arch.kernels,
-        strides=tuple(c.stride for c in arch.convs),
-        padding=tuple(c.padding for c in arch.convs),
-        dense=arch.dense,
-        num_classes=num_classes,
-        activation=arch.activation,
-        pool=arch.pool,
-        pool_size=arch.pool_size,
-        pool_stride=arch.pool_stride,
-        dropout=arch.dropout,
-        norm=arch.norm,
-        norm_groups=arch.norm_groups,
-    )
+def build_model(model: ModelConfig | Architecture, num_classes: int) -> nn.Module:
+    """The Flax module of a config or of its resolved architecture (validate the geometry first
+    with cnnlab.geometry)."""
+    arch = model if isinstance(model, Architecture) else resolve(model)
+    return ConvNet(arch.layers, num_classes)
 
 
-def variables_like(model: nn.Module, image_shape: tuple[int, ...]) -> dict:
+def variables_like(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
     """The model's Flax variables (`params`, and `batch_stats` with BatchNorm) as shapes and
-    dtypes, computing nothing: the `like` tree that restores a checkpoint. [H, W, C] images."""
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+    dtypes, computing nothing: the `like` tree that restores a checkpoint. [*S, C] inputs."""
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))

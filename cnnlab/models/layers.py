@@ -1,64 +1,105 @@
-"""The small vocabulary both architectures share: convolution, activations and pooling."""
+"""The layer vocabulary of `cnnlab.architecture` as Flax: convolution, normalization,
+activations and pooling over any number of spatial axes ([B, L, C] series, [B, H, W, C] images).
+
+Glossary: `B` batch, `H, W` spatial, `L` length, `C` channels, `F` filters, `k` kernel side.
+"""
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cnnlab import kernels
+from cnnlab.architecture import Activation, Norm, NormKind, Pool, PoolKind
 from cnnlab.models import pool
 from cnnlab.models.conv import conv2d, plan
 
+# One function per name of `cnnlab.architecture.Activation` (tests/test_models.py checks both).
+ACTIVATIONS = {name: getattr(nn, name) for name in Activation}
 
-def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-    """`nn.max_pool` ("VALID"); through oneDNN where `cnnlab.kernels` apply (float32 on one CPU
-    device, as the convolutions), whose gradient is several times faster than `nn.max_pool`'s."""
-    if jax.default_backend() == "cpu" and kernels.applies(x.dtype, jax.device_count()):
+
+def _window_pads(padding, spatial, window: int, stride: int):
+    if isinstance(padding, str):  # "same" / "valid", resolved as XLA does
+        return jax.lax.padtype_to_pads(spatial, (window,) * len(spatial), (stride,) * len(spatial),
+                                       padding.upper())  # fmt: skip
+    return ((padding, padding),) * len(spatial)
+
+
+def pooled(x: jax.Array, layer: Pool) -> jax.Array:
+    """Max or average pooling of `layer`'s window over every spatial axis of x [B, *S, C]."""
+    rank, window, stride = x.ndim - 2, layer.window, layer.step
+    unpadded = layer.padding in ("valid", 0)
+    if layer.kind == PoolKind.max and rank == 2 and unpadded and _onednn(x):
+        # oneDNN's gradient is several times faster than `nn.max_pool`'s (cnnlab.models.pool)
         return pool.max_pool_onednn(x, window, stride)
-    return nn.max_pool(x, (window, window), (stride, stride))
+    pads = _window_pads(layer.padding, x.shape[1:-1], window, stride)
+    fn = nn.max_pool if layer.kind == PoolKind.max else nn.avg_pool
+    return fn(x, (window,) * rank, (stride,) * rank, pads)
 
 
-def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-    """`nn.avg_pool` ("VALID"), which is fast everywhere."""
-    return nn.avg_pool(x, (window, window), (stride, stride))
+def global_pooled(x: jax.Array, kind: PoolKind) -> jax.Array:
+    """[B, *S, C] -> [B, C]: the mean or maximum over every spatial position."""
+    axes = tuple(range(1, x.ndim - 1))
+    return jnp.max(x, axis=axes) if kind == PoolKind.max else jnp.mean(x, axis=axes)
 
 
-ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh}
-POOLS = {"max": max_pool, "avg": avg_pool}
+def _onednn(x: jax.Array) -> bool:
+    return jax.default_backend() == "cpu" and kernels.applies(x.dtype, jax.device_count())
 
 
-def norm(kind: str, groups: int, name: str, train: bool, dtype=None):
-    """The normalization after a conv layer (`ModelConfig.norm`): a module, or identity. Its
-    output has `dtype` (the conv's, so bfloat16 stays bfloat16; the statistics are float32).
+def norm(layer: Norm, train: bool, dtype=None) -> nn.Module:
+    """The normalization module of `layer`. Its output has `dtype` (the conv's, so bfloat16 stays
+    bfloat16; the statistics are float32).
 
-    "batch": BatchNorm (Ioffe & Szegedy, 2015) with the batch's statistics in training and the
-    running averages (momentum 0.9, in the `batch_stats` collection) otherwise; "group":
-    GroupNorm over `groups` groups of channels, per example, the same in training and test.
+    batch: BatchNorm (Ioffe & Szegedy, 2015) with the batch's statistics in training and the
+    running averages (momentum 0.9, in the `batch_stats` collection) otherwise; group: GroupNorm
+    over `groups` groups of channels, per example; layer: LayerNorm over the channels, per
+    position; both the same in training and test.
     """
-    if kind == "batch":
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, name=name)
-    if kind == "group":
-        return nn.GroupNorm(num_groups=groups, dtype=dtype, name=name)
-    return lambda x: x
+    if layer.kind == NormKind.batch:
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype,
+                            name=layer.name)  # fmt: skip
+    if layer.kind == NormKind.group:
+        return nn.GroupNorm(num_groups=layer.groups, dtype=dtype, name=layer.name)
+    return nn.LayerNorm(dtype=dtype, name=layer.name)
 
 
 class Conv(nn.Module):
-    """A square convolution with the parameters of `nn.Conv` (kernel [k, k, C, F], bias [F]),
-    computed by `cnnlab.models.conv.conv2d` the way `cnnlab.models.conv.plan` picks for it."""
+    """A convolution with the parameters of `nn.Conv` (kernel [k, ..., k, C, F], bias [F]) over
+    every spatial axis. Images, and series as images one pixel high, are computed by
+    `cnnlab.models.conv.conv2d` the way `cnnlab.models.conv.plan` picks for the layer; dilated
+    and 3-D kernels by XLA's convolution."""
 
     features: int  # F, filters = depth of the output volume
-    kernel_size: int  # k
+    kernel_size: int  # k, along every spatial axis
     stride: int
     padding: str | int  # "same", "valid" or pixels per side
+    dilation: int = 1
+    use_bias: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H', W', F]
-        k, s = self.kernel_size, self.stride
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features)
-        )
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        if isinstance(self.padding, str):  # "same" / "valid", resolved as XLA does
-            padding = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), self.padding.upper())
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, *S, C] -> [B, *S', F]
+        rank, k, s = x.ndim - 2, self.kernel_size, self.stride
+        shape = (k,) * rank + (x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape).astype(x.dtype)
+        span = self.dilation * (k - 1) + 1
+        pads = _window_pads(self.padding, x.shape[1:-1], span, s)
+        if self.dilation > 1 or rank not in (1, 2):
+            spatial = "DHW"[-rank:] if rank <= 3 else None
+            numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (s,) * rank, pads, rhs_dilation=(self.dilation,) * rank,
+                dimension_numbers=numbers,
+            )  # fmt: skip
+        elif rank == 1:  # a series as an image one pixel high
+            y = _conv2d(x[:, None], kernel[None], (1, s), ((0, 0), *pads))[:, 0]
         else:
-            padding = ((self.padding, self.padding),) * 2
-        how = plan(x.shape[-1], jax.default_backend(), jax.device_count(), x.dtype)
-        return conv2d(x, kernel.astype(x.dtype), (s, s), padding, how) + bias.astype(x.dtype)
+            y = _conv2d(x, kernel, (s, s), pads)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+            y = y + bias.astype(x.dtype)
+        return y
+
+
+def _conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads) -> jax.Array:
+    how = plan(x.shape[-1], jax.default_backend(), jax.device_count(), x.dtype)
+    return conv2d(x, kernel, strides, tuple(map(tuple, pads)), how)

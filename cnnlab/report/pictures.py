@@ -16,6 +16,7 @@ without pyplot, as in `cnnlab.report.plots`.
 Glossary: `N` images, `H, W` spatial, `C` channels, `K` classes, `F` filters.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from cnnlab import geometry
+from cnnlab.architecture import Act, Conv, GlobalPool, Norm, Pool, Residual, resolve, walk
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.inference import predict_probs
-from cnnlab.models import resolve
-from cnnlab.models.layers import ACTIVATIONS, POOLS
 from cnnlab.preprocess import normalize
 from cnnlab.report.plots import no_data, series_color
 from cnnlab.rundir import DatasetInfo, RunDir, TrainedModel
@@ -116,45 +116,77 @@ class FeatureMap:
 def feature_maps(
     model: TrainedModel, image: np.ndarray, mean: np.ndarray, std: np.ndarray
 ) -> list[FeatureMap]:
-    """The maps of one uint8 `image` [H, W, C] after each conv (with its activation) and pool,
-    normalized with the training split's `mean` and `std` [C].
+    """The maps of one uint8 `image` [H, W, C] after each conv (with the normalization and
+    activation that follow it), each pool and each residual block, normalized with the training
+    split's `mean` and `std` [C].
 
-    The conv outputs come from Flax's `capture_intermediates`; the activation and pooling that the
-    model applies after each conv are applied here with the model's own functions (they are not
-    submodules, so Flax does not capture them). Each map's extent places its pixels on the input's
-    grid: a pixel covers `jump x jump` input pixels, where jump is the product of the strides so
-    far, and is centred where the centre of its receptive field lies.
+    The maps are the network's own outputs, which `ConvNet` puts in its `maps` collection. Each
+    map's extent places its pixels on the input's grid: a pixel covers `jump x jump` input pixels,
+    where jump is the product of the strides so far, and is centred where the centre of its
+    receptive field lies.
     """
     x = normalize(jnp.asarray(image[None]), np.float32(mean), np.float32(std))  # [1, H, W, C]
-    _, state = model.module.apply(
-        model.variables, x, capture_intermediates=True, mutable=["intermediates"]
-    )
-    captured, arch = state["intermediates"], resolve(model.config)
-    act, pool = ACTIVATIONS[arch.activation], POOLS[arch.pool]
-    size = np.array(image.shape[:2])  # (H, W) of the current map
-    centre = np.zeros(2)  # input coordinates (row, column) of the centre of the map's pixel 0
-    jump = 1  # input pixels per map pixel, along each side
+    _, state = model.module.apply(model.variables, x, mutable=["maps"])
+    arch = resolve(model.config)
+    layers, names = arch.layers, geometry.row_names(arch.layers)
+    place = _Placement(np.array(image.shape[:2]), np.zeros(2), 1)
     maps = []
-    for i, conv in enumerate(arch.convs, start=1):
-        # the conv's output, or the normalization's that follows it
-        layer = f"norm{i}" if arch.norm != "none" else f"conv{i}"
-        y = act(captured[layer]["__call__"][0])  # [1, H', W', F]
-        k, s = conv.kernel, conv.stride
-        lo = np.array([geometry.pads(conv.padding, int(n), k, s)[0] for n in size])
-        centre = centre + ((k - 1) / 2 - lo) * jump
-        jump *= s
-        normed = f", {arch.norm} norm" if arch.norm != "none" else ""
-        detail = f"{k}x{k}/{s} pad {conv.padding}{normed}, {arch.activation}"
-        maps.append(FeatureMap(f"conv{i}", detail, np.asarray(y[0]), _extent(y, centre, jump)))
-        size = np.array(y.shape[1:3])
-        if conv.pool:
-            y = pool(y, arch.pool_size, arch.pool_stride)  # [1, H'', W'', F]
-            centre = centre + (arch.pool_size - 1) / 2 * jump
-            jump *= arch.pool_stride
-            detail = f"{arch.pool} pool {arch.pool_size}x{arch.pool_size}/{arch.pool_stride}"
-            maps.append(FeatureMap(f"pool{i}", detail, np.asarray(y[0]), _extent(y, centre, jump)))
-            size = np.array(y.shape[1:3])
+    for i, (layer, name) in enumerate(zip(layers, names, strict=True)):
+        if not isinstance(layer, Conv | Pool | Residual):
+            continue
+        place = place.after(layer)
+        shown = i  # a conv is shown after the normalization and activation that follow it
+        while (
+            isinstance(layer, Conv)
+            and shown + 1 < len(layers)
+            and isinstance(layers[shown + 1], Norm | Act)
+        ):
+            shown += 1
+        y = np.asarray(state["maps"]["outputs"][shown])  # [1, H', W', F]
+        detail = _detail(layers[i : shown + 1])
+        maps.append(FeatureMap(name, detail, y[0], _extent(y, place.centre, place.jump)))
+        place = dataclasses.replace(place, size=np.array(y.shape[1:3]))
     return maps
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where a map's pixels lie on the input: its size, the input coordinates (row, column) of
+    the centre of its pixel 0, and the input pixels per map pixel along each side."""
+
+    size: np.ndarray
+    centre: np.ndarray
+    jump: int
+
+    def after(self, layer) -> "_Placement":
+        if isinstance(layer, Residual):  # the branch's convs and pools set where its pixels lie
+            place = self
+            for inner in layer.layers:
+                if isinstance(inner, Conv | Pool):
+                    place = place.after(inner)
+            return place
+        k, s, padding = (
+            (layer.dilation * (layer.kernel - 1) + 1, layer.stride, layer.padding)
+            if isinstance(layer, Conv) else (layer.window, layer.step, layer.padding)
+        )  # fmt: skip
+        lo = np.array([geometry.pads(padding, int(n), k, s)[0] for n in self.size])
+        size = np.array([geometry.out_size(int(n), k, s, geometry.pads(padding, int(n), k, s))
+                         for n in self.size])  # fmt: skip
+        return _Placement(size, self.centre + ((k - 1) / 2 - lo) * self.jump, self.jump * s)
+
+
+def _detail(layers: tuple) -> str:
+    """A map's caption: "5x5/1 pad 2, relu", "max pool 2x2/2", "residual: 2 convs"."""
+    first = layers[0]
+    if isinstance(first, Pool):
+        return f"{first.kind} pool {first.window}x{first.window}/{first.step}"
+    if isinstance(first, Residual):
+        convs = sum(isinstance(layer, Conv) for layer in first.layers)
+        return f"residual block of {convs} convs"
+    extras = [
+        f"{layer.kind} norm" if isinstance(layer, Norm) else str(layer.fn) for layer in layers[1:]
+    ]
+    return ", ".join([f"{first.kernel}x{first.kernel}/{first.stride} pad {first.padding}", *extras])
 
 
 def _extent(y, centre: np.ndarray, jump: int) -> tuple[float, float, float, float]:
@@ -382,9 +414,10 @@ def run_pictures(
             f"image index {image_index} is outside the {len(test.images)} test images"
         )
     probs = np.asarray(probs)
-    cfg = model.config
+    arch = resolve(model.config)
+    first = arch.convs[0].name
     return RunPictures(
-        kernel=np.asarray(model.variables["params"]["conv1"]["kernel"]),
+        kernel=np.asarray(model.variables["params"][first]["kernel"]),
         maps=feature_maps(model, test.images[image_index], data.mean, data.std),
         image_index=image_index,
         images=test.images,
@@ -393,9 +426,18 @@ def run_pictures(
         counts=confusion_matrix(test.labels, np.argmax(probs, -1), data.num_classes),
         class_names=list(data.class_names),
         records=records,
-        # the activation and pooling tell LeNet-5's classic variant (tanh, avg) from the modern one
-        model=f"{cfg.name} ({cfg.activation}, {cfg.pool} pooling)",
+        model=_title(arch),
     )
+
+
+def _title(arch) -> str:
+    """The network's name with its activation and pooling, which tell LeNet-5's classic variant
+    (tanh, avg) from the modern one: "lenet5 (relu, max pooling)"."""
+    layers = list(walk(arch.layers))
+    acts = dict.fromkeys(str(x.fn) for x in layers if isinstance(x, Act))
+    pools = dict.fromkeys(str(x.kind) for x in layers if isinstance(x, Pool | GlobalPool))
+    parts = [", ".join(acts), f"{', '.join(pools)} pooling" if pools else ""]
+    return f"{arch.name} ({', '.join(p for p in parts if p)})"
 
 
 def draw_run(pics: RunPictures, out_dir: Path, n_wrong: int = 16) -> dict[str, Path]:
