@@ -342,7 +342,24 @@ def resolve(cfg: ModelConfig) -> Architecture:
     layers = knobs.apply(read_layers(cfg.layers), cfg)
     if not layers:
         raise ConfigError("model.layers is empty: pick a preset (model=lenet5) or list layers")
-    return Architecture(cfg.name, named(layers))
+    layers = named(layers)
+    _check_groups(layers)
+    return Architecture(cfg.name, layers)
+
+
+def _check_groups(layers: tuple) -> None:
+    """Each GroupNorm right after a conv splits that conv's filters evenly (others are checked
+    by the geometry, which knows their channels)."""
+    pairs = [(a, b) for a, b in zip(walk(layers), list(walk(layers))[1:], strict=False)
+             if isinstance(a, Conv) and isinstance(b, Norm) and b.kind == NormKind.group]  # fmt: skip
+    widths = [conv.features for conv, _ in pairs]
+    for conv, norm in pairs:
+        if conv.features % norm.groups:
+            fits = [g for g in range(1, min(widths) + 1) if all(w % g == 0 for w in widths)]
+            raise ConfigError(
+                f"model.norm_groups={norm.groups} does not divide {conv.name}'s {conv.features} "
+                f"filters; groups that divide every conv width {widths}: {fits}"
+            )
 
 
 __all__ = [

@@ -19,9 +19,9 @@ from cnnlab.malloc import DEFAULT_ARENAS
 # writes the same list): C1 pads 28x28 to the paper's 32x32 field, C5 is a dense layer on S4's
 # 5x5x16 map; 61,706 parameters with the 10 logits.
 LENET5_LAYERS = [
-    {"conv": 6, "kernel": 5, "padding": 2}, {"act": "relu"}, {"pool": "max", "window": 2},
-    {"conv": 16, "kernel": 5, "padding": 0}, {"act": "relu"}, {"pool": "max", "window": 2},
-    "flatten", {"dense": 120}, {"act": "relu"}, {"dense": 84}, {"act": "relu"},
+    {"conv": 6, "kernel": 5, "padding": 2}, "relu", {"pool": "max", "window": 2},
+    {"conv": 16, "kernel": 5, "padding": 0}, "relu", {"pool": "max", "window": 2},
+    "flatten", {"dense": 120}, "relu", {"dense": 84}, "relu",
 ]  # fmt: skip
 
 

@@ -9,6 +9,7 @@ none: select-and-scatter, the gradient of `nn.max_pool`, which XLA then refuses 
 ("does not have a deterministic implementation"). Average pooling's gradient has one.
 """
 
+from cnnlab.architecture import Pool, PoolKind, resolve, walk
 from cnnlab.config import ModelConfig
 
 # XLA's flags (xla/debug_options_flags.cc; both known to the CPU backend too, where they change
@@ -25,7 +26,8 @@ def with_xla_flags(current: str) -> str:
 
 def warning(backend: str, model: ModelConfig) -> str | None:
     """What `deterministic=true` cannot do for this model on this JAX backend, or None."""
-    if backend in GPU_BACKENDS and model.pool == "max":
+    pools = [layer.kind for layer in walk(resolve(model).layers) if isinstance(layer, Pool)]
+    if backend in GPU_BACKENDS and PoolKind.max in pools:
         return (
             "deterministic=true: max pooling's gradient (select-and-scatter) has no deterministic "
             "GPU implementation, so XLA will refuse to compile the training step; use "

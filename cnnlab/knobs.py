@@ -1,7 +1,7 @@
 """The model config's knobs, applied to a layer list: sweeps over a whole network in one key.
 
 A knob left null keeps what the layers say. Set, it changes every layer it names:
-- `conv_layers=N`: the first N conv blocks of a plain stack (a block is a conv and the layers up
+- `conv_layers=N` (or, unset, the length of the first per-conv list below): the first N conv blocks of a plain stack (a block is a conv and the layers up
   to the next conv), the last of them ending with the stack's last pool; above the stack's count,
   copies of its last block before it, pooled only where the stack pools after every conv;
 - `depth`: an int scales every conv width so that the first has `depth` filters; a list gives
@@ -53,8 +53,9 @@ class NormKnob(StrEnum):
 
 def apply(layers: tuple, cfg: ModelConfig) -> tuple:
     """`layers` with every knob of `cfg` that is set applied."""
-    if cfg.conv_layers is not None:
-        layers = _conv_layers(layers, cfg.conv_layers)
+    count = cfg.conv_layers if cfg.conv_layers is not None else _listed_count(layers, cfg)
+    if count is not None:
+        layers = _conv_layers(layers, count)
     layers = _per_conv(layers, cfg)
     if cfg.activation is not None:
         fn = _choose("model.activation", cfg.activation, Activation)
@@ -72,17 +73,29 @@ def apply(layers: tuple, cfg: ModelConfig) -> tuple:
     return layers
 
 
+def _listed_count(layers: tuple, cfg: ModelConfig) -> int | None:
+    """Without `conv_layers`, the first per-conv list sets how many conv blocks a plain stack
+    has (`model.depth=[8,16,32]` gives LeNet-5 a third); None where no list changes it."""
+    for key in ("depth", "kernel_size", "stride", "padding"):
+        value = getattr(cfg, key)
+        if isinstance(value, list | tuple):
+            convs = sum(isinstance(layer, Conv) for layer in _flat(layers))
+            plain = not any(isinstance(layer, Residual) for layer in layers)
+            return len(value) if value and plain and len(value) != convs else None
+    return None
+
+
 def _checked(key: str, value: Any, check) -> Any:
     if not check(value):
         raise ConfigError(f"model.{key}={value!r} is invalid: use {check.__doc__}")
     return value
 
 
-def _each(layers: tuple, kind: type, **changes) -> tuple:
-    """Every layer of `kind`, in residual blocks too, with `changes`."""
+def _each(layers: tuple, cls: type, **changes) -> tuple:
+    """Every layer of type `cls`, in residual blocks too, with `changes`."""
     return tuple(
-        dataclasses.replace(layer, **changes) if isinstance(layer, kind)
-        else dataclasses.replace(layer, layers=_each(layer.layers, kind, **changes))
+        dataclasses.replace(layer, **changes) if isinstance(layer, cls)
+        else dataclasses.replace(layer, layers=_each(layer.layers, cls, **changes))
         if isinstance(layer, Residual) else layer
         for layer in layers
     )  # fmt: skip

@@ -8,7 +8,7 @@ run, whose state and dataset every device holds whole):
   SGD 0, AdamW 2: its first and second moments);
 - gradients: one float32 value per parameter;
 - activations kept for the backward pass: each layer's output (each row of `cnnlab.geometry`'s
-  table, the normalized input included) x batch x bytes per element of `train.precision`;
+  table but flatten's, the normalized input included) x batch x bytes per element of `train.precision`;
 - the dataset held on the device for the whole run (`cnnlab.train.step`): train, validation and
   test images as uint8 and their labels as int32.
 Models trained side by side (`seeds` with any `seeds_strategy` but sequential) multiply the
@@ -90,7 +90,8 @@ def estimate(cfg: Config, rows: list, examples: int, devices: int = 1) -> Estima
     slots = optimizer_slots(cfg.optimizer)
     batch = -(-cfg.train.batch_size // devices)
     models = 1 if cfg.seeds_strategy == "sequential" else max(1, len(cfg.seeds))
-    per_example = sum(math.prod(row.out_shape) for row in rows)  # the input row included
+    # the input row included; a flatten is a view of the map before it
+    per_example = sum(math.prod(row.out_shape) for row in rows if row.kind != "flatten")
     image = math.prod(rows[0].out_shape)  # [H, W, C] uint8
     return Estimate(
         params=models * params * PARAM_BYTES,

@@ -193,7 +193,9 @@ def _unknown_in(dotted: str) -> list[str] | None:
     """None if `dotted` is a key of the schema, else the valid keys where it leaves it."""
     schema = Config
     for part in dotted.split("."):
-        kinds = {f.name: f.type for f in fields(schema)} if is_dataclass(schema) else {}
+        if not is_dataclass(schema):  # inside a free-form value (model.layers.2.conv=...)
+            return None
+        kinds = {f.name: f.type for f in fields(schema)}
         if part not in kinds:
             return list(kinds)
         schema = kinds[part]

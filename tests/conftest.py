@@ -20,10 +20,22 @@ needs_fashion_mnist = pytest.mark.skipif(
 needs_cifar10 = pytest.mark.skipif(not CIFAR10_ZIP.is_file(), reason=f"no {CIFAR10_ZIP}")
 
 
+def preset(name: str, **knobs) -> ModelConfig:
+    """The model preset conf/model/<name>.yaml (its `defaults` first), with `knobs` set."""
+    import yaml
+
+    tree = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
+    values = {}
+    for parent in tree.pop("defaults", []):
+        if parent != "_self_":
+            values.update(dataclasses.asdict(preset(parent)))
+    return ModelConfig(**{**values, **tree, **knobs})
+
+
 def small_config(**changes) -> Config:
     """LeNet-5 on 2,000 Fashion-MNIST images for one epoch, W&B off: a run of a few seconds."""
     cfg = Config(
-        model=ModelConfig(padding=[2, 0]),
+        model=ModelConfig(),
         data=DataConfig(train_limit=2000, test_limit=1000),
         train=TrainConfig(epochs=1, batch_size=64, log_every_steps=10),
         logger=LoggerConfig(mode="disabled", pictures=False),

@@ -69,14 +69,17 @@ BAD = [
     ("range checkpoint every", ["checkpoint.every_steps=0"], "checkpoint.every_steps"),
     ("range skip_nonfinite", ["optimizer.skip_nonfinite=-1"], "optimizer.skip_nonfinite"),
     # unknown names
-    ("unknown model name", ["model.name=resnet"], "model.name"),
     ("unknown model group", ["model=resnet"], "model/resnet"),
     ("unknown data name", ["data.name=imagenet"], "data.name"),
     ("unknown data group", ["data=imagenet"], "data/imagenet"),
     ("unknown optimizer name", ["optimizer.name=lion"], "optimizer.name"),
     ("unknown optimizer group", ["optimizer=lion"], "optimizer/lion"),
     ("unknown padding", ["model.padding=full"], "model.padding"),
-    ("unknown activation", ["model.activation=gelu"], "model.activation"),
+    (
+        "unknown activation",
+        ["model.activation=gleu"],
+        "model.activation='gleu' is not known; did you mean gelu?",
+    ),
     ("unknown schedule", ["optimizer.schedule=step"], "optimizer.schedule"),
     ("unknown logger mode", ["logger.mode=loud"], "logger.mode"),
     ("unknown sweep preset", ["sweep=nope"], "sweep/nope"),
@@ -86,6 +89,99 @@ BAD = [
     ("geometry stride", ["model.padding=valid", "model.stride=2"], "pool2"),
     ("geometry alexnet", ["model=alexnet_lite", "model.stride=2"], "pool"),
     ("geometry list length", ["model.conv_layers=3"], "model.padding"),
+    # mistakes in a layer list: each names the layer's index and key, or the layer's table name
+    ("layers not a list", ["model.layers=conv"], "Write a list as model.layers=[a,b]"),
+    (
+        "layer kind typo",
+        ["model.layers=[{conv: 8},{cnov: 8},flatten]"],
+        "model.layers[1] has no kind ('cnov' is not one; did you mean conv?)",
+    ),
+    (
+        "layer bare typo",
+        ["model.layers=[{conv: 8},rleu,flatten]"],
+        "model.layers[1]='rleu' is not a layer; did you mean relu?",
+    ),
+    (
+        "layer two kinds",
+        ["model.layers=[{conv: 8, dense: 4},flatten]"],
+        "model.layers[0] has 2 kinds (conv, dense)",
+    ),
+    (
+        "layer option typo",
+        ["+model.layers.0.kernal=3"],
+        "model.layers[0].kernal: a conv layer has no option 'kernal'; did you mean kernel?",
+    ),
+    (
+        "layer missing value",
+        ["model.layers.0.conv=null"],
+        "model.layers[0].conv is missing its value",
+    ),
+    (
+        "layer kind without value",
+        ["model.layers=[conv,flatten]"],
+        "model.layers[0]: a conv layer needs a value",
+    ),
+    (
+        "layer activation typo",
+        ["model.layers=[{conv: 8},{act: gleu},flatten]"],
+        "model.layers[1].act='gleu' is not known; did you mean gelu?",
+    ),
+    (
+        "layer pool kind",
+        ["model.layers.2.pool=median"],
+        "model.layers[2].pool='median' is not known",
+    ),
+    ("layer padding", ["model.layers.0.padding=full"], "model.layers[0].padding='full' is invalid"),
+    ("layer stride zero", ["+model.layers.0.stride=0"], "model.layers[0].stride=0 is invalid"),
+    (
+        "layer dropout rate",
+        ["model.layers=[{conv: 8},flatten,{dropout: 1.0}]"],
+        "model.layers[2].dropout=1.0 is invalid",
+    ),
+    (
+        "layer empty residual",
+        ["model.layers=[{conv: 8},{residual: []},flatten]"],
+        "model.layers[1].residual is empty",
+    ),
+    (
+        "layer kernel larger than its input",
+        ["model.layers.0.kernel=40", "model.layers.0.padding=valid"],
+        "conv1 (conv 40x40, stride 1, pad 0) gets a 28x28x1 input",
+    ),
+    (
+        "layer residual cannot add",
+        ["model.layers=[{conv: 8},{residual: [{conv: 8, padding: valid}]},global_pool]"],
+        "res1 (residual block) cannot add its branches",
+    ),
+    (
+        "layer dense on a map",
+        ["model.layers=[{conv: 8},{dense: 10}]"],
+        "dense1 (dense 10) gets a 28x28x8 map: put flatten or global_pool before it",
+    ),
+    (
+        "layer global_pool on a vector",
+        ["model.layers=[{conv: 8},flatten,global_pool]"],
+        "global_pool1 (global_pool) gets a vector of 6272 units",
+    ),
+    (
+        "layer conv on a vector",
+        ["model.layers=[flatten,{conv: 8}]"],
+        "conv1 (conv) gets a vector of 784 units",
+    ),
+    ("layers end on a map", ["model.layers=[{conv: 8},relu]"], "the layers end on a 28x28x8 map"),
+    (
+        "layer group norm",
+        [
+            "model.layers=[{conv: 6},{norm: group, groups: 4},relu,flatten]",
+            "model.norm_groups=null",
+        ],
+        "model.norm_groups=4 does not divide conv1's 6 filters",
+    ),
+    (
+        "conv_layers on a residual net",
+        ["model.layers=[{conv: 8},{residual: [{conv: 8}]},flatten]", "model.conv_layers=2"],
+        "model.conv_layers applies to a plain stack",
+    ),
     # a training step larger than the machine's memory
     ("memory batch", ["model=alexnet_lite", "train.batch_size=100000000"], "at batch 100000000"),
     # malformed sweep syntax
@@ -157,7 +253,7 @@ def outcomes(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
     make_bad_files(root)
 
     def invoke(number: int, overrides: list[str]) -> subprocess.CompletedProcess:
-        overrides = [o.format(tmp=root) for o in overrides]
+        overrides = [o.replace("{tmp}", str(root)) for o in overrides]
         flag = overrides[:1] if overrides[:1] == ["-m"] else []  # before the short-run settings
         dirs = [f"hydra.run.dir={root}/run-{number}", f"hydra.sweep.dir={root}/sweep-{number}"]
         dirs = [d for d in dirs if not any(o.startswith(d.split("=")[0]) for o in overrides)]
@@ -175,7 +271,7 @@ def test_bad_input_is_a_short_error_naming_the_key_or_file(outcomes, name, named
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert 1 <= len(lines) <= 3 and lines[-1].startswith("cnnlab: error: "), done.stderr
-    assert named.format(tmp=root) in done.stderr, done.stderr
+    assert named.replace("{tmp}", str(root)) in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("command", ["train", "inspect_model"])

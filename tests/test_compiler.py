@@ -15,6 +15,7 @@ from cnnlab.parallel import data_mesh
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
 from cnnlab.train.step import StepSettings, create_state, make_train_step
+from tests.conftest import preset
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def test_the_options_change_no_value_of_a_training_step(model, fresh_options, mo
     reduction is emitted differently). A control compiled with fast math must differ from XLA's
     defaults, so the options really reach the step's compilation."""
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    cfg = ModelConfig(name=model, norm="batch" if model == "alexnet_lite" else "none")
+    cfg = preset(model, norm="batch" if model == "alexnet_lite" else "none")
     net = build_model(cfg, 10)
     tx, _ = build_optimizer(OptimizerConfig(), 10, 1)
     rng = np.random.default_rng(0)

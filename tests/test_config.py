@@ -2,7 +2,7 @@
 
 import pytest
 
-from cnnlab.config import Config, closest_key
+from cnnlab.config import Config, ModelConfig, closest_key
 from cnnlab.errors import ConfigError
 from cnnlab.validate import validate
 from experiments.hydra_conf import compose_config, conf_dir, to_config
@@ -36,13 +36,16 @@ def test_every_group_option_composes_and_validates(group, option):
 
 def test_defaults_are_lenet5_on_fashion_mnist():
     cfg = load()
-    assert (cfg.model.name, cfg.data.name, cfg.model.padding) == ("lenet5", "fashion_mnist", [2, 0])
+    assert (cfg.model.name, cfg.data.name) == ("lenet5", "fashion_mnist")
+    assert cfg.model.layers == ModelConfig().layers  # the preset writes out the schema's default
+    assert [cfg.model.layers[i]["padding"] for i in (0, 3)] == [2, 0]
     assert isinstance(cfg, Config) and cfg.name == "lenet5_fashion_mnist"
 
 
 def test_classic_lenet5_is_tanh_and_average_pooling():
     cfg = load("model=lenet5_classic")
-    assert (cfg.model.activation, cfg.model.pool, cfg.model.depth) == ("tanh", "avg", 6)
+    assert (cfg.model.activation, cfg.model.pool, cfg.model.depth) == ("tanh", "avg", None)
+    assert cfg.model.layers == load().model.layers  # LeNet-5's layers, with every act and pool set
 
 
 def test_sweepable_overrides_reach_the_model():
@@ -84,16 +87,14 @@ def test_the_checks_name_what_the_code_implements_and_load_without_jax():
 
     from cnnlab import architecture
     from cnnlab import validate as checks
-    from cnnlab.models import MODELS
-    from cnnlab.models.layers import ACTIVATIONS, POOLS
+    from cnnlab.models.layers import ACTIVATIONS
     from cnnlab.train.losses import LOSSES
     from cnnlab.train.optim import OPTIMIZERS, SCHEDULES
     from cnnlab.train.step import PRECISIONS
 
     assert tuple(LOSSES) == checks.LOSSES and tuple(PRECISIONS) == checks.PRECISIONS
     assert tuple(OPTIMIZERS) == checks.OPTIMIZERS and tuple(SCHEDULES) == checks.SCHEDULES
-    assert tuple(MODELS) == tuple(architecture.FAMILIES)
-    assert tuple(ACTIVATIONS) == architecture.ACTIVATIONS and tuple(POOLS) == architecture.POOLS
+    assert tuple(ACTIVATIONS) == tuple(architecture.Activation)
     probe = "import sys, cnnlab.validate, cnnlab.geometry; print(sorted({'jax', 'flax', 'optax'} & set(sys.modules)))"  # noqa: E501
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

@@ -16,6 +16,7 @@ from cnnlab import kernels
 from cnnlab.config import ModelConfig
 from cnnlab.models import build_model
 from cnnlab.models.conv import conv2d
+from tests.conftest import preset
 
 
 def test_the_kernels_are_available_on_this_machine():
@@ -53,7 +54,7 @@ def test_cnnlab_conv_xla_turns_the_kernels_off():
 
 NETWORKS = [
     ("lenet5", ModelConfig(padding=[2, 0]), (8, 28, 28, 1)),
-    ("alexnet_lite", ModelConfig(name="alexnet_lite", depth=8, norm="batch"), (4, 16, 16, 3)),
+    ("alexnet_lite", preset("alexnet_lite", depth=8, norm="batch"), (4, 16, 16, 3)),
 ]
 
 

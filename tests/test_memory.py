@@ -12,10 +12,11 @@ from cnnlab.errors import ConfigError
 from experiments.hydra_conf import compose_config, conf_dir, to_config
 
 # LeNet-5 on Fashion-MNIST, as conf/model/lenet5.yaml: 61,706 float32 parameters; the values one
-# example keeps for the backward pass, layer by layer: input 28x28x1, conv1 28x28x6, pool1
-# 14x14x6, conv2 10x10x16, pool2 5x5x16, dense 120 and 84, logits 10.
+# example keeps for the backward pass, layer by layer: input 28x28x1, conv1 and its relu 28x28x6,
+# pool1 14x14x6, conv2 and its relu 10x10x16, pool2 5x5x16 (flatten is a view of it), dense 120 and
+# 84 and their relus, logits 10.
 PARAMS = 61_706
-PER_EXAMPLE = 784 + 4704 + 1176 + 1600 + 400 + 120 + 84 + 10
+PER_EXAMPLE = 784 + 2 * 4704 + 1176 + 2 * 1600 + 400 + 2 * 120 + 2 * 84 + 10
 LENET5 = Config(
     model=ModelConfig(padding=[2, 0]),
     data=DataConfig(train_limit=1000, test_limit=500),  # val_fraction 0.1 of 60,000: 6,000

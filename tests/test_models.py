@@ -10,14 +10,13 @@ import pytest
 from cnnlab import geometry
 from cnnlab.config import ModelConfig
 from cnnlab.errors import ConfigError
+from cnnlab.architecture import Conv, Flatten, Pool
 from cnnlab.models import build_model, resolve, variables_like
+from tests.conftest import preset
 
-LENET5 = ModelConfig()  # the dataclass defaults are LeNet-5's, with padding "same"
-LENET5_FMNIST = dataclasses.replace(LENET5, padding=[2, 0])
-ALEXNET_LITE = ModelConfig(
-    name="alexnet_lite", depth=24, kernel_size=[5, 5, 3, 3, 3], padding="same",
-    pool_size=3, pool_stride=2, dense=[512, 512], dropout=0.5,
-)  # fmt: skip
+LENET5_FMNIST = preset("lenet5")  # padding 2 in C1 and none in C3, as on 28x28 inputs
+LENET5 = dataclasses.replace(LENET5_FMNIST, padding="same")
+ALEXNET_LITE = preset("alexnet_lite")
 
 
 def real_params(cfg: ModelConfig, shape, num_classes=10):
@@ -60,16 +59,36 @@ def test_depth_scales_widths_in_the_architecture_proportions():
     assert [c.features for c in resolve(alexnet).convs] == [96, 256, 384, 384, 256]
 
 
+def pooled(cfg: ModelConfig) -> list[bool]:
+    """For each conv: whether a pool follows it before the next conv or the flatten."""
+    out = []
+    for layer in resolve(cfg).layers:
+        if isinstance(layer, Conv):
+            out.append(False)
+        elif isinstance(layer, Flatten):
+            break
+        elif isinstance(layer, Pool):
+            out[-1] = True
+    return out
+
+
 def test_per_layer_lists_and_conv_layers():
-    cfg = dataclasses.replace(LENET5, depth=[4, 8, 16], padding="same")
+    cfg = dataclasses.replace(LENET5, depth=[4, 8, 16], conv_layers=3)
     arch = resolve(cfg)
-    assert [c.features for c in arch.convs] == [4, 8, 16] and arch.num_conv == 3
-    cfg = dataclasses.replace(LENET5, conv_layers=3, padding="same", stride=[1, 1, 2])
+    assert [c.features for c in arch.convs] == [4, 8, 16]
+    cfg = dataclasses.replace(LENET5, conv_layers=3, stride=[1, 1, 2])
     assert [(c.features, c.stride) for c in resolve(cfg).convs] == [(6, 1), (16, 1), (16, 2)]
+    assert pooled(cfg) == [True, True, True]  # LeNet-5 pools after every conv, whatever the count
     # AlexNet-lite pools after conv1, conv2 and the last conv, whatever the count
-    assert [c.pool for c in resolve(ALEXNET_LITE).convs] == [True, True, False, False, True]
-    six = dataclasses.replace(ALEXNET_LITE, conv_layers=6, kernel_size=3)
-    assert [c.pool for c in resolve(six).convs] == [True, True, False, False, False, True]
+    assert pooled(ALEXNET_LITE) == [True, True, False, False, True]
+    six = dataclasses.replace(ALEXNET_LITE, conv_layers=6)
+    assert pooled(six) == [True, True, False, False, False, True]
+    assert [c.features for c in resolve(six).convs] == [24, 64, 96, 96, 64, 64]
+    four = dataclasses.replace(ALEXNET_LITE, conv_layers=4)
+    assert pooled(four) == [True, True, False, True]
+    assert [(c.features, c.kernel) for c in resolve(four).convs] == [(24, 5), (64, 5), (96, 3),
+                                                                      (96, 3)]  # fmt: skip
+    assert pooled(dataclasses.replace(ALEXNET_LITE, conv_layers=1)) == [True]
 
 
 VARIANTS = [
@@ -98,12 +117,8 @@ def test_geometry_table_matches_the_real_network(cfg, shape):
     variables = model.init(jax.random.key(0), x)
     logits, state = model.apply(variables, x, capture_intermediates=True)
     chex.assert_shape(logits, (2, 10))
-    layers = variables["params"]
-    for name, params in layers.items():
-        if name.startswith("norm"):  # the table counts a conv's normalization in its row
-            continue
-        norm = layers.get(name.replace("conv", "norm"), {}) if name.startswith("conv") else {}
-        assert count(params) + count(norm) == rows[name].params, name
+    for name, params in variables["params"].items():
+        assert count(params) == rows[name].params, name
         (out,) = state["intermediates"][name]["__call__"]
         assert out.shape[1:] == rows[name].out_shape, name
 
@@ -162,8 +177,8 @@ def test_batch_norm_uses_the_batch_in_training_and_running_averages_in_evaluatio
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"norm": "layer"}, "model.norm"),
-        ({"norm": "group", "norm_groups": 0}, "norm_groups=0 must be a whole number"),
+        ({"norm": "instance"}, "model.norm='instance' is not known"),
+        ({"norm": "group", "norm_groups": 0}, "norm_groups=0 is invalid: use a whole number"),
         ({"norm": "group", "norm_groups": 4}, "does not divide conv1's 6 filters"),
     ],
 )

@@ -24,7 +24,7 @@ from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.run import run
 from experiments import pictures as cli_module
-from tests.conftest import cli, needs_fashion_mnist, small_config
+from tests.conftest import cli, needs_fashion_mnist, preset, small_config
 
 pytestmark = needs_fashion_mnist
 CFG = small_config(
@@ -132,8 +132,7 @@ def _untrained(cfg: ModelConfig, shape: tuple[int, int, int]):
 
 
 def test_feature_maps_of_alexnet_lite_show_every_conv_and_its_three_pools(tmp_path):
-    cfg = ModelConfig(name="alexnet_lite", depth=8, kernel_size=[5, 5, 3, 3, 3],
-                      stride=[1, 2, 1, 1, 1], pool_size=3, dense=[16])  # fmt: skip
+    cfg = preset("alexnet_lite", depth=8, stride=[1, 2, 1, 1, 1], dense=[16])
     model, model_vars, image = _untrained(cfg, (32, 32, 3))
     maps = pictures.feature_maps(
         TrainedModel(cfg, model, model_vars), image, np.full(3, 120.0), np.full(3, 60.0)

@@ -110,7 +110,7 @@ def test_a_job_s_seeds_are_replicates_like_swept_seeds(tmp_path):
     invalid seeds job, which made no seed folder, stays one point."""
     accuracies = {1: (0.5, 0.7), 2: (0.4, 0.8)}
     for job, stride in enumerate((1, 2)):
-        cfg = small_config(seeds=[0, 1], model=ModelConfig(stride=stride))
+        cfg = small_config(seeds=[0, 1], model=ModelConfig(stride=stride, padding="same"))
         write_job(tmp_path, job, cfg, {"status": "ok", "test/accuracy": 0.0})  # the aggregate
         for seed, accuracy in enumerate(accuracies[stride]):
             folder = tmp_path / str(job) / f"seed_{seed}"
@@ -118,7 +118,7 @@ def test_a_job_s_seeds_are_replicates_like_swept_seeds(tmp_path):
             (folder / "config.yaml").write_text(to_yaml(small_config(seed=seed)))
             (folder / "summary.json").write_text(json.dumps({"seed": seed, **ok(accuracy)}))
     error = "pool2 (max pool 2x2, stride 2) after conv2 gets a 1x1x16 input & would output 0x0"
-    cfg = small_config(seeds=[0, 1], model=ModelConfig(stride=3))
+    cfg = small_config(seeds=[0, 1], model=ModelConfig(stride=3, padding="same"))
     write_job(tmp_path, 2, cfg, {"status": "invalid", "error": error})
     points = collect(tmp_path)
     assert [p.job for p in points] == ["0/seed_0", "0/seed_1", "1/seed_0", "1/seed_1", "2"]
@@ -173,7 +173,10 @@ def test_report_is_logged_to_an_offline_wandb_run(tmp_path):
     sweep_dir = tmp_path / "sweep"
     for job, depth in enumerate((3, 6)):
         write_job(
-            sweep_dir, job, small_config(model=ModelConfig(depth=depth)), ok(0.5 + depth / 100)
+            sweep_dir,
+            job,
+            small_config(model=ModelConfig(depth=depth, padding="same")),
+            ok(0.5 + depth / 100),
         )
     run = wandb.init(mode="offline", dir=tmp_path, project="cnnlab-test")
     try:
@@ -214,7 +217,7 @@ def test_a_run_s_config_reads_back_without_omegaconf(tmp_path):
     assert old == merged and config_hash(old) == config_hash(merged)
     assert old.model.padding == [2, 0] and old.optimizer.eps == 1e-8 and old.optimizer.lr == 0.002
     assert old.data.augment.erase == 0.0 and old.logger.pictures is True
-    cfg = small_config(model=ModelConfig(depth=(4, 8), dense=[16]), seeds=[1, 2])
+    cfg = small_config(model=ModelConfig(depth=(4, 8), dense=[16], padding="same"), seeds=[1, 2])
     cfg.optimizer.weight_decay = 1  # an int where a float belongs reads back as the float
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     back = RunDir(tmp_path).config()
@@ -249,7 +252,7 @@ def test_the_swept_keys_are_the_ones_that_change_results_or_were_overridden(tmp_
     """One definition of what changes a run's results (config.identity): a key outside it (the
     run name that interpolates the model, checkpointing) is swept only where overrides set it."""
     for job, (depth, keep, strategy) in enumerate(((4, 1, "vmap"), (8, 2, "sequential"))):
-        cfg = small_config(model=ModelConfig(depth=depth), name=f"lenet{depth}")
+        cfg = small_config(model=ModelConfig(depth=depth, padding="same"), name=f"lenet{depth}")
         cfg.checkpoint.keep, cfg.seeds_strategy = keep, strategy
         write_job(tmp_path, job, cfg, ok(0.5))
         overrides = f"- model.depth={depth}\n- seeds_strategy={strategy}\n"

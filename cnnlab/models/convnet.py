@@ -33,7 +33,8 @@ def _apply(module: nn.Module, layers: tuple, x: jax.Array, train: bool) -> jax.A
     """`layers` applied to x inside `module`'s compact method (their submodules become its)."""
     for layer in layers:
         x = _one(layer, x, train)
-        module.sow("maps", "outputs", x)  # a tuple, one output per layer
+        if not module.is_initializing():  # init makes every collection mutable: keep none
+            module.sow("maps", "outputs", x)  # a tuple, one output per layer
     return x
 
 
