@@ -36,14 +36,14 @@ from jax.sharding import Mesh
 
 from cnnlab import inference
 from cnnlab.compiler import compiler_options, jit
-from cnnlab.config import AugmentConfig
+from cnnlab.config import AugmentConfig, Precision
 from cnnlab.parallel import batch_sharded, data_mesh, replicated, step_input
 from cnnlab.preprocess import augment, augmenting, normalize
 
 Metrics = dict[str, jax.Array]
 
 # train.precision: the dtype of the forward and backward pass
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRECISIONS = {Precision.float32: jnp.float32, Precision.bfloat16: jnp.bfloat16}
 
 
 class TrainState(train_state.TrainState):
