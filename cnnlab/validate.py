@@ -15,6 +15,7 @@ from cnnlab import geometry, memory
 from cnnlab.architecture import _choose, resolve
 from cnnlab.config import (
     Config,
+    DataConfig,
     DistributedConfig,
     LoggerMode,
     LossName,
@@ -38,19 +39,13 @@ def _in_unit(value, *, closed_high=False) -> bool:
     return 0.0 <= value <= 1.0 if closed_high else 0.0 <= value < 1.0
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError for unknown names, out-of-range values and impossible geometry."""
+def validate(cfg: Config, data_given: bool = False) -> None:
+    """Raise ConfigError for unknown names, out-of-range values and impossible geometry.
+    `data_given`: the data comes as a Dataset (`cnnlab.train.run.prepare(cfg, data=...)`), so
+    `data.name` names it rather than a loader, and its shape is checked once it is known."""
     resolve(cfg.model)  # model names, per-layer lists and their ranges
     data, opt, train = cfg.data, cfg.optimizer, cfg.train
-    check_choice("data.name", data.name, DATASETS)
-    if data.name in PATH_REQUIRED and not data.path:
-        raise ConfigError(f"data.path is required for data.name={data.name}: set data.path=...")
-    _require(_in_unit(data.val_fraction), "data.val_fraction", data.val_fraction, "use [0, 1)")
-    for key in ("train_limit", "test_limit"):
-        value = getattr(data, key)
-        _require(value is None or value >= 1, f"data.{key}", value, "use null or a count >= 1")
-    crop = data.augment.crop_padding
-    _require(crop >= 0, "data.augment.crop_padding", crop, "use 0 (off) or pixels >= 1")
+    _validate_data(data, data_given)
     _choose("optimizer.name", opt.name, OptimizerName)
     _choose("optimizer.schedule", opt.schedule, ScheduleName)
     _require(opt.lr > 0 and math.isfinite(opt.lr), "optimizer.lr", opt.lr, "use a rate > 0")
@@ -90,8 +85,21 @@ def validate(cfg: Config) -> None:
     _require(arenas is None or arenas >= 1, "malloc_arenas", arenas, "use a count >= 1 or null")
     _choose("sweep.on_invalid", cfg.sweep.on_invalid, OnInvalid)
     _validate_distributed(cfg.distributed)
-    if data.name in INPUT_SHAPES:  # otherwise checked once the data is loaded
+    if data.name in INPUT_SHAPES and not data_given:  # otherwise checked once the data is loaded
         _validate_size(cfg, *INPUT_SHAPES[data.name])
+
+
+def _validate_data(data: DataConfig, given: bool) -> None:
+    if not given:  # a loader's name, and what it reads
+        check_choice("data.name", data.name, DATASETS)
+        if data.name in PATH_REQUIRED and not data.path:
+            raise ConfigError(f"data.path is required for data.name={data.name}: set data.path=...")
+    _require(_in_unit(data.val_fraction), "data.val_fraction", data.val_fraction, "use [0, 1)")
+    for key in ("train_limit", "test_limit"):
+        value = getattr(data, key)
+        _require(value is None or value >= 1, f"data.{key}", value, "use null or a count >= 1")
+    crop = data.augment.crop_padding
+    _require(crop >= 0, "data.augment.crop_padding", crop, "use 0 (off) or pixels >= 1")
 
 
 def _validate_size(cfg: Config, shape: tuple[int, int, int], num_classes: int) -> None:
