@@ -66,17 +66,17 @@ def choose_strategy(
         several = num_seeds > 1 and num_cores > 1
         parallel = one and several and not daemon
         return SeedsStrategy.processes if parallel else SeedsStrategy.sequential
-    if strategy == "processes" and daemon:
+    if strategy == SeedsStrategy.processes and daemon:
         raise ConfigError(
             "seeds_strategy=processes cannot start the seeds' processes from this daemonic "
             "process (a launcher's pool worker); use seeds_strategy=auto or sequential"
         )
-    if strategy == "vmap" and num_devices > 1:
+    if strategy == SeedsStrategy.vmap and num_devices > 1:
         raise ConfigError(
             f"seeds_strategy=vmap trains on one device, not {num_devices}; use "
             "seeds_strategy=sequential (or auto), or one device (e.g. CUDA_VISIBLE_DEVICES=0)"
         )
-    if strategy == "processes" and (backend != "cpu" or not one):
+    if strategy == SeedsStrategy.processes and (backend != "cpu" or not one):
         where = backend if backend != "cpu" else f"{num_devices} devices"
         raise ConfigError(
             f"seeds_strategy=processes splits one CPU's cores between the seeds, not {where}; "
