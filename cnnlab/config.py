@@ -10,6 +10,7 @@ Fields typed `Any` accept an int/str or a per-layer list; OmegaConf cannot expre
 """
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from cnnlab.errors import ConfigError
@@ -23,6 +24,67 @@ LENET5_LAYERS = [
     {"conv": 16, "kernel": 5, "padding": 0}, "relu", {"pool": "max", "window": 2},
     "flatten", {"dense": 120}, "relu", {"dense": 84}, "relu",
 ]  # fmt: skip
+
+
+# The closed sets of names a config chooses from, one list each: the training code's tables are
+# keyed by them (tests/test_config.py checks that every member has an implementation), and
+# `cnnlab.validate` checks a config against them before JAX loads. The schema's fields stay `str`:
+# typed as the Enum, OmegaConf would check them while composing and answer a typo with its own
+# "Invalid value 'adamx', expected one of [sgd, adamw]" and two more lines, before cnnlab's one
+# line that names the closest valid name; `to_yaml` could not write Enum members either.
+
+
+class LossName(StrEnum):
+    """`loss.name`: `cnnlab.train.losses.LOSSES`."""
+
+    cross_entropy = "cross_entropy"
+    squared_error = "squared_error"
+
+
+class OptimizerName(StrEnum):
+    """`optimizer.name`: `cnnlab.train.optim.OPTIMIZERS`."""
+
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class ScheduleName(StrEnum):
+    """`optimizer.schedule`: `cnnlab.train.optim.SCHEDULES`."""
+
+    constant = "constant"
+    cosine = "cosine"
+    warmup_cosine = "warmup_cosine"
+
+
+class Precision(StrEnum):
+    """`train.precision`: `cnnlab.train.step.PRECISIONS`."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class LoggerMode(StrEnum):
+    """`logger.mode`: W&B's own modes (`cnnlab.tracking.wandb_run`)."""
+
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class OnInvalid(StrEnum):
+    """`sweep.on_invalid`: what a multirun does with an impossible point (`SweepConfig`)."""
+
+    skip = "skip"
+    refuse = "refuse"
+
+
+class SeedsStrategy(StrEnum):
+    """`seeds_strategy`: `cnnlab.train.seeds.STRATEGIES`, and `auto`, which picks one of them."""
+
+    auto = "auto"
+    vmap = "vmap"
+    sequential = "sequential"
+    processes = "processes"
 
 
 @dataclass
@@ -81,7 +143,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: str = "sgd"  # sgd | adamw (OptimizerName)
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
@@ -89,7 +151,7 @@ class OptimizerConfig:
     b2: float = 0.999  # adamw only
     eps: float = 1e-8  # adamw only
     weight_decay: float = 0.0  # decoupled decay on weight matrices and kernels (not biases)
-    schedule: str = "cosine"  # constant | cosine | warmup_cosine
+    schedule: str = "cosine"  # constant | cosine | warmup_cosine (ScheduleName)
     warmup_epochs: float = 0.0  # warmup_cosine only
     end_lr_factor: float = 0.0  # cosine schedules decay to lr * end_lr_factor
     grad_clip_norm: float | None = None  # clip the global gradient norm; None = no clipping
@@ -102,7 +164,7 @@ class OptimizerConfig:
 class LossConfig:
     # cross_entropy: softmax cross-entropy; squared_error: 0.5 * sum((target - softmax)^2), the
     # "total error" of the classic formulation
-    name: str = "cross_entropy"
+    name: str = "cross_entropy"  # LossName
     label_smoothing: float = 0.0  # in [0, 1)
 
 
@@ -115,12 +177,12 @@ class TrainConfig:
     eval_every_epochs: int = 1  # validation accuracy every N epochs (and always after the last)
     # float32, or bfloat16 mixed precision for GPUs and TPUs: the forward and backward pass run in
     # bfloat16 while the parameters, the optimizer state and the loss stay float32
-    precision: str = "float32"
+    precision: str = "float32"  # Precision
 
 
 @dataclass
 class LoggerConfig:
-    mode: str = "offline"  # online | offline | disabled (W&B); local files are always written
+    mode: str = "offline"  # LoggerMode: online | offline | disabled; local files are always written
     project: str = "cnnlab"
     entity: str | None = None
     group: str | None = None
@@ -137,7 +199,7 @@ class SweepConfig:
     # What a multirun does with a point whose geometry or values are impossible: "skip" records it
     # as status "invalid" in its job folder and trains nothing; "refuse" stops the whole sweep in
     # the pre-flight, before any job starts.
-    on_invalid: str = "skip"
+    on_invalid: str = "skip"  # OnInvalid
     # Skip a point whose resolved config (see config_hash) already finished under the same
     # multirun/<name>/ folder, copying its results instead of training again.
     skip_done: bool = True
@@ -189,7 +251,7 @@ class Config:
     # reusing the compiled steps), processes (one process per seed, side by side on a CPU's
     # cores) or auto (cnnlab.train.seeds.choose_strategy: vmap on one GPU or TPU; on the CPU,
     # processes for several seeds where there are cores for them, else sequential).
-    seeds_strategy: str = "auto"
+    seeds_strategy: str = "auto"  # SeedsStrategy
     name: str = "default"  # experiment name, used for run directories and W&B run names
     # JAX's persistent compilation cache: a repeated run or sweep job with known shapes skips
     # compilation. null turns it off.

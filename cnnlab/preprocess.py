@@ -1,8 +1,8 @@
-"""What images go through before the network: normalization, and the training split's random
-crops, flips and erasing. Pure functions of uint8 arrays, traced into the jitted steps
+"""What examples go through before the network: normalization, and the training split's random
+crops, flips and erasing of images. Pure functions of arrays, traced into the jitted steps
 (`cnnlab.train.step`) and the prediction function (`cnnlab.inference`).
 
-Glossary: `B` batch, `H, W` spatial, `C` channels.
+Glossary: `B` batch, `H, W` spatial, `L` length, `C` channels.
 """
 
 import math
@@ -13,15 +13,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnlab.config import AugmentConfig
+from cnnlab.errors import ConfigError
 
 
 def normalize(images: jax.Array, mean: np.ndarray, std: np.ndarray) -> jax.Array:
-    """uint8 [B, H, W, C] -> float32 with the training split's per-channel mean and std."""
+    """uint8 images [B, H, W, C] or float32 series [B, L, C] -> float32 with the training split's
+    per-channel mean and std [C] (broadcast over every axis but the last)."""
     return (images.astype(jnp.float32) - mean) / std
 
 
 def augmenting(cfg: AugmentConfig) -> bool:
     return cfg.crop_padding > 0 or cfg.flip or cfg.erase > 0
+
+
+def check_augment(cfg: AugmentConfig, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Crops, flips and erasing are defined on uint8 images [H, W, C] (`shape`, one example's):
+    on other examples, such as series [L, C], they are refused rather than skipped, so that a run
+    never reports an augmentation that did not happen."""
+    if not augmenting(cfg) or (len(shape) == 3 and np.dtype(dtype) == np.uint8):
+        return
+    on = {"crop_padding": cfg.crop_padding, "flip": cfg.flip, "erase": cfg.erase}
+    key, value = next((k, v) for k, v in on.items() if v)
+    value, off = ("true", "false") if key == "flip" else (value, 0)  # as a command line has it
+    kind = "series [L, C]" if len(shape) == 2 else f"{np.dtype(dtype)} examples"
+    raise ConfigError(
+        f"data.augment.{key}={value} augments uint8 images [H, W, C], but this dataset holds "
+        f"{kind} of shape {tuple(shape)}; turn it off: data.augment.{key}={off}"
+    )
 
 
 def augment(images: jax.Array, key: jax.Array, cfg: AugmentConfig) -> jax.Array:

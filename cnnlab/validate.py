@@ -2,27 +2,32 @@
 
 Each failure is a ConfigError whose one-line message names the key, the bad value and the fix.
 Nothing here imports JAX, Flax or optax (cnnlab-train checks its config before they load, and a
-mistake answers in a fraction of a second), so the names of the losses, optimizers, schedules and
-precisions are listed here; tests/test_config.py checks them against the training code's tables.
+mistake answers in a fraction of a second), so the names of the losses, optimizers, schedules,
+precisions and the like are the Enums of `cnnlab.config`, which key the training code's tables
+(tests/test_config.py checks that every name has an implementation). An unknown name is answered
+with the closest valid one, as an unknown layer is.
 """
 
 import math
 import sys
 
 from cnnlab import geometry, memory
-from cnnlab.architecture import resolve
-from cnnlab.config import Config, DistributedConfig, TrainConfig
+from cnnlab.architecture import _choose, resolve
+from cnnlab.config import (
+    Config,
+    DataConfig,
+    DistributedConfig,
+    LoggerMode,
+    LossName,
+    OnInvalid,
+    OptimizerName,
+    Precision,
+    ScheduleName,
+    SeedsStrategy,
+    TrainConfig,
+)
 from cnnlab.data import DATASETS, INPUT_SHAPES, PATH_REQUIRED
 from cnnlab.errors import ConfigError, check_choice
-from cnnlab.tracking.wandb_run import MODES
-
-LOSSES = ("cross_entropy", "squared_error")  # cnnlab.train.losses.LOSSES
-OPTIMIZERS = ("sgd", "adamw")  # cnnlab.train.optim.OPTIMIZERS
-SCHEDULES = ("constant", "cosine", "warmup_cosine")  # cnnlab.train.optim.SCHEDULES
-PRECISIONS = ("float32", "bfloat16")  # cnnlab.train.step.PRECISIONS
-
-# seeds_strategy: how the models of `seeds` train (cnnlab.train.seeds)
-SEEDS_STRATEGIES = ("auto", "vmap", "sequential", "processes")
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:
@@ -34,21 +39,15 @@ def _in_unit(value, *, closed_high=False) -> bool:
     return 0.0 <= value <= 1.0 if closed_high else 0.0 <= value < 1.0
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError for unknown names, out-of-range values and impossible geometry."""
+def validate(cfg: Config, data_given: bool = False) -> None:
+    """Raise ConfigError for unknown names, out-of-range values and impossible geometry.
+    `data_given`: the data comes as a Dataset (`cnnlab.train.run.prepare(cfg, data=...)`), so
+    `data.name` names it rather than a loader, and its shape is checked once it is known."""
     resolve(cfg.model)  # model names, per-layer lists and their ranges
     data, opt, train = cfg.data, cfg.optimizer, cfg.train
-    check_choice("data.name", data.name, DATASETS)
-    if data.name in PATH_REQUIRED and not data.path:
-        raise ConfigError(f"data.path is required for data.name={data.name}: set data.path=...")
-    _require(_in_unit(data.val_fraction), "data.val_fraction", data.val_fraction, "use [0, 1)")
-    for key in ("train_limit", "test_limit"):
-        value = getattr(data, key)
-        _require(value is None or value >= 1, f"data.{key}", value, "use null or a count >= 1")
-    crop = data.augment.crop_padding
-    _require(crop >= 0, "data.augment.crop_padding", crop, "use 0 (off) or pixels >= 1")
-    check_choice("optimizer.name", opt.name, OPTIMIZERS)
-    check_choice("optimizer.schedule", opt.schedule, SCHEDULES)
+    _validate_data(data, data_given)
+    _choose("optimizer.name", opt.name, OptimizerName)
+    _choose("optimizer.schedule", opt.schedule, ScheduleName)
     _require(opt.lr > 0 and math.isfinite(opt.lr), "optimizer.lr", opt.lr, "use a rate > 0")
     _require(_in_unit(opt.momentum), "optimizer.momentum", opt.momentum, "use [0, 1)")
     for key in ("b1", "b2"):
@@ -68,14 +67,14 @@ def validate(cfg: Config) -> None:
     every = ckpt.every_steps
     _require(every is None or every >= 1, "checkpoint.every_steps", every, "use null or >= 1")
     _require(ckpt.keep >= 1, "checkpoint.keep", ckpt.keep, "use a count >= 1")
-    check_choice("loss.name", cfg.loss.name, LOSSES)
+    _choose("loss.name", cfg.loss.name, LossName)
     smoothing = cfg.loss.label_smoothing
     _require(_in_unit(smoothing), "loss.label_smoothing", smoothing, "use [0, 1)")
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_epochs"):
         value = getattr(train, key)
         _require(value >= 1, f"train.{key}", value, "use a whole number >= 1")
-    check_choice("train.precision", train.precision, PRECISIONS)
-    check_choice("logger.mode", cfg.logger.mode, MODES)
+    _choose("train.precision", train.precision, Precision)
+    _choose("logger.mode", cfg.logger.mode, LoggerMode)
     timeout = cfg.logger.init_timeout
     _require(timeout > 0, "logger.init_timeout", timeout, "use seconds > 0")
     samples = cfg.logger.num_sample_predictions
@@ -84,10 +83,23 @@ def validate(cfg: Config) -> None:
     _validate_seeds(cfg.seeds, cfg.seeds_strategy)
     arenas = cfg.malloc_arenas
     _require(arenas is None or arenas >= 1, "malloc_arenas", arenas, "use a count >= 1 or null")
-    check_choice("sweep.on_invalid", cfg.sweep.on_invalid, ("skip", "refuse"))
+    _choose("sweep.on_invalid", cfg.sweep.on_invalid, OnInvalid)
     _validate_distributed(cfg.distributed)
-    if data.name in INPUT_SHAPES:  # otherwise checked once the data is loaded
+    if data.name in INPUT_SHAPES and not data_given:  # otherwise checked once the data is loaded
         _validate_size(cfg, *INPUT_SHAPES[data.name])
+
+
+def _validate_data(data: DataConfig, given: bool) -> None:
+    if not given:  # a loader's name, and what it reads
+        check_choice("data.name", data.name, DATASETS)
+        if data.name in PATH_REQUIRED and not data.path:
+            raise ConfigError(f"data.path is required for data.name={data.name}: set data.path=...")
+    _require(_in_unit(data.val_fraction), "data.val_fraction", data.val_fraction, "use [0, 1)")
+    for key in ("train_limit", "test_limit"):
+        value = getattr(data, key)
+        _require(value is None or value >= 1, f"data.{key}", value, "use null or a count >= 1")
+    crop = data.augment.crop_padding
+    _require(crop >= 0, "data.augment.crop_padding", crop, "use 0 (off) or pixels >= 1")
 
 
 def _validate_size(cfg: Config, shape: tuple[int, int, int], num_classes: int) -> None:
@@ -100,7 +112,7 @@ def _validate_size(cfg: Config, shape: tuple[int, int, int], num_classes: int) -
 
 
 def _validate_seeds(seeds: list[int], strategy: str) -> None:
-    check_choice("seeds_strategy", strategy, SEEDS_STRATEGIES)
+    _choose("seeds_strategy", strategy, SeedsStrategy)
     seeds_text = f"[{','.join(map(str, seeds))}]"
     _require(all(s >= 0 for s in seeds), "seeds", seeds_text, "use whole numbers >= 0")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
@@ -138,7 +150,7 @@ def check_devices(train: TrainConfig, num_devices: int, backend: str) -> None:
         raise ConfigError(
             f"train.batch_size={b} does not split evenly over the {num_devices} devices; use {fix}"
         )
-    if train.precision == "bfloat16" and backend == "cpu":
+    if train.precision == Precision.bfloat16 and backend == "cpu":
         print(
             "cnnlab: warning: train.precision=bfloat16 is meant for GPUs and TPUs; "
             "on the CPU it is slower than float32",

@@ -79,22 +79,62 @@ def test_hydra_errors_condense_to_one_line():
     assert str(info.value).endswith("did you mean model.depth?")
 
 
-def test_the_checks_name_what_the_code_implements_and_load_without_jax():
-    """validate and architecture list the names the training code's tables hold, so that they can
-    check a config before JAX loads, which a fresh interpreter confirms."""
-    import subprocess
-    import sys
+def test_every_name_a_config_may_choose_has_an_implementation():
+    """Each closed set of names is one Enum (cnnlab.config, cnnlab.architecture) that validate
+    checks against; every member must key the training code's table, and no table may implement
+    a name that validate would refuse."""
+    import wandb
 
-    from cnnlab import architecture
-    from cnnlab import validate as checks
+    from cnnlab.architecture import Activation
+    from cnnlab.config import (
+        LoggerMode,
+        LossName,
+        OptimizerName,
+        Precision,
+        ScheduleName,
+        SeedsStrategy,
+    )
     from cnnlab.models.layers import ACTIVATIONS
     from cnnlab.train.losses import LOSSES
     from cnnlab.train.optim import OPTIMIZERS, SCHEDULES
+    from cnnlab.train.seeds import STRATEGIES
     from cnnlab.train.step import PRECISIONS
 
-    assert tuple(LOSSES) == checks.LOSSES and tuple(PRECISIONS) == checks.PRECISIONS
-    assert tuple(OPTIMIZERS) == checks.OPTIMIZERS and tuple(SCHEDULES) == checks.SCHEDULES
-    assert tuple(ACTIVATIONS) == tuple(architecture.Activation)
+    tables = [(LossName, LOSSES), (OptimizerName, OPTIMIZERS), (ScheduleName, SCHEDULES),
+              (Precision, PRECISIONS), (Activation, ACTIVATIONS)]  # fmt: skip
+    for names, table in tables:
+        assert set(table) == set(names), names.__name__
+        assert all(map(callable, table.values())), names.__name__
+    # auto is no implementation of its own: choose_strategy resolves it to one of the others
+    assert set(STRATEGIES) == set(SeedsStrategy) - {SeedsStrategy.auto}
+    for mode in LoggerMode:  # wandb refuses a mode it does not know
+        assert wandb.Settings(mode=mode).mode == mode
+
+
+@pytest.mark.parametrize(
+    "key, typo, hint",
+    [
+        ("optimizer.name", "adamx", "; did you mean adamw? (choose one of: sgd, adamw)"),
+        ("optimizer.schedule", "cosin", "; did you mean cosine? (choose one of: constant, cosine,"),
+        ("loss.name", "cross_entropi", "; did you mean cross_entropy?"),
+        ("train.precision", "bfloat", "; did you mean bfloat16?"),
+        ("logger.mode", "ofline", "; did you mean offline?"),
+        ("sweep.on_invalid", "refus", "; did you mean refuse?"),
+        ("seeds_strategy", "sequental", "; did you mean sequential?"),
+        ("seeds_strategy", "grouped", " (choose one of: auto, vmap, sequential, processes)"),
+    ],
+)
+def test_an_unknown_name_is_answered_with_the_closest(key, typo, hint):
+    with pytest.raises(ConfigError) as info:
+        validate(load(f"{key}={typo}"))
+    assert str(info.value).startswith(f"{key}={typo!r} is not known{hint}"), str(info.value)
+
+
+def test_the_checks_load_without_jax():
+    """validate checks a config before JAX loads, which a fresh interpreter confirms."""
+    import subprocess
+    import sys
+
     probe = "import sys, cnnlab.validate, cnnlab.geometry; print(sorted({'jax', 'flax', 'optax'} & set(sys.modules)))"  # noqa: E501
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

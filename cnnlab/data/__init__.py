@@ -1,9 +1,12 @@
-"""Datasets as uint8 numpy arrays: `load_dataset(DataConfig) -> Dataset` with train/val/test splits.
+"""Datasets as numpy arrays: `load_dataset(DataConfig) -> Dataset` with train/val/test splits.
 
 `DATASETS` maps each legal `data.name` to the function that reads its (train, test, class names);
-`load_dataset` then holds out the validation split, applies the limits and computes the per-channel
-mean/std of the training images, which the training step uses to normalize inside jit.
-Glossary: N examples, H, W spatial, C channels (1 grayscale, 3 RGB), K classes.
+`load_dataset` then holds out the validation split, applies the limits and builds the `Dataset`
+(`Dataset.from_splits`), which computes the per-channel mean/std of the training examples that the
+training step uses to normalize inside jit. The named datasets are uint8 images [N, H, W, C]; a
+`Dataset` built in code may also hold float32 series [N, L, C] (`cnnlab.train.run.prepare` takes
+one), which train through the same path.
+Glossary: N examples, H, W spatial, L length, C channels (1 grayscale, 3 RGB), K classes.
 """
 
 from dataclasses import dataclass
@@ -45,11 +48,28 @@ class Dataset:
     val: Split  # data.val_fraction of the original train split; empty when it is 0
     test: Split
     class_names: tuple[str, ...]  # [K], label k is class_names[k]
-    mean: np.ndarray  # [C] float32, per-channel mean of the train images, pixel scale 0..255
+    mean: np.ndarray  # [C] float32, per-channel mean of the train examples, in their scale
     std: np.ndarray  # [C] float32, per-channel standard deviation, same scale
 
+    @classmethod
+    def from_splits(
+        cls, name: str, train: Split, val: Split, test: Split, class_names: tuple[str, ...]
+    ) -> "Dataset":
+        """The dataset of splits already held out and limited: labels checked against the
+        classes, arrays aligned (`cnnlab.data.splits.aligned`), statistics of `train`."""
+        for split_name, split in (("train", train), ("val", val), ("test", test)):
+            low, high = split.labels.min(initial=0), split.labels.max(initial=0)
+            if low < 0 or high >= len(class_names):
+                raise DataError(
+                    f"data.name={name}: {split_name} labels span {low}..{high}, "
+                    f"outside the {len(class_names)} classes {class_names}"
+                )
+        train, val, test = (Split(aligned(s.images), aligned(s.labels)) for s in (train, val, test))
+        mean, std = _channel_stats(train.images)
+        return cls(name, train, val, test, tuple(class_names), mean, std)
+
     @property
-    def image_shape(self) -> tuple[int, int, int]:  # (H, W, C)
+    def image_shape(self) -> tuple[int, ...]:  # (H, W, C) of images, (L, C) of series
         return tuple(self.train.images.shape[1:])
 
     @property
@@ -137,13 +157,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Reads `cfg.name`'s data; same cfg -> identical arrays."""
     check_choice("data.name", cfg.name, DATASETS)
     full_train, test, class_names = DATASETS[cfg.name](cfg)
-    for split_name, split in (("train", full_train), ("test", test)):
-        low, high = split.labels.min(initial=0), split.labels.max(initial=0)
-        if low < 0 or high >= len(class_names):
-            raise DataError(
-                f"data.name={cfg.name}: {split_name} labels span {low}..{high}, "
-                f"outside the {len(class_names)} classes {class_names}"
-            )
     train, val = hold_out(full_train, cfg.val_fraction, cfg.split_seed)
     train = limit(train, cfg.train_limit, "data.train_limit")
     if not len(train):
@@ -151,12 +164,20 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             f"data.val_fraction={cfg.val_fraction} leaves no training examples; lower it"
         )
     test = limit(test, cfg.test_limit, "data.test_limit")
-    train, val, test = (Split(aligned(s.images), aligned(s.labels)) for s in (train, val, test))
-    mean, std = _channel_stats(train.images)
-    return Dataset(cfg.name, train, val, test, class_names, mean, std)
+    return Dataset.from_splits(cfg.name, train, val, test, class_names)
 
 
-def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _channel_stats(examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std [C] over every axis but the last, of uint8 images or float32
+    series; a constant channel keeps its scale (std 1) rather than dividing by zero."""
+    if examples.dtype == np.uint8:
+        return _pixel_stats(examples)
+    values = examples.reshape(-1, examples.shape[-1]).astype(np.float64)  # [N * L, C]
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
+
+
+def _pixel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std [C] of uint8 images [N, H, W, C], from exact integer sums."""
     channels = images.shape[-1]
     rows = images.reshape(len(images), -1)  # [N, H*W*C]; summing rows is fast, channels strided not

@@ -5,7 +5,7 @@ client then uses them in place as device arrays (`cnnlab.parallel.put_dataset`) 
 them, so a run holds one copy of its dataset, not two. They are read-only, since a device array may
 share their memory.
 
-Glossary: N examples, H, W spatial, C channels (1 grayscale, 3 RGB).
+Glossary: N examples, H, W spatial, L length, C channels (1 grayscale, 3 RGB).
 """
 
 from dataclasses import dataclass
@@ -36,15 +36,21 @@ def aligned_empty(shape: tuple, dtype) -> np.ndarray:
     return raw[start : start + size].view(dtype).reshape(shape)
 
 
+# The examples' dtypes: images as stored (uint8, pixel scale 0..255), or measured values such as
+# series (float32, in their own units); both are normalized with the training split's statistics.
+DTYPES = (np.uint8, np.float32)
+
+
 @dataclass(frozen=True, eq=False)
 class Split:
-    images: np.ndarray  # [N, H, W, C] uint8, pixel scale 0..255
+    images: np.ndarray  # [N, H, W, C] images or [N, L, C] series, uint8 or float32 (DTYPES)
     labels: np.ndarray  # [N] int32, class indices
 
     def __post_init__(self):
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+        if self.images.dtype not in DTYPES or self.images.ndim not in (3, 4):
             raise ValueError(
-                f"images must be [N, H, W, C] uint8, got {self.images.shape} {self.images.dtype}"
+                "images must be [N, H, W, C] or [N, L, C], uint8 or float32, got "
+                f"{self.images.shape} {self.images.dtype}"
             )
         if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
             raise ValueError(

@@ -1,11 +1,12 @@
 """Weights & Biases tracking that never blocks training.
 
-`logger.mode=online` falls back to an offline run, with one warning, when there is no API key, or
-the server does not answer an HTTP request within 8 s (`PROBE_SECONDS`; a closed port or a 5xx
-status fails at once, a port that accepts and never replies after 8 s), or wandb.init then fails
-within `logger.init_timeout` seconds (alone it would block for about 100 s, then crash). An
-offline run lives in `<run_dir>/wandb/offline-run-*` and uploads later with `wandb sync <that
-folder>`. Every run is finished, on every path, so each Hydra multirun job is its own W&B run.
+`logger.mode` (`cnnlab.config.LoggerMode`) is one of wandb's own modes. `online` falls back to
+an offline run, with one warning, when there is no API key, or the server does not answer an HTTP
+request within 8 s (`PROBE_SECONDS`; a closed port or a 5xx status fails at once, a port that
+accepts and never replies after 8 s), or wandb.init then fails within `logger.init_timeout`
+seconds (alone it would block for about 100 s, then crash). An offline run lives in
+`<run_dir>/wandb/offline-run-*` and uploads later with `wandb sync <that folder>`. Every run is
+finished, on every path, so each Hydra multirun job is its own W&B run.
 
 A run directory used again (an exact resume, a SLURM requeue) continues the same W&B run:
 `<run_dir>/wandb_run.json` keeps the run's id, its mode and the last step logged (never a
@@ -38,7 +39,6 @@ from cnnlab.config import LoggerConfig
 from cnnlab.geometry import Layer
 from cnnlab.tracking.local import write_json
 
-MODES = ("online", "offline", "disabled")
 # At most this long to learn whether the W&B server answers: with wandb.init's own start and
 # the offline fallback, training then starts well within 15 s of its normal start.
 PROBE_SECONDS = 8.0

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnnlab.config import LossName
+
 
 def _targets(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
     """One-hot targets [B, K], smoothed towards the uniform distribution."""
@@ -22,4 +24,4 @@ def squared_error(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
     return 0.5 * jnp.sum((targets - jax.nn.softmax(logits)) ** 2, axis=-1)
 
 
-LOSSES = {"cross_entropy": cross_entropy, "squared_error": squared_error}
+LOSSES = {LossName.cross_entropy: cross_entropy, LossName.squared_error: squared_error}

@@ -3,7 +3,7 @@
 import jax
 import optax
 
-from cnnlab.config import OptimizerConfig
+from cnnlab.config import OptimizerConfig, OptimizerName, ScheduleName
 
 
 def _sgd(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
@@ -19,7 +19,7 @@ def _adamw(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransforma
     return optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_kernels)
 
 
-OPTIMIZERS = {"sgd": _sgd, "adamw": _adamw}
+OPTIMIZERS = {OptimizerName.sgd: _sgd, OptimizerName.adamw: _adamw}
 
 
 def _constant(cfg: OptimizerConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
@@ -37,7 +37,11 @@ def _warmup_cosine(cfg: OptimizerConfig, total_steps: int, steps_per_epoch: int)
     )
 
 
-SCHEDULES = {"constant": _constant, "cosine": _cosine, "warmup_cosine": _warmup_cosine}
+SCHEDULES = {
+    ScheduleName.constant: _constant,
+    ScheduleName.cosine: _cosine,
+    ScheduleName.warmup_cosine: _warmup_cosine,
+}
 
 
 def _kernels(params):

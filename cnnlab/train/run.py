@@ -30,6 +30,7 @@ from cnnlab.data import INPUT_SHAPES, Dataset, load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
 from cnnlab.parallel import data_mesh, put, put_dataset, replicated
+from cnnlab.preprocess import check_augment
 from cnnlab.rundir import RunDir, TrainedModel
 from cnnlab.tracking import Tracker
 from cnnlab.train.loop import FitResult, Hooks, Lanes, LoopState, evaluate, fit, never
@@ -68,12 +69,15 @@ class Prepared:
     stacked: bool = False  # the train step trains stacked models (`make_train_step(lanes=True)`)
 
 
-def prepare(cfg: Config, lanes: bool = False) -> Prepared:
+def prepare(cfg: Config, lanes: bool = False, data: Dataset | None = None) -> Prepared:
     """Validate, load the data, check the geometry and build the steps; `lanes` vmaps the train
-    step over stacked models (`make_train_step`)."""
-    validate(cfg)  # names and ranges, and the geometry wherever the input shape is known
+    step over stacked models (`make_train_step`). `data`: a Dataset built in code (series
+    [N, L, C] too) to train on as it is, instead of loading `cfg.data.name` (so the hold-out and
+    limits of `cfg.data` do not apply)."""
+    validate(cfg, data_given=data is not None)  # and the geometry where the shape is known
     check_devices(cfg.train, jax.device_count(), jax.default_backend())
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data) if data is None else data
+    check_augment(cfg.data.augment, data.image_shape, data.train.images.dtype)
     if len(data.train) < cfg.train.batch_size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is more than the {len(data.train)} "

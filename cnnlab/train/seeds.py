@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from cnnlab import malloc
-from cnnlab.config import Config
+from cnnlab.config import Config, SeedsStrategy
 from cnnlab.errors import ConfigError
 from cnnlab.tracking import Tracker
 from cnnlab.tracking.local import write_json
@@ -52,29 +52,31 @@ MakeTracker = Callable[[Config, Path], Tracker]  # (a seed's config, its folder)
 
 def choose_strategy(
     strategy: str, backend: str, num_devices: int, num_seeds: int = 1, num_cores: int = 1
-) -> str:
+) -> SeedsStrategy:
     """`seeds_strategy` resolved for this runtime: `auto` is vmap on one GPU or TPU, processes
     for several seeds on one CPU device with several cores, else sequential. vmap runs on one
     device (the lanes are not split over a mesh); processes on one CPU device in one process,
     and not in a daemonic process (a multiprocessing pool's worker), which may start none."""
     one = num_devices == 1 and jax.process_count() == 1
     daemon = multiprocessing.current_process().daemon
-    if strategy == "auto":
+    strategy = SeedsStrategy(strategy)
+    if strategy == SeedsStrategy.auto:
         if backend != "cpu":
-            return "vmap" if one else "sequential"
+            return SeedsStrategy.vmap if one else SeedsStrategy.sequential
         several = num_seeds > 1 and num_cores > 1
-        return "processes" if one and several and not daemon else "sequential"
-    if strategy == "processes" and daemon:
+        parallel = one and several and not daemon
+        return SeedsStrategy.processes if parallel else SeedsStrategy.sequential
+    if strategy == SeedsStrategy.processes and daemon:
         raise ConfigError(
             "seeds_strategy=processes cannot start the seeds' processes from this daemonic "
             "process (a launcher's pool worker); use seeds_strategy=auto or sequential"
         )
-    if strategy == "vmap" and num_devices > 1:
+    if strategy == SeedsStrategy.vmap and num_devices > 1:
         raise ConfigError(
             f"seeds_strategy=vmap trains on one device, not {num_devices}; use "
             "seeds_strategy=sequential (or auto), or one device (e.g. CUDA_VISIBLE_DEVICES=0)"
         )
-    if strategy == "processes" and (backend != "cpu" or not one):
+    if strategy == SeedsStrategy.processes and (backend != "cpu" or not one):
         where = backend if backend != "cpu" else f"{num_devices} devices"
         raise ConfigError(
             f"seeds_strategy=processes splits one CPU's cores between the seeds, not {where}; "
@@ -113,8 +115,7 @@ def run_seeds(
             len(usable_cores()),
         )  # fmt: skip
         summary["strategy"] = strategy
-        train = {"sequential": _sequential, "vmap": _vmapped, "processes": _processes}[strategy]
-        summary.update(aggregate(train(cfg, run_dir, make_tracker, stop)))
+        summary.update(aggregate(STRATEGIES[strategy](cfg, run_dir, make_tracker, stop)))
     return summary
 
 
@@ -282,6 +283,14 @@ def _vmapped(cfg: Config, run_dir: Path, make_tracker: MakeTracker, stop) -> dic
             lanes.append(Lane(one, folder, tracker, summary))
         train_lanes(cfg, run_dir, lanes, prepared, stop)
     return {lane.cfg.seed: lane.summary for lane in lanes}
+
+
+# Each strategy but `auto`, which `choose_strategy` resolves to one of these
+STRATEGIES = {
+    SeedsStrategy.sequential: _sequential,
+    SeedsStrategy.vmap: _vmapped,
+    SeedsStrategy.processes: _processes,
+}
 
 
 def aggregate(summaries: dict[int, dict]) -> dict:

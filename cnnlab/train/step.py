@@ -1,8 +1,8 @@
 """The jitted train and eval steps: pure functions of arrays.
 
-The dataset lives on the device as uint8 for the whole run; a step receives the full arrays and
-the indices of its batch, gathers the batch, augments and normalizes it inside the compiled
-program, so the host sends only B int32 indices per step.
+The dataset lives on the device as stored (uint8 images, float32 series) for the whole run; a
+step receives the full arrays and the indices of its batch, gathers the batch, augments (images)
+and normalizes it inside the compiled program, so the host sends only B int32 indices per step.
 
 Both steps run data-parallel over a mesh (`cnnlab.parallel`): the state and the dataset are
 replicated, the indices and so the batch are split over the devices, and the loss's mean over the
@@ -17,7 +17,8 @@ With `precision="bfloat16"` the forward and backward pass run in bfloat16 (tenso
 and TPUs, half the activation memory) while the master parameters, the optimizer state, the
 logits fed to the loss, the loss and the gradients the optimizer sees all stay float32.
 
-Glossary: `N` examples in a split, `B` batch, `H, W` spatial, `C` channels, `K` classes.
+Glossary: `N` examples in a split, `B` batch, `H, W` spatial, `L` length, `C` channels, `K`
+classes. Series [N, L, C] go wherever images [N, H, W, C] do.
 """
 
 import functools
@@ -36,14 +37,14 @@ from jax.sharding import Mesh
 
 from cnnlab import inference
 from cnnlab.compiler import compiler_options, jit
-from cnnlab.config import AugmentConfig
+from cnnlab.config import AugmentConfig, Precision
 from cnnlab.parallel import batch_sharded, data_mesh, replicated, step_input
 from cnnlab.preprocess import augment, augmenting, normalize
 
 Metrics = dict[str, jax.Array]
 
 # train.precision: the dtype of the forward and backward pass
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRECISIONS = {Precision.float32: jnp.float32, Precision.bfloat16: jnp.bfloat16}
 
 
 class TrainState(train_state.TrainState):
@@ -124,7 +125,7 @@ class StepSettings:
     mean: np.ndarray  # [C] the training split's per-channel mean, float32
     std: np.ndarray  # [C]
     augment: AugmentConfig
-    precision: str = "float32"  # PRECISIONS
+    precision: str = "float32"  # Precision, a key of PRECISIONS
 
 
 def make_train_step(
