@@ -15,9 +15,11 @@ import functools
 import itertools
 import os
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -190,12 +192,14 @@ def check_keys(overrides: list[str]) -> None:
 
 
 def _unknown_in(dotted: str) -> list[str] | None:
-    """None if `dotted` is a key of the schema, else the valid keys where it leaves it."""
+    """None if `dotted` is a key of the schema, or a path into one of its lists or mappings
+    (`model.layers.0.conv`, which OmegaConf checks against the value), else the valid keys where
+    it leaves the schema."""
     schema = Config
     for part in dotted.split("."):
-        if not is_dataclass(schema):  # inside a free-form value (model.layers.2.conv=...)
+        if typing.get_origin(schema) in (list, dict) or schema is Any:
             return None
-        kinds = {f.name: f.type for f in fields(schema)}
+        kinds = {f.name: f.type for f in fields(schema)} if is_dataclass(schema) else {}
         if part not in kinds:
             return list(kinds)
         schema = kinds[part]
