@@ -174,3 +174,74 @@ def test_table_has_every_layer_with_totals():
     assert geometry.summarize(geometry.layers(LENET5, MNIST, 10)) == {
         "params": 61_706, "macs": 416_520, "flops": 833_040,
     }  # fmt: skip
+
+
+# Nets of every kind: residual blocks (ResNet-20), a global-pool head (All-CNN-C, a small net
+# written on the spot), and 1-D series. (model, overrides, input shape, the message's start)
+RESNET20, ALL_CNN_C = preset("resnet20"), preset("all_cnn_c")
+GAP_NET = ModelConfig(
+    name="gap", layers=[{"conv": 8, "kernel": 3}, "relu", {"pool": "max", "window": 2},
+                        {"conv": 16, "kernel": 3, "padding": "valid"}, "relu", "global_pool"],
+)  # fmt: skip
+CANNOT_ADD = "res1 (residual block) cannot add its branches: the layers map"
+IMPOSSIBLE_KINDS = [
+    (RESNET20, dict(padding="valid"), CIFAR, f"{CANNOT_ADD} 30x30x16 to 26x26x16"),
+    (RESNET20, dict(padding=0), (16, 16, 3), f"{CANNOT_ADD} 14x14x16 to 10x10x16"),
+    (RESNET20, dict(depth=[16, 8] + [16] * 17, padding="valid"), CIFAR, CANNOT_ADD),
+    (RESNET20, dict(kernel_size=9, padding="valid"), CIFAR, "res2/conv1 (conv 9x9, stride 1"),
+    (ALL_CNN_C, {}, (8, 8, 3), "conv7 (conv 3x3, stride 1, pad 0) gets a 2x2x64 input"),
+    (ALL_CNN_C, {}, (5, 5, 3), "conv7 (conv 3x3, stride 1, pad 0) gets a 2x2x64 input"),
+    (ALL_CNN_C, dict(stride=2), CIFAR, "conv7 (conv 3x3, stride 2, pad 0) gets a 1x1x64"),
+    (ALL_CNN_C, dict(kernel_size=5, padding="valid"), CIFAR, "conv6 (conv 5x5, stride 2, pad 0)"),
+    (GAP_NET, {}, (5, 5, 1), "conv2 (conv 3x3, stride 1, pad 0) gets a 2x2x8 input"),
+    (GAP_NET, dict(kernel_size=4), (4, 4, 1), "conv2 (conv 4x4, stride 1, pad 0) gets a 2x2x8"),
+    (GAP_NET, {}, (5, 1), "conv2 (conv 3, stride 1, pad 0) gets a 2x8 input and would output 0"),
+    (GAP_NET, dict(kernel_size=50, padding="valid"), (40, 2), "conv1 (conv 50, stride 1, pad 0)"),
+    (GAP_NET, dict(pool_size=41), (40, 2), "pool1 (max pool 41, stride 41) after conv1 gets a 40x8"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("base, change, shape, start", IMPOSSIBLE_KINDS)
+def test_impossible_nets_of_every_kind_are_refused_in_one_line(base, change, shape, start):
+    """Refused by the walk over the layers, which imports nothing of JAX; JAX itself would build
+    an empty map or fail in the middle of tracing."""
+    cfg = dataclasses.replace(base, **change)
+    with pytest.raises(GeometryError) as info:
+        geometry.check(cfg, shape, 10)
+    message = str(info.value)
+    assert message.startswith(start) and "\n" not in message, message
+    smallest = geometry.smallest_input(geometry.resolve(cfg), shape, 10)
+    if smallest is not None:  # the smallest input that fits really fits, one pixel less does not
+        assert f"it takes inputs from {'x'.join(map(str, smallest))} up" in message
+        geometry.check(cfg, smallest, 10)
+        with pytest.raises(GeometryError):
+            geometry.check(cfg, (smallest[0] - 1,) * (len(shape) - 1) + shape[-1:], 10)
+
+
+VALID_KINDS = [
+    (RESNET20, {}, CIFAR),
+    (RESNET20, {}, (1, 1, 3)),  # every conv pads: a 1x1 map stays 1x1
+    (RESNET20, dict(stride=[1, 3] + [1] * 17), CIFAR),  # a stride-3 projection
+    (RESNET20, dict(padding="same"), (33, 33, 3)),  # odd sides: ceil(33 / 2) both ways
+    (RESNET20, dict(depth=8), (64, 40, 3)),
+    (ALL_CNN_C, {}, (9, 9, 3)),
+    (ALL_CNN_C, {}, (64, 48, 3)),
+    (ALL_CNN_C, dict(padding="valid"), CIFAR),
+    (GAP_NET, dict(pool_size=9), MNIST),
+    (GAP_NET, dict(stride=[1, 8]), (6, 1)),
+    (GAP_NET, {}, (6, 1)),
+    (GAP_NET, dict(norm="batch", activation="gelu"), (100, 3)),
+]
+
+
+@pytest.mark.parametrize("base, change, shape", VALID_KINDS)
+def test_valid_nets_of_every_kind_are_accepted_and_build(base, change, shape):
+    cfg = dataclasses.replace(base, **change)
+    rows = geometry.layers(cfg, shape, 10)
+    model = build_model(cfg, 10)
+    variables = variables_like(model, shape)
+    x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+    assert jax.eval_shape(model.apply, variables, x).shape == (2, 10)
+    assert sum(leaf.size for leaf in jax.tree.leaves(variables["params"])) == sum(
+        r.params for r in rows
+    )
