@@ -350,8 +350,11 @@ def resolve(cfg: ModelConfig) -> Architecture:
 def _check_groups(layers: tuple) -> None:
     """Each GroupNorm right after a conv splits that conv's filters evenly (others are checked
     by the geometry, which knows their channels)."""
-    pairs = [(a, b) for a, b in zip(walk(layers), list(walk(layers))[1:], strict=False)
-             if isinstance(a, Conv) and isinstance(b, Norm) and b.kind == NormKind.group]  # fmt: skip
+    flat = list(walk(layers))
+    pairs = [
+        (a, b) for a, b in zip(flat, flat[1:], strict=False)
+        if isinstance(a, Conv) and isinstance(b, Norm) and b.kind == NormKind.group
+    ]  # fmt: skip
     widths = [conv.features for conv, _ in pairs]
     for conv, norm in pairs:
         if conv.features % norm.groups:

@@ -1,7 +1,8 @@
 """The model config's knobs, applied to a layer list: sweeps over a whole network in one key.
 
 A knob left null keeps what the layers say. Set, it changes every layer it names:
-- `conv_layers=N` (or, unset, the length of the first per-conv list below): the first N conv blocks of a plain stack (a block is a conv and the layers up
+- `conv_layers=N` (or, unset, the length of the first per-conv list below): the first N conv
+  blocks of a plain stack (a block is a conv and the layers up
   to the next conv), the last of them ending with the stack's last pool; above the stack's count,
   copies of its last block before it, pooled only where the stack pools after every conv;
 - `depth`: an int scales every conv width so that the first has `depth` filters; a list gives

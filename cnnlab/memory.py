@@ -8,7 +8,8 @@ run, whose state and dataset every device holds whole):
   SGD 0, AdamW 2: its first and second moments);
 - gradients: one float32 value per parameter;
 - activations kept for the backward pass: each layer's output (each row of `cnnlab.geometry`'s
-  table but flatten's, the normalized input included) x batch x bytes per element of `train.precision`;
+  table but flatten's, the normalized input included) x batch x bytes per element of
+  `train.precision`;
 - the dataset held on the device for the whole run (`cnnlab.train.step`): train, validation and
   test images as uint8 and their labels as int32.
 Models trained side by side (`seeds` with any `seeds_strategy` but sequential) multiply the

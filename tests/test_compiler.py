@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cnnlab import compiler
-from cnnlab.config import AugmentConfig, ModelConfig, OptimizerConfig
+from cnnlab.config import AugmentConfig, OptimizerConfig
 from cnnlab.models import build_model
 from cnnlab.parallel import data_mesh
 from cnnlab.train.losses import LOSSES

@@ -197,7 +197,7 @@ IMPOSSIBLE_KINDS = [
     (GAP_NET, dict(kernel_size=4), (4, 4, 1), "conv2 (conv 4x4, stride 1, pad 0) gets a 2x2x8"),
     (GAP_NET, {}, (5, 1), "conv2 (conv 3, stride 1, pad 0) gets a 2x8 input and would output 0"),
     (GAP_NET, dict(kernel_size=50, padding="valid"), (40, 2), "conv1 (conv 50, stride 1, pad 0)"),
-    (GAP_NET, dict(pool_size=41), (40, 2), "pool1 (max pool 41, stride 41) after conv1 gets a 40x8"),
+    (GAP_NET, dict(pool_size=41), (40, 2), "pool1 (max pool 41, stride 41) after conv1 gets"),
 ]  # fmt: skip
 
 

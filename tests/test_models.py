@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from cnnlab import geometry
+from cnnlab.architecture import Conv, Flatten, Pool
 from cnnlab.config import ModelConfig
 from cnnlab.errors import ConfigError
-from cnnlab.architecture import Conv, Flatten, Pool
 from cnnlab.models import build_model, resolve, variables_like
 from tests.conftest import preset
 
