@@ -2,9 +2,9 @@
 
 A knob left null keeps what the layers say. Set, it changes every layer it names:
 - `conv_layers=N` (or, unset, the length of the first per-conv list below): the first N conv
-  blocks of a plain stack (a block is a conv and the layers up
-  to the next conv), the last of them ending with the stack's last pool; above the stack's count,
-  copies of its last block before it, pooled only where the stack pools after every conv;
+  blocks of a plain stack (a block is a conv and the layers up to the next conv), the last of
+  them ending with the stack's last pool; above the stack's count, copies of its last block
+  before it, pooled only where the stack pools after every conv;
 - `depth`: an int scales every conv width so that the first has `depth` filters; a list gives
   each conv its width;
 - `kernel_size`, `stride`, `padding`: one value for every conv, or a list with one per conv;
