@@ -36,7 +36,12 @@ def _in_unit(value, *, closed_high=False) -> bool:
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError for unknown names, out-of-range values and impossible geometry."""
-    resolve(cfg.model)  # model names, per-layer lists and their ranges
+    if cfg.model._target_:  # a module of one's own: its import and fields (JAX loads here)
+        from cnnlab.models.user import check_config
+
+        check_config(cfg.model)
+    else:
+        resolve(cfg.model)  # model names, per-layer lists and their ranges
     data, opt, train = cfg.data, cfg.optimizer, cfg.train
     check_choice("data.name", data.name, DATASETS)
     if data.name in PATH_REQUIRED and not data.path:
