@@ -7,6 +7,9 @@
 - `curves.png`: loss and accuracy against step, train and validation (and the final test);
 - `confidently_wrong.png`: the test images the model got wrong with the highest confidence.
 
+A module of one's own (`model._target_`) shows its first 2-D conv kernel and the outputs of its
+submodules that have one, each stretched over the input (`module_maps`); without one, no filters.
+
 `<name>_figure` builds a matplotlib `Figure` from plain arrays and `draw_<name>` writes it to a
 path and returns the path. `draw_run` draws all five from a `RunPictures`, the arrays of one run
 (`run_pictures` takes them from a trained model, its test data and metrics), and `draw_all(run_dir)`
