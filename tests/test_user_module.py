@@ -211,6 +211,9 @@ def _config(*overrides: str):
          "model._target_=tests.no_such_file.Net cannot be imported: No module named"),
         (["model=user", "model._target_=tests.user_nets.NotAModule"],
          "is the class NotAModule, not a flax.linen.Module subclass"),
+        (["model=user", "model._target_=tests.user_nets.NoTrain"],
+         "apply(variables, x, train=True)): NoTrain.__call__() got an unexpected keyword argument "
+         "'train'; its __call__ must take (x, train=False)"),
         (["model=user"], "model._target_ is required with model=user"),
         (["model._target_=tests.user_nets.TinyNet"], "on top of the layer preset lenet5: start "
          "from model=user"),

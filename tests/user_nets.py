@@ -26,5 +26,13 @@ class TinyNet(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)  # [B, K]
 
 
+class NoTrain(nn.Module):
+    """A module whose `__call__` lacks the `train` argument that cnnlab passes."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
 class NotAModule:
     """A class, but not a Linen module."""

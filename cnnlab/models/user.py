@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.errors import FlaxError
 from flax.traverse_util import flatten_dict
 
 from cnnlab.config import ModelConfig
@@ -220,10 +221,11 @@ def layers(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> 
         logits, _ = jax.eval_shape(train, variables, x)
     except _Refused as e:
         raise GeometryError(f"model._target_={cfg._target_}: {e}", rows + recorder.rows()) from None
-    except TypeError as e:  # a __call__ without `train`, or another signature
+    except (TypeError, FlaxError) as e:  # a __call__ without `train`, a missing PRNG key, ...
         raise ConfigError(
-            f"model._target_={cfg._target_} cannot be called as module.apply(variables, x, "
-            f"train=True): {str(e).splitlines()[0]}; its __call__ must take (x, train=False)"
+            f"model._target_={cfg._target_} cannot be called as cnnlab calls it (init(key, x), "
+            f"apply(variables, x, train=True)): {str(e).strip().splitlines()[0]}; its __call__ "
+            "must take (x, train=False)"
         ) from None
     if tuple(logits.shape) != (1, num_classes):
         raise GeometryError(
