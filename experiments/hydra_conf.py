@@ -251,7 +251,8 @@ def _unknown_in(dotted: str) -> list[str] | None:
 
 def compose_config(overrides: list[str], hydra_config: bool = False) -> DictConfig:
     """The config of `overrides`, composed with Hydra's compose API; a mistake in them is a
-    ConfigError of one line."""
+    ConfigError of one line. A key under `model` that the schema lacks is a field of the module
+    that `model._target_` names, or, without one, a typo named with its closest key."""
     register_schema()
     try:
         extra = _model_extras(overrides)
@@ -271,11 +272,11 @@ def _compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
 def _model_extras(overrides: list[str]) -> list[str]:
     """The overrides of keys under `model` that the schema lacks: the fields of a module of
     one's own where `model._target_` is set, else typos."""
-    parser = OverridesParser.create()
+    parsed = zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True)
     return [
-        o for o in overrides
-        if (key := parser.parse_override(o).key_or_group).startswith("model.")
-        and not parser.parse_override(o).is_delete() and _unknown_in(key) is not None
+        line for line, o in parsed
+        if o.key_or_group.startswith("model.") and not o.is_delete()
+        and _unknown_in(o.key_or_group) is not None
     ]  # fmt: skip
 
 
