@@ -90,7 +90,8 @@ class SeedsStrategy(StrEnum):
 @dataclass
 class ModelConfig:
     """A network as a list of layers (`cnnlab.architecture`, README "Models"), and knobs that
-    change every layer of a kind at once (`cnnlab.knobs`): null leaves the layers as written."""
+    change every layer of a kind at once (`cnnlab.knobs`): null leaves the layers as written. Or
+    a Flax module of one's own (`_target_`), which reads neither."""
 
     name: str = "lenet5"  # the preset's name, in run names and reports
     layers: list[Any] = field(default_factory=lambda: [*LENET5_LAYERS])
@@ -113,6 +114,12 @@ class ModelConfig:
     # He, 2018), each example on its own, the same in both.
     norm: str | None = None
     norm_groups: int | None = None  # GroupNorm's channel groups; they must divide its channels
+    # A researcher's own Flax Linen module instead of the layers (README, "Your own module"): its
+    # import path, e.g. my_package.nets.MyNet, and the values of its fields (cnnlab.models.user).
+    # In Hydra's YAML and overrides the fields are keys beside _target_ (+model.width=16, Hydra's
+    # instantiate convention); experiments/hydra_conf.py gathers them into `fields`.
+    _target_: str | None = None
+    fields: Any = field(default_factory=dict)  # field name -> value; checked against the module
 
 
 @dataclass

@@ -320,8 +320,13 @@ def layers(
     (`arch`, the config resolved, where the caller has it).
 
     Raises GeometryError (one line, with a fix) if any feature map would be empty; its `rows`
-    hold the table up to and including the failing layer.
+    hold the table up to and including the failing layer. A module of one's own
+    (`model._target_`) is evaluated abstractly instead (`cnnlab.models.user.layers`, with JAX).
     """
+    if cfg._target_:
+        from cnnlab.models import user
+
+        return user.layers(cfg, tuple(input_shape), num_classes)
     arch = arch or resolve(cfg)
     try:
         return walk(arch, input_shape, num_classes)
@@ -389,6 +394,8 @@ def summarize(rows: list[Layer]) -> dict[str, int]:
 
 
 def _receptive(r: Layer, rank: int) -> str:
+    if r.kind == "module":  # a submodule of one's own module: its receptive field is not known
+        return "-"
     return "all" if r.receptive_field is None else _text([r.receptive_field] * rank)
 
 

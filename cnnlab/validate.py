@@ -43,7 +43,12 @@ def validate(cfg: Config, data_given: bool = False) -> None:
     """Raise ConfigError for unknown names, out-of-range values and impossible geometry.
     `data_given`: the data comes as a Dataset (`cnnlab.train.run.prepare(cfg, data=...)`), so
     `data.name` names it rather than a loader, and its shape is checked once it is known."""
-    resolve(cfg.model)  # model names, per-layer lists and their ranges
+    if cfg.model._target_:  # a module of one's own: its import and fields (JAX loads here)
+        from cnnlab.models.user import check_config
+
+        check_config(cfg.model)
+    else:
+        resolve(cfg.model)  # model names, per-layer lists and their ranges
     data, opt, train = cfg.data, cfg.optimizer, cfg.train
     _validate_data(data, data_given)
     _choose("optimizer.name", opt.name, OptimizerName)

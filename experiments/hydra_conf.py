@@ -17,7 +17,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab.config import Config, closest_key, from_dict
+from cnnlab.config import Config, ModelConfig, closest_key, from_dict
 from cnnlab.errors import CnnlabError, ConfigError
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
@@ -42,20 +42,68 @@ def conf_dir() -> Path:
     raise FileNotFoundError("cnnlab's conf/ folder is missing from the installation")
 
 
+def _model_defaults() -> dict:
+    """ModelConfig's defaults as a plain mapping, without `fields` (see `HydraSchema`)."""
+    return {k: v for k, v in asdict(ModelConfig()).items() if k != "fields"}
+
+
+@dataclass
+class HydraSchema(Config):
+    """`Config` as Hydra composes it. OmegaConf refuses a key that a dataclass node lacks (even
+    under open_dict; Dict-subclassing schemas are deprecated), so `model` is an untyped node with
+    ModelConfig's defaults: a module of one's own brings its fields as keys beside `_target_`
+    (+model.width=16, Hydra's instantiate convention). `to_config` types it, with ModelConfig's
+    checks (`from_dict`), and `compose_config` still refuses a typo of a layer-language key."""
+
+    model: Any = field(default_factory=_model_defaults)
+
+
 def register_schema() -> None:
     """Make the dataclass schema the base of conf/config.yaml (its `- schema` default)."""
-    ConfigStore.instance().store(name="schema", node=Config)
+    ConfigStore.instance().store(name="schema", node=HydraSchema)
 
 
 def to_config(node: DictConfig) -> Config:
     """Hydra's composed config as a `Config`, once, at the entry point. A required value left
-    unset (`???`) is a ConfigError, and so is a key the schema lacks (`+key=value` adds one)."""
+    unset (`???`) is a ConfigError, and so is a key the schema lacks (`+key=value` adds one),
+    except under a `model._target_`, whose keys are the module's fields (`module_node`)."""
     missing = sorted(OmegaConf.missing_keys(node))
     if missing:
         raise ConfigError(f"{missing[0]} is required but unset; set it with {missing[0]}=...")
     tree = OmegaConf.to_container(node, resolve=True)
     tree.pop("hydra", None)
+    if isinstance(tree.get("model"), dict):
+        tree["model"] = module_node(tree["model"])
     return from_dict(tree)
+
+
+def module_node(model: dict) -> dict:
+    """The `model` node as ModelConfig reads it. With a `_target_`, every key but `name` is the
+    module's, its fields gathered into `fields`: a field may share a knob's name (stride,
+    dropout), and a knob the module lacks is refused as an unknown field. The layer-language
+    keys left null (the schema's defaults) are not the module's."""
+    target, layers = model.get("_target_"), model.get("layers")
+    if not target and layers == []:  # model=user without its module
+        raise ConfigError(
+            "model._target_ is required with model=user (and without model.layers): set "
+            "model._target_=package.module.Class"
+        )
+    if not target:
+        return model
+    if layers:  # the default model group's layer preset, whose keys would apply too
+        raise ConfigError(
+            f"model._target_ is set on top of the layer preset {model.get('name')}: start from "
+            f"model=user (cnnlab-train model=user model._target_={target} +model.<field>=...), "
+            "or write `defaults: [user]` in a preset of your module"
+        )
+    schema = {f.name for f in fields(ModelConfig)}
+    own = {
+        key: value for key, value in model.items()
+        if key not in ("name", "layers", "_target_", "fields")
+        and not (key in schema and value is None)
+    }  # fmt: skip
+    gathered = {**(model.get("fields") or {}), **own}
+    return {"name": model.get("name"), "layers": [], "_target_": target, "fields": gathered}
 
 
 def sweep_group(sweep_dir: Path) -> str:
@@ -208,14 +256,33 @@ def _unknown_in(dotted: str) -> list[str] | None:
 
 def compose_config(overrides: list[str], hydra_config: bool = False) -> DictConfig:
     """The config of `overrides`, composed with Hydra's compose API; a mistake in them is a
-    ConfigError of one line."""
+    ConfigError of one line. A key under `model` that the schema lacks is a field of the module
+    that `model._target_` names, or, without one, a typo named with its closest key."""
     register_schema()
     try:
-        check_keys(overrides)
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return compose("config", overrides=overrides, return_hydra_config=hydra_config)
+        extra = _model_extras(overrides)
+        check_keys([o for o in overrides if o not in extra])
+        if extra and _compose([o for o in overrides if o not in extra]).model._target_ is None:
+            check_keys(extra)  # no module of one's own: a typo of a layer-language key
+        return _compose(overrides, hydra_config)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(one_line(e)) from e
+
+
+def _compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def _model_extras(overrides: list[str]) -> list[str]:
+    """The overrides of keys under `model` that the schema lacks: the fields of a module of
+    one's own where `model._target_` is set, else typos."""
+    parsed = zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True)
+    return [
+        line for line, o in parsed
+        if o.key_or_group.startswith("model.") and not o.is_delete()
+        and _unknown_in(o.key_or_group) is not None
+    ]  # fmt: skip
 
 
 class ContinuousSweep(ValueError):

@@ -5,7 +5,9 @@ Takes the same overrides as cnnlab-train, e.g.
 and prints each layer's output H x W x C, parameters, multiply-adds and receptive field, and the
 memory of a training step (cnnlab.memory), or the table up to the layer whose feature map would
 be empty, and the one-line reason (exit code 2). A configuration whose training step would not
-fit this machine's memory is refused with the figures (exit code 2).
+fit this machine's memory is refused with the figures (exit code 2). A module of one's own
+(`model=user model._target_=...`) gets a row per submodule, from its abstract evaluation
+(`cnnlab.models.user`), up to the first one with a zero-size shape.
 """
 
 import argparse

@@ -7,6 +7,9 @@
 - `curves.png`: loss and accuracy against step, train and validation (and the final test);
 - `confidently_wrong.png`: the test images the model got wrong with the highest confidence.
 
+A module of one's own (`model._target_`) shows its first 2-D conv kernel and the outputs of its
+submodules that have one, each stretched over the input (`module_maps`); without one, no filters.
+
 `<name>_figure` builds a matplotlib `Figure` from plain arrays and `draw_<name>` writes it to a
 path and returns the path. `draw_run` draws all five from a `RunPictures`, the arrays of one run
 (`run_pictures` takes them from a trained model, its test data and metrics), and `draw_all(run_dir)`
@@ -391,7 +394,7 @@ def draw_wrong(
 class RunPictures:
     """What the five pictures of a run are drawn from: arrays and names, no model or config."""
 
-    kernel: np.ndarray  # [kh, kw, C, F] the first conv layer's
+    kernel: np.ndarray | None  # [kh, kw, C, F] the first conv layer's; None: no filters.png
     maps: list[FeatureMap]  # test image `image_index` after each conv and pool
     image_index: int
     images: np.ndarray  # [N, H, W, C] uint8 the test images
@@ -401,6 +404,7 @@ class RunPictures:
     class_names: list[str]  # [K]
     records: list[dict]  # metrics.jsonl
     model: str  # the network as the feature maps' title names it, e.g. "lenet5 (relu, max pooling)"
+    kernel_layer: str = "conv1"  # the name or path of the layer whose kernel `kernel` is
 
 
 def run_pictures(
@@ -414,11 +418,18 @@ def run_pictures(
             f"image index {image_index} is outside the {len(test.images)} test images"
         )
     probs = np.asarray(probs)
-    arch = resolve(model.config)
-    first = arch.convs[0].name
+    image = test.images[image_index]
+    if model.config._target_:  # a module of one's own
+        first, kernel, maps = module_maps(model, image, data.mean, data.std)
+        title = model.config.name + ("" if maps else " (no conv-like submodule: no feature maps)")
+    else:
+        arch = resolve(model.config)
+        first = arch.convs[0].name
+        kernel = np.asarray(model.variables["params"][first]["kernel"])
+        maps, title = feature_maps(model, image, data.mean, data.std), _title(arch)
     return RunPictures(
-        kernel=np.asarray(model.variables["params"][first]["kernel"]),
-        maps=feature_maps(model, test.images[image_index], data.mean, data.std),
+        kernel=kernel,
+        maps=maps,
         image_index=image_index,
         images=test.images,
         labels=test.labels,
@@ -426,8 +437,27 @@ def run_pictures(
         counts=confusion_matrix(test.labels, np.argmax(probs, -1), data.num_classes),
         class_names=list(data.class_names),
         records=records,
-        model=_title(arch),
+        model=title,
+        kernel_layer=first or "",
     )
+
+
+def module_maps(
+    model: TrainedModel, image: np.ndarray, mean: np.ndarray, std: np.ndarray
+) -> tuple[str | None, np.ndarray | None, list[FeatureMap]]:
+    """A module of one's own: the path and kernel of its first submodule with a 2-D conv kernel
+    [kh, kw, C, F] (in call order), and the [H, W, C] outputs of each such submodule for one
+    uint8 `image`, each stretched over the input (their padding and strides are not known)."""
+    from cnnlab.models import user
+
+    x = normalize(jnp.asarray(image[None]), np.float32(mean), np.float32(std))  # [1, H, W, C]
+    kernels = user.conv_kernels(model.variables["params"])
+    outputs = [(p, y) for p, y in user.one_image(model.module, model.variables, x) if p in kernels]
+    h, w = image.shape[:2]
+    frame = (-0.5, w - 0.5, h - 0.5, -0.5)  # imshow's extent of the input
+    maps = [FeatureMap(p, "", y[0], frame) for p, y in outputs if y.ndim == 4]
+    first = outputs[0][0] if outputs else next(iter(kernels), None)
+    return first, kernels.get(first), maps
 
 
 def _title(arch) -> str:
@@ -446,8 +476,11 @@ def draw_run(pics: RunPictures, out_dir: Path, n_wrong: int = 16) -> dict[str, P
     label, pred = int(pics.labels[i]), int(np.argmax(pics.probs[i]))
     title = (f"{pics.model}: test image {i}, true class {names[label]}, "
              f"predicted {names[pred]} ({pics.probs[i, pred]:.2f})")  # fmt: skip
+    filters = {}  # a module of one's own without a 2-D conv has no filters to draw
+    if pics.kernel is not None:
+        filters["filters"] = draw_filters(pics.kernel, out_dir / "filters.png", pics.kernel_layer)
     return {
-        "filters": draw_filters(pics.kernel, out_dir / "filters.png", "conv1"),
+        **filters,
         "feature_maps": draw_feature_maps(
             pics.images[i], pics.maps, out_dir / "feature_maps.png", title
         ),
