@@ -159,8 +159,9 @@ def _other_model(path: Path, cfg: Config | None, saved: dict, wanted: dict) -> s
             if key in theirs.get(group, {}) and theirs[group][key] != value
         ]
         if changed:
-            there = ", ".join(f"{key}={old}" for key, old, _ in changed)
-            here = ", ".join(f"{key}={new}" for key, _, new in changed)
+            word = lambda value: "null" if value is None else value  # as the user writes it
+            there = ", ".join(f"{key}={word(old)}" for key, old, _ in changed)
+            here = ", ".join(f"{key}={word(new)}" for key, _, new in changed)
             name = theirs.get("model", {}).get("name")
             return (
                 f"its run ({run_config}) trained {name} with {there}; this config asks for "

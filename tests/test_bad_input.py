@@ -90,7 +90,7 @@ BAD = [
     ("geometry alexnet", ["model=alexnet_lite", "model.stride=2"], "pool"),
     ("geometry list length", ["model.conv_layers=3"], "model.padding"),
     # mistakes in a layer list: each names the layer's index and key, or the layer's table name
-    ("layers not a list", ["model.layers=conv"], "Write a list as model.layers=[a,b]"),
+    ("layers not a list", ["model.layers=conv"], "model.layers must be list, not 'conv'"),
     (
         "layer kind typo",
         ["model.layers=[{conv: 8},{cnov: 8},flatten]"],

@@ -14,6 +14,7 @@ import yaml
 
 from cnnlab import baselines
 from cnnlab.baselines import Band, Result
+from cnnlab.config import ModelConfig
 from cnnlab.errors import ConfigError
 from cnnlab.tracking.local import LocalTracker
 from cnnlab.train.run import run
@@ -58,8 +59,9 @@ def test_each_baseline_header_is_complete_and_its_preset_valid(name):
 def test_both_lenet5_variants_are_baselines():
     classic = compose_baseline("lenet5_classic_fashion_mnist").model
     modern = compose_baseline("lenet5_fashion_mnist").model
-    assert (classic.activation, classic.pool) == ("tanh", "avg")
-    assert (modern.activation, modern.pool) == ("relu", "max")
+    assert (classic.activation, classic.pool) == ("tanh", "avg")  # the knobs on LeNet-5's layers
+    assert (modern.activation, modern.pool) == (None, None)  # its layers as written: relu, max
+    assert classic.layers == modern.layers == ModelConfig().layers
 
 
 @pytest.mark.parametrize(

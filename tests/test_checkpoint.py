@@ -206,8 +206,8 @@ def test_init_from_another_model_names_both_models(tmp_path, uninterrupted):
         run(cfg, tmp_path / "other", Trackers())
     message = str(raised.value)
     assert f"checkpoint.init_from={whole} holds another model than this config's" in message
-    assert f"its run ({whole / 'config.yaml'}) trained lenet5 with model.depth=6" in message
-    assert "this config asks for lenet5 with model.depth=8, model.dropout=0.0." in message
+    assert f"its run ({whole / 'config.yaml'}) trained lenet5 with model.depth=null" in message
+    assert "this config asks for lenet5 with model.depth=8, model.dropout=null." in message
     assert "tree structures" not in message and "\n" not in message
     bare = tmp_path / "bare"  # a checkpoint folder alone, no run directory around it
     shutil.copytree(whole / "checkpoint", bare / "weights")

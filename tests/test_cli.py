@@ -69,7 +69,8 @@ def test_wandb_without_api_key_falls_back_to_an_offline_run(trained):
     assert len(losses) == 5 and losses[-1] < losses[0]
     assert summary["status"] == "ok" and 0.6 < summary["test/accuracy"] <= 1
     assert summary["params"] == 61_706
-    for table, rows in [("model/layers", 8), ("test/predictions", 32)]:
+    # LeNet-5's 13 rows: the input, 11 layers and the logits
+    for table, rows in [("model/layers", 13), ("test/predictions", 32)]:
         assert summary[f"{table}/_type"] == "table-file" and summary[f"{table}/nrows"] == rows
         assert (offline / "files" / summary[f"{table}/path"]).is_file()
     assert summary["test/confusion_matrix_table/nrows"] == 100  # 10 x 10 (true, predicted) pairs
@@ -187,9 +188,9 @@ def test_inspect_shows_where_an_impossible_network_collapses():
     done = cli("inspect_model", "model=alexnet_lite", "data=cifar10", "model.stride=2")
     assert done.returncode == 2
     table = done.stdout.splitlines()
-    assert table[-1].split()[:2] == ["pool5", "pool"] and "1 x 1 x 64" in table[-2]
+    assert table[-1].split()[:2] == ["pool3", "pool"] and "1 x 1 x 64" in table[-2]
     assert "0 x 0 x 64" in table[-1]
-    assert done.stderr.startswith("cnnlab: error: pool5 (max pool 3x3, stride 2) after conv5")
+    assert done.stderr.startswith("cnnlab: error: pool3 (max pool 3x3, stride 2) after conv5")
     assert "fix: model." in done.stderr and len(done.stderr.splitlines()) == 1
 
 

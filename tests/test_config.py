@@ -30,7 +30,10 @@ def test_experiment_presets_compose_and_validate(preset):
     [(g, o) for g in ("model", "data", "optimizer", "logger", "sweep") for o in options(g)],
 )
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = load(f"{group}={option}", "data.path=/somewhere")
+    # model=user needs a module, as data=idx needs a folder
+    user = (group, option) == ("model", "user")
+    needs = ["model._target_=tests.user_nets.TinyNet"] if user else []
+    cfg = load(f"{group}={option}", "data.path=/somewhere", *needs)
     validate(cfg)
 
 

@@ -1,5 +1,5 @@
 """Every way of computing a convolution, and oneDNN's max pool, agree with XLA's own, gradients
-included; `plan` and `layers.max_pool` pick the way each layer is computed."""
+included; `plan` and `layers.pooled` pick the way each layer is computed."""
 
 import chex
 import flax.linen as nn
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnnlab import kernels
+from cnnlab.architecture import Pool, PoolKind
 from cnnlab.models import layers
 from cnnlab.models.conv import FORMULATIONS, conv2d, plan
 from cnnlab.models.layers import Conv
@@ -110,7 +111,7 @@ def _layer_ops(dtype) -> tuple[str, str]:
     x = jnp.zeros((2, 12, 12, 1), dtype)
     conv = Conv(4, 3, 1, "same")
     params = conv.init(jax.random.key(0), x)
-    layer = lambda params, x: jnp.sum(layers.max_pool(conv.apply(params, x), 2, 2))
+    layer = lambda params, x: jnp.sum(layers.pooled(conv.apply(params, x), Pool(PoolKind.max)))
     return str(jax.make_jaxpr(layer)(params, x)), str(jax.make_jaxpr(jax.grad(layer))(params, x))
 
 

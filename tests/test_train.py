@@ -22,7 +22,7 @@ from cnnlab.train.losses import LOSSES, squared_error
 from cnnlab.train.optim import OPTIMIZERS, build_optimizer
 from cnnlab.train.run import initial_state, prepare, run
 from cnnlab.train.step import StepSettings, create_state, make_train_step
-from tests.conftest import needs_fashion_mnist, small_config
+from tests.conftest import needs_fashion_mnist, preset, small_config
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,7 @@ def test_random_erasing_fills_one_rectangle_of_the_asked_size_with_noise():
         (ModelConfig(padding=[2, 0]), "cross_entropy", OptimizerConfig(schedule="constant")),
         (ModelConfig(padding=[2, 0], activation="tanh", pool="avg"), "squared_error",
          OptimizerConfig(name="adamw", lr=3e-3, schedule="constant")),
-        (ModelConfig(name="alexnet_lite", depth=8, kernel_size=[5, 5, 3, 3, 3], pool_size=3,
-                     dense=[64, 64], dropout=0.1), "cross_entropy",
+        (preset("alexnet_lite", depth=8, dense=[64, 64], dropout=0.1), "cross_entropy",
          OptimizerConfig(name="adamw", lr=1e-3, schedule="constant")),
     ],
 )  # fmt: skip
