@@ -22,13 +22,12 @@ a config is checked (`cnnlab.validate`) before they load.
 """
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from cnnlab.config import ModelConfig
-from cnnlab.errors import ConfigError
+from cnnlab.errors import ConfigError, choose, closest
 
 
 class Activation(StrEnum):
@@ -220,26 +219,9 @@ KINDS = {
 BARE = {"flatten": Flatten(), "global_pool": GlobalPool()}
 
 
-def closest(word: str, options) -> str:
-    """ "; did you mean X?" for the option nearest to a typo, or ""."""
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
-    return f"; did you mean {close[0]}?" if close else ""
-
-
-def _choose(where: str, value, names) -> StrEnum:
-    """`value` as a member of the enum `names`, or a ConfigError naming the closest."""
-    try:
-        return names(value)
-    except ValueError:
-        valid = ", ".join(names)
-        raise ConfigError(
-            f"{where}={value!r} is not known{closest(value, names)} (choose one of: {valid})"
-        ) from None
-
-
 def _value(where: str, value, check):
     if isinstance(check, type) and issubclass(check, StrEnum):
-        return _choose(where, value, check)
+        return choose(where, value, check)
     if not check(value):
         raise ConfigError(f"{where}={value!r} is invalid: use {check.__doc__}")
     return value

@@ -30,7 +30,25 @@ class DataError(CnnlabError):
     exit_code = 3  # apart from 2, so that `cnnlab-verify` can tell "no data here" from a failure
 
 
+def closest(word, options) -> str:
+    """ "; did you mean X?" for the option nearest to a typo, or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def check_choice(key: str, value, options) -> None:
-    """Raise ConfigError unless `value` is one of `options` (a dict's keys or a sequence)."""
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not known; choose one of: {', '.join(options)}")
+    """Raise ConfigError, naming the closest, unless `value` is one of `options` (a dict's keys,
+    a sequence or an enum)."""
+    if value not in [str(o) for o in options]:
+        valid = ", ".join(str(o) for o in options)
+        raise ConfigError(
+            f"{key}={value!r} is not known{closest(value, options)} (choose one of: {valid})"
+        )
+
+
+def choose(key: str, value, names):
+    """`value` as a member of the enum `names`, or the ConfigError of `check_choice`."""
+    check_choice(key, value, names)
+    return names(value)

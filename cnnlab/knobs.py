@@ -34,13 +34,12 @@ from cnnlab.architecture import (
     Pool,
     PoolKind,
     Residual,
-    _choose,
     _padding,
     _positive,
     _rate,
 )  # fmt: skip
 from cnnlab.config import ModelConfig
-from cnnlab.errors import ConfigError
+from cnnlab.errors import ConfigError, choose
 
 
 class NormKnob(StrEnum):
@@ -59,10 +58,10 @@ def apply(layers: tuple, cfg: ModelConfig) -> tuple:
         layers = _conv_layers(layers, count)
     layers = _per_conv(layers, cfg)
     if cfg.activation is not None:
-        fn = _choose("model.activation", cfg.activation, Activation)
+        fn = choose("model.activation", cfg.activation, Activation)
         layers = _each(layers, Act, fn=fn)
     if cfg.pool is not None:
-        layers = _each(layers, Pool, kind=_choose("model.pool", cfg.pool, PoolKind))
+        layers = _each(layers, Pool, kind=choose("model.pool", cfg.pool, PoolKind))
     for key, field in (("pool_size", "window"), ("pool_stride", "stride")):
         if (value := getattr(cfg, key)) is not None:
             layers = _each(layers, Pool, **{field: _checked(key, value, _positive)})
@@ -222,7 +221,7 @@ def _norm(layers: tuple, kind: Any, groups: Any) -> tuple:
         return layers
     if kind == "none":
         return _without(layers, Norm)
-    kind = _choose("model.norm", kind, NormKnob)
+    kind = choose("model.norm", kind, NormKnob)
     if any(isinstance(layer, Norm) for layer in _flat(layers)):
         return _each(layers, Norm, kind=NormKind(kind))
     norm = Norm(NormKind(kind)) if groups is None else Norm(NormKind(kind), groups)

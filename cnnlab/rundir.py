@@ -122,6 +122,13 @@ class TrainedModel:
     config: ModelConfig
     module: Any  # flax.linen.Module
     variables: dict
+    arch: Any = None  # the resolved layers (cnnlab.architecture); None for one's own module
+
+    def layers(self):
+        """The resolved layers, resolved here where whoever built this had none at hand."""
+        from cnnlab.architecture import resolve
+
+        return self.arch or resolve(self.config)
 
 
 class RunDir:
@@ -227,13 +234,15 @@ class RunDir:
     def load_model(self) -> TrainedModel:
         """The run's network with its final variables: config -> module -> checkpoint/."""
         from cnnlab import checkpoint
-        from cnnlab.models import build_model, variables_like
+        from cnnlab.models import build_model, resolve, variables_like
 
         self.check("config.yaml", "dataset.json", "checkpoint")
         cfg, info = self.config().model, self.dataset()
-        module = build_model(cfg, len(info.class_names))
+        arch = None if cfg._target_ else resolve(cfg)
+        module = build_model(arch or cfg, len(info.class_names))
         like = variables_like(module, info.image_shape)
-        return TrainedModel(cfg, module, checkpoint.load_variables(self.checkpoint, like))
+        variables = checkpoint.load_variables(self.checkpoint, like)
+        return TrainedModel(cfg, module, variables, arch)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -12,7 +12,7 @@ import math
 import sys
 
 from cnnlab import geometry, memory
-from cnnlab.architecture import _choose, resolve
+from cnnlab.architecture import Architecture, resolve
 from cnnlab.config import (
     Config,
     DataConfig,
@@ -27,7 +27,7 @@ from cnnlab.config import (
     TrainConfig,
 )
 from cnnlab.data import DATASETS, INPUT_SHAPES, PATH_REQUIRED
-from cnnlab.errors import ConfigError, check_choice
+from cnnlab.errors import ConfigError, check_choice, choose
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:
@@ -39,20 +39,22 @@ def _in_unit(value, *, closed_high=False) -> bool:
     return 0.0 <= value <= 1.0 if closed_high else 0.0 <= value < 1.0
 
 
-def validate(cfg: Config, data_given: bool = False) -> None:
-    """Raise ConfigError for unknown names, out-of-range values and impossible geometry.
+def validate(cfg: Config, data_given: bool = False) -> Architecture | None:
+    """Raise ConfigError for unknown names, out-of-range values and impossible geometry; return
+    the network's resolved layers (None for a module of one's own), which the caller passes on.
     `data_given`: the data comes as a Dataset (`cnnlab.train.run.prepare(cfg, data=...)`), so
     `data.name` names it rather than a loader, and its shape is checked once it is known."""
+    arch = None
     if cfg.model._target_:  # a module of one's own: its import and fields (JAX loads here)
         from cnnlab.models.user import check_config
 
         check_config(cfg.model)
     else:
-        resolve(cfg.model)  # model names, per-layer lists and their ranges
+        arch = resolve(cfg.model)  # layer names, knobs and their ranges
     data, opt, train = cfg.data, cfg.optimizer, cfg.train
     _validate_data(data, data_given)
-    _choose("optimizer.name", opt.name, OptimizerName)
-    _choose("optimizer.schedule", opt.schedule, ScheduleName)
+    choose("optimizer.name", opt.name, OptimizerName)
+    choose("optimizer.schedule", opt.schedule, ScheduleName)
     _require(opt.lr > 0 and math.isfinite(opt.lr), "optimizer.lr", opt.lr, "use a rate > 0")
     _require(_in_unit(opt.momentum), "optimizer.momentum", opt.momentum, "use [0, 1)")
     for key in ("b1", "b2"):
@@ -72,14 +74,14 @@ def validate(cfg: Config, data_given: bool = False) -> None:
     every = ckpt.every_steps
     _require(every is None or every >= 1, "checkpoint.every_steps", every, "use null or >= 1")
     _require(ckpt.keep >= 1, "checkpoint.keep", ckpt.keep, "use a count >= 1")
-    _choose("loss.name", cfg.loss.name, LossName)
+    choose("loss.name", cfg.loss.name, LossName)
     smoothing = cfg.loss.label_smoothing
     _require(_in_unit(smoothing), "loss.label_smoothing", smoothing, "use [0, 1)")
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_epochs"):
         value = getattr(train, key)
         _require(value >= 1, f"train.{key}", value, "use a whole number >= 1")
-    _choose("train.precision", train.precision, Precision)
-    _choose("logger.mode", cfg.logger.mode, LoggerMode)
+    choose("train.precision", train.precision, Precision)
+    choose("logger.mode", cfg.logger.mode, LoggerMode)
     timeout = cfg.logger.init_timeout
     _require(timeout > 0, "logger.init_timeout", timeout, "use seconds > 0")
     samples = cfg.logger.num_sample_predictions
@@ -88,10 +90,11 @@ def validate(cfg: Config, data_given: bool = False) -> None:
     _validate_seeds(cfg.seeds, cfg.seeds_strategy)
     arenas = cfg.malloc_arenas
     _require(arenas is None or arenas >= 1, "malloc_arenas", arenas, "use a count >= 1 or null")
-    _choose("sweep.on_invalid", cfg.sweep.on_invalid, OnInvalid)
+    choose("sweep.on_invalid", cfg.sweep.on_invalid, OnInvalid)
     _validate_distributed(cfg.distributed)
     if data.name in INPUT_SHAPES and not data_given:  # otherwise checked once the data is loaded
-        _validate_size(cfg, *INPUT_SHAPES[data.name])
+        _validate_size(cfg, arch, *INPUT_SHAPES[data.name])
+    return arch
 
 
 def _validate_data(data: DataConfig, given: bool) -> None:
@@ -107,17 +110,17 @@ def _validate_data(data: DataConfig, given: bool) -> None:
     _require(crop >= 0, "data.augment.crop_padding", crop, "use 0 (off) or pixels >= 1")
 
 
-def _validate_size(cfg: Config, shape: tuple[int, int, int], num_classes: int) -> None:
+def _validate_size(cfg: Config, arch: Architecture | None, shape: tuple, num_classes: int) -> None:
     """The geometry, then the memory of a training step against this machine's: JAX is not loaded
     yet, so an accelerator's memory is checked later (`cnnlab.train.run.prepare`), and on a GPU
     machine the host's memory only refuses what fits nowhere."""
-    rows = geometry.layers(cfg.model, shape, num_classes)
+    rows = geometry.layers(cfg.model, shape, num_classes, arch)
     est = memory.estimate(cfg, rows, memory.dataset_examples(cfg.data))
     memory.check(est, memory.host_available())
 
 
 def _validate_seeds(seeds: list[int], strategy: str) -> None:
-    _choose("seeds_strategy", strategy, SeedsStrategy)
+    choose("seeds_strategy", strategy, SeedsStrategy)
     seeds_text = f"[{','.join(map(str, seeds))}]"
     _require(all(s >= 0 for s in seeds), "seeds", seeds_text, "use whole numbers >= 0")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})

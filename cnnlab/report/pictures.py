@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from cnnlab import geometry
-from cnnlab.architecture import Act, Conv, GlobalPool, Norm, Pool, Residual, resolve, walk
+from cnnlab.architecture import Act, Conv, GlobalPool, Norm, Pool, Residual, walk
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.inference import predict_probs
@@ -130,7 +130,7 @@ def feature_maps(
     """
     x = normalize(jnp.asarray(image[None]), np.float32(mean), np.float32(std))  # [1, H, W, C]
     _, state = model.module.apply(model.variables, x, mutable=["maps"])
-    arch = resolve(model.config)
+    arch = model.layers()
     layers, names = arch.layers, geometry.row_names(arch.layers)
     place = _Placement(np.array(image.shape[:2]), np.zeros(2), 1)
     maps = []
@@ -423,7 +423,7 @@ def run_pictures(
         first, kernel, maps = module_maps(model, image, data.mean, data.std)
         title = model.config.name + ("" if maps else " (no conv-like submodule: no feature maps)")
     else:
-        arch = resolve(model.config)
+        arch = model.layers()
         first = arch.convs[0].name
         kernel = np.asarray(model.variables["params"][first]["kernel"])
         maps, title = feature_maps(model, image, data.mean, data.std), _title(arch)

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh
 
 from cnnlab import checkpoint, geometry, memory
+from cnnlab.architecture import Architecture
 from cnnlab.checkpoint import Checkpoints
 from cnnlab.config import Config
 from cnnlab.data import INPUT_SHAPES, Dataset, load_dataset
@@ -67,6 +68,7 @@ class Prepared:
     test: tuple[jax.Array, jax.Array]
     init: Callable[[jax.Array], TrainState]  # key(s) -> the initial state (`make_init`)
     stacked: bool = False  # the train step trains stacked models (`make_train_step(lanes=True)`)
+    arch: Architecture | None = None  # the network's resolved layers; None for one's own module
 
 
 def prepare(cfg: Config, lanes: bool = False, data: Dataset | None = None) -> Prepared:
@@ -74,7 +76,7 @@ def prepare(cfg: Config, lanes: bool = False, data: Dataset | None = None) -> Pr
     step over stacked models (`make_train_step`). `data`: a Dataset built in code (series
     [N, L, C] too) to train on as it is, instead of loading `cfg.data.name` (so the hold-out and
     limits of `cfg.data` do not apply)."""
-    validate(cfg, data_given=data is not None)  # and the geometry where the shape is known
+    arch = validate(cfg, data_given=data is not None)  # and the geometry where the shape is known
     check_devices(cfg.train, jax.device_count(), jax.default_backend())
     data = load_dataset(cfg.data) if data is None else data
     check_augment(cfg.data.augment, data.image_shape, data.train.images.dtype)
@@ -83,9 +85,9 @@ def prepare(cfg: Config, lanes: bool = False, data: Dataset | None = None) -> Pr
             f"train.batch_size={cfg.train.batch_size} is more than the {len(data.train)} "
             "training examples; lower it, or raise data.train_limit"
         )
-    rows = geometry.layers(cfg.model, data.image_shape, data.num_classes)
+    rows = geometry.layers(cfg.model, data.image_shape, data.num_classes, arch)
     _check_memory(cfg, rows, data)
-    model = build_model(cfg.model, data.num_classes)
+    model = build_model(arch or cfg.model, data.num_classes)
     steps_per_epoch = len(data.train) // cfg.train.batch_size
     tx, schedule = build_optimizer(cfg.optimizer, steps_per_epoch, cfg.train.epochs)
     mesh = data_mesh()  # every device; the batch is split over them (cnnlab.parallel)
@@ -101,7 +103,7 @@ def prepare(cfg: Config, lanes: bool = False, data: Dataset | None = None) -> Pr
     init = make_init(model, tx, data.image_shape, mesh, lanes)
     return Prepared(
         data, rows, model, tx, schedule, mesh, train_step, eval_step,
-        device(data.train), device(data.val), device(data.test), init, lanes,
+        device(data.train), device(data.val), device(data.test), init, lanes, arch,
     )  # fmt: skip
 
 
@@ -261,7 +263,7 @@ def end_run(
     tracker.log_predictions(data.test.images, data.test.labels, test.probs, data.class_names)
     checkpoint.save_variables(run_dir / "checkpoint", model_vars)  # replaces a stale one
     if cfg.logger.pictures and jax.process_index() == 0:
-        model = TrainedModel(cfg.model, prepared.model, jax.device_get(model_vars))
+        model = TrainedModel(cfg.model, prepared.model, jax.device_get(model_vars), prepared.arch)
         part.update(draw_pictures(model, data, test.probs, run_dir, tracker))
     return part
 
