@@ -138,9 +138,9 @@ def feature_maps(
         if not isinstance(layer, Conv | Pool | Residual):
             continue
         place = place.after(layer)
-        shown = i  # a conv is shown after the normalization and activation that follow it
+        shown = i  # a conv or a block is shown after the normalization and activation that follow
         while (
-            isinstance(layer, Conv)
+            isinstance(layer, Conv | Residual)
             and shown + 1 < len(layers)
             and isinstance(layers[shown + 1], Norm | Act)
         ):
@@ -179,17 +179,19 @@ class _Placement:
 
 
 def _detail(layers: tuple) -> str:
-    """A map's caption: "5x5/1 pad 2, relu", "max pool 2x2/2", "residual: 2 convs"."""
+    """A map's caption: "5x5/1 pad 2, relu", "max pool 2x2/2", "residual block of 2 convs, relu"."""
     first = layers[0]
     if isinstance(first, Pool):
         return f"{first.kind} pool {first.window}x{first.window}/{first.step}"
     if isinstance(first, Residual):
         convs = sum(isinstance(layer, Conv) for layer in first.layers)
-        return f"residual block of {convs} convs"
+        head = f"residual block of {convs} convs"
+    else:
+        head = f"{first.kernel}x{first.kernel}/{first.stride} pad {first.padding}"
     extras = [
         f"{layer.kind} norm" if isinstance(layer, Norm) else str(layer.fn) for layer in layers[1:]
     ]
-    return ", ".join([f"{first.kernel}x{first.kernel}/{first.stride} pad {first.padding}", *extras])
+    return ", ".join([head, *extras])
 
 
 def _extent(y, centre: np.ndarray, jump: int) -> tuple[float, float, float, float]:
@@ -465,8 +467,13 @@ def _title(arch) -> str:
     (tanh, avg) from the modern one: "lenet5 (relu, max pooling)"."""
     layers = list(walk(arch.layers))
     acts = dict.fromkeys(str(x.fn) for x in layers if isinstance(x, Act))
-    pools = dict.fromkeys(str(x.kind) for x in layers if isinstance(x, Pool | GlobalPool))
-    parts = [", ".join(acts), f"{', '.join(pools)} pooling" if pools else ""]
+    pools = dict.fromkeys(str(x.kind) for x in layers if isinstance(x, Pool))
+    heads = dict.fromkeys(str(x.kind) for x in layers if isinstance(x, GlobalPool))
+    parts = [
+        ", ".join(acts),
+        f"{', '.join(pools)} pooling" if pools else "",
+        f"global {', '.join(heads)} pooling" if heads else "",
+    ]
     return f"{arch.name} ({', '.join(p for p in parts if p)})"
 
 
