@@ -134,7 +134,8 @@ def swept_keys(points: list[Point]) -> list[str]:
         values = {repr(p.config[key]) for p in points if key in p.config}
         if len(values) > 1:
             swept.append(key)
-    return swept
+    # a list swept through one of its items (model.layers.0.conv=2,4) is that item's column
+    return [key for key in swept if not any(k.startswith(f"{key}.") for k in swept)]
 
 
 def _config(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
