@@ -131,7 +131,10 @@ def _start_jax(cfg: Config, multirun: bool) -> None:
     if cfg.compilation_cache:
         path = Path(cfg.compilation_cache).expanduser()
         jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # programs that compile faster than they load are not worth a file; JAX's own variable
+        # sets another threshold (the tests set 0, so that a fast machine caches the same)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if cfg.distributed.enabled:  # multi-host: join the other processes before JAX starts
         initialize_distributed(cfg.distributed)
     if cfg.deterministic and (warning := determinism.warning(jax.default_backend(), cfg.model)):

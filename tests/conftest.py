@@ -78,6 +78,11 @@ SWEEP = [
 ]  # fmt: skip
 
 
+# Every program into the compilation cache, however fast it compiles (cnnlab caches those that
+# take 0.5 s or more, which on a fast machine may leave out a LeNet-5 train step)
+CACHE_ALL = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 @pytest.fixture(scope="session")
 def lenet_sweep(tmp_path_factory):
     """(multirun root, the CompletedProcess): the sweep in `<root>/first`, W&B offline, its jobs
@@ -85,7 +90,7 @@ def lenet_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("multirun")
     first = cli(
         "train", *SWEEP, "logger.mode=offline", f"hydra.sweep.dir={root}/first",
-        f"compilation_cache={root}/jax-cache",
+        f"compilation_cache={root}/jax-cache", env=CACHE_ALL,
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     return root, first
