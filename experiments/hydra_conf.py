@@ -259,14 +259,17 @@ def compose_config(overrides: list[str], hydra_config: bool = False) -> DictConf
     ConfigError of one line. A key under `model` that the schema lacks is a field of the module
     that `model._target_` names, or, without one, a typo named with its closest key."""
     register_schema()
+    extra = _model_extras(overrides)
+    check_keys([o for o in overrides if o not in extra])
     try:
-        extra = _model_extras(overrides)
-        check_keys([o for o in overrides if o not in extra])
-        if extra and _compose([o for o in overrides if o not in extra]).model._target_ is None:
-            check_keys(extra)  # no module of one's own: a typo of a layer-language key
-        return _compose(overrides, hydra_config)
+        composed = _compose(overrides, hydra_config)
     except (HydraException, OmegaConfBaseException) as e:
+        if extra and not any(o.startswith("model._target_=") for o in overrides):
+            check_keys(extra)  # a typo's message names the closest key, not Hydra's
         raise ConfigError(one_line(e)) from e
+    if extra and composed.model._target_ is None:
+        check_keys(extra)  # no module of one's own: a typo of a layer-language key
+    return composed
 
 
 def _compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
