@@ -19,9 +19,10 @@ class ConfigError(CnnlabError):
 class GeometryError(ConfigError):
     """A layer's window does not fit its input: the feature map would be empty."""
 
-    def __init__(self, message: str, rows: list = ()):
+    def __init__(self, message: str, rows: list = (), sized: bool = True):
         super().__init__(message)
         self.rows = list(rows)  # the per-layer table up to the failing layer, for display
+        self.sized = sized  # a map too small (another size may fit), not a layer out of place
 
 
 class DataError(CnnlabError):

@@ -142,12 +142,18 @@ def _needs_map(walk: _Walk, name: str, what: str) -> None:
     if not walk.is_map:
         raise _Problem(
             f"{name} ({what}) gets a vector of {walk.shape[0]} units, not a map: put it before "
-            "flatten or global_pool"
+            "flatten or global_pool",
+            sized=False,
         )
 
 
 class _Problem(Exception):
-    """Why the geometry is impossible, raised inside the walk (with the rows so far)."""
+    """Why the geometry is impossible, raised inside the walk (with the rows so far); `sized`
+    where a map is too small, not where a layer gets the wrong kind of input."""
+
+    def __init__(self, message: str, sized: bool = True):
+        super().__init__(message)
+        self.sized = sized
 
 
 def _window(walk: _Walk, window: tuple[int, int, Any]):
@@ -221,7 +227,7 @@ def _vector(walk: _Walk, layer, rows: list) -> None:
     name = walk.name(layer)
     kind = "flatten" if isinstance(layer, Flatten) else "global_pool"
     if not walk.is_map:
-        raise _Problem(f"{name} ({kind}) gets a vector of {walk.shape[0]} units, not a map")
+        raise _Problem(f"{name} ({kind}) gets a vector of {walk.shape[0]} units, not a map", False)
     if isinstance(layer, Flatten):
         shape, detail = (math.prod(walk.shape),), ""
     else:
@@ -235,7 +241,8 @@ def _dense(walk: _Walk, layer: Dense, rows: list, name: str = "") -> None:
     if walk.is_map:
         raise _Problem(
             f"{name} (dense {layer.units}) gets a {_map_text(walk)} map: put flatten or "
-            "global_pool before it"
+            "global_pool before it",
+            sized=False,
         )
     units = walk.shape[0]
     params = units * layer.units + layer.units * layer.bias
@@ -258,7 +265,9 @@ def _residual(walk: _Walk, layer: Residual, rows: list) -> None:
     branch = _Walk(walk.shape, walk.rank, f"{name}/", walk.rf, walk.jump, last_conv=walk.last_conv)
     _steps(branch, layer.layers, rows)
     if not branch.is_map:
-        raise _Problem(f"{name} (residual block) ends on a vector: its layers must keep a map")
+        raise _Problem(
+            f"{name} (residual block) ends on a vector: its layers must keep a map", False
+        )
     if branch.shape != walk.shape:
         _projection(walk, branch, layer, rows)
     walk.shape, walk.rf, walk.jump = branch.shape, branch.rf, branch.jump
@@ -305,11 +314,12 @@ def walk(arch: Architecture, input_shape: tuple[int, ...], num_classes: int) -> 
         if state.is_map:
             raise _Problem(
                 f"the layers end on a {_map_text(state)} map: end them with flatten or "
-                "global_pool (the logits layer takes a vector)"
+                "global_pool (the logits layer takes a vector)",
+                sized=False,
             )
         _dense(state, Dense(num_classes), rows, "logits")
     except _Problem as problem:
-        raise GeometryError(str(problem), rows) from None
+        raise GeometryError(str(problem), rows, problem.sized) from None
     return rows
 
 
@@ -331,6 +341,8 @@ def layers(
     try:
         return walk(arch, input_shape, num_classes)
     except GeometryError as e:
+        if not e.sized:  # a layer out of place: no size or override puts it right
+            raise
         fix = _suggest_fix(cfg, input_shape, num_classes)
         smallest = smallest_input(arch, input_shape, num_classes)
         fits = f"; it takes inputs from {_text(smallest)} up" if smallest else ""
