@@ -30,7 +30,7 @@ from pathlib import Path
 from cnnlab import baselines
 from cnnlab.baselines import Baseline, Result
 from cnnlab.errors import CnnlabError, ConfigError, DataError
-from experiments.hydra_conf import conf_dir, entry_point, exit_on_user_error
+from experiments.hydra_conf import entry_point, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = Path(__file__).resolve().parent / "baselines"  # <name>.yaml: what each must reproduce
@@ -68,14 +68,9 @@ def machine() -> str:
 
 def compose(overrides: list[str]):
     """The `Config` that cnnlab-train composes from `overrides`."""
-    from hydra import compose, initialize_config_dir
+    from experiments.hydra_conf import compose_config, to_config
 
-    from experiments.hydra_conf import register_schema
-    from experiments.hydra_conf import to_config as from_omegaconf
-
-    register_schema()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return from_omegaconf(compose("config", overrides=overrides))
+    return to_config(compose_config(overrides))
 
 
 def saved_hash(run_dir: Path) -> str | None:
@@ -83,13 +78,13 @@ def saved_hash(run_dir: Path) -> str | None:
     from omegaconf import OmegaConf
 
     from cnnlab.config import Config, config_hash
-    from experiments.hydra_conf import to_config as from_omegaconf
+    from experiments.hydra_conf import to_config
 
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return None
     node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
-    return config_hash(from_omegaconf(node))
+    return config_hash(to_config(node))
 
 
 def train(overrides: list[str]) -> tuple[int, str]:
