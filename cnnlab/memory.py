@@ -143,12 +143,12 @@ def check(est: Estimate, available: int | None, where: str = "this machine") -> 
     )
 
 
-def size(n: float) -> str:
-    """Bytes in decimal units: 61.7 KB, 2.1 GB, 2,666,669 PB."""
-    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+def size(n: float, unit: str = "B") -> str:
+    """A count in decimal units, bytes by default: 61.7 KB, 2.1 GB, 2,666,669 PB, 4.4 PFLOP."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n:,.0f} B"
+            return f"{n / scale:,.1f} {prefix}{unit}"
+    return f"{n:,.0f} {unit}"
 
 
 __all__ = ["Estimate", "check", "dataset_examples", "device_available", "estimate"]

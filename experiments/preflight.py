@@ -86,16 +86,9 @@ def report(points: list[Point]) -> str:
     flops = sum(training_flops(p.cfg, p.rows) for p in valid if p.rows)
     lines.append(
         f"{len(points)} point(s): {len(valid)} job(s) to run, {len(invalid)} invalid; "
-        f"training compute about {_si(flops)}FLOP (3x forward FLOPs x images x epochs)"
+        f"training compute about {memory.size(flops, 'FLOP')} (3x forward FLOPs x images x epochs)"
     )
     return "\n".join(lines)
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if value >= scale:
-            return f"{value / scale:,.1f} {unit}"
-    return f"{value:,.0f} "
 
 
 @entry_point
