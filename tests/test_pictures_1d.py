@@ -68,8 +68,8 @@ def series_config(model: ModelConfig) -> Config:
     return Config(
         model=model,
         data=DataConfig(name="GunPoint"),
-        optimizer=OptimizerConfig(name="adamw", lr=1e-2, schedule="constant"),
-        train=TrainConfig(epochs=30, batch_size=10, eval_batch_size=150, log_every_steps=5),
+        optimizer=OptimizerConfig(name="adamw", lr=5e-3, schedule="constant"),
+        train=TrainConfig(epochs=60, batch_size=10, eval_batch_size=150, log_every_steps=5),
         logger=LoggerConfig(mode="offline", pictures=True, project="cnnlab-tests"),
         checkpoint=CheckpointConfig(every_steps=None, keep=1),
     )
@@ -105,7 +105,7 @@ def _maps_before_pool(model: TrainedModel, x: np.ndarray, pool_index: int) -> np
 
 
 def test_a_run_on_series_draws_every_picture_and_logs_its_predictions(trained):
-    assert trained.summary["test/accuracy"] > 0.75, trained.summary  # GunPoint learned at all
+    assert trained.summary["test/accuracy"] > 0.8, trained.summary  # 0.89 when written
     assert trained.summary["pictures_seconds"] > 0  # drawn, not warned about
     drawn = {path.stem: path for path in (trained.run_dir / "pictures").glob("*.png")}
     assert set(drawn) == ALL_PICTURES
@@ -144,8 +144,9 @@ def test_the_series_feature_maps_are_strips_on_the_input_s_time_axis(trained):
     strip = np.asarray(panels[2].images[0].get_array())  # conv2's first 16 channels
     values = maps[1].values[:, :16].T
     lo, hi = values.min(1, keepdims=True), values.max(1, keepdims=True)
-    live = (hi > lo)[:, 0]
-    np.testing.assert_allclose(strip[live], ((values - lo) / (hi - lo))[live], rtol=1e-5)
+    live = (hi > lo)[:, 0]  # a dead channel is all 0
+    np.testing.assert_allclose(strip[live], ((values - lo)[live] / (hi - lo)[live]), rtol=1e-5)
+    assert not strip[~live].any()
     # a strided, valid net: its strips are shorter and centred on their receptive fields
     layers = [{"conv": 4, "kernel": 5, "padding": "valid"}, "relu",
               {"pool": "max", "window": 3, "stride": 2}, "global_pool"]  # fmt: skip
@@ -163,7 +164,7 @@ def test_the_confusion_matrix_curves_and_wrong_series_of_a_series_run(trained):
     assert "of 150 series correct" in ax.get_title()
     loss_ax, _ = pictures.curves_figure(trained.pics.records).axes
     (train,) = [line for line in loss_ax.lines if line.get_label().startswith("train")]
-    assert len(train.get_xdata()) == 30  # 30 epochs of 5 steps, a record every 5 steps
+    assert len(train.get_xdata()) == 60  # 60 epochs of 5 steps, a record every 5 steps
     fig = series.wrong_figure(trained.data.test.images, labels, probs, names, 16)
     chosen = pictures.most_confidently_wrong(labels, probs, 16)
     panels = _panels(fig)
@@ -196,10 +197,11 @@ def test_the_series_cam_is_its_definition_and_spreads_the_logit_over_time(traine
     fig = cam.cam_figure(trained.pics)
     panels = _panels(fig)
     assert len(panels) == 6
-    for ax, n in zip(panels, range(6), strict=True):
+    for ax, cam_n in zip(panels, by_hand, strict=True):
         (lines,) = ax.collections  # one channel: one line collection coloured by the CAM
-        segments = (by_hand[n][:-1] + by_hand[n][1:]) / 2
+        segments = (cam_n[:-1] + cam_n[1:]) / 2 / np.abs(cam_n).max()  # on the panel's scale
         np.testing.assert_allclose(lines.get_array(), segments, rtol=1e-4, atol=1e-4)
+        assert ax.get_title().endswith(f"|CAM| up to {np.abs(cam_n).max():.3g}")
 
 
 def _untrained(cfg: ModelConfig, shape: tuple[int, ...], classes: int = 2):
@@ -283,4 +285,5 @@ def test_an_image_net_with_global_pooling_draws_its_cam(tmp_path, capsys):
     fig = cam.cam_figure(pics)
     panels = _panels(fig)
     assert len(panels) == 20
-    np.testing.assert_allclose(panels[4].images[1].get_array(), acts.upsampled[4], rtol=1e-6)
+    overlay = acts.upsampled[4] / np.abs(acts.upsampled[4]).max()  # over image 4, to scale
+    np.testing.assert_allclose(panels[4].images[1].get_array(), overlay, rtol=1e-6)

@@ -151,7 +151,9 @@ def _image_panel(ax, image: np.ndarray, cam: np.ndarray, norm: Normalize):
 
 
 def cam_figure(pics: RunPictures) -> Figure:
-    """The examples of `pics.cam`, each with its CAM, on one colour scale shared by all panels."""
+    """The examples of `pics.cam`, each with its CAM divided by its largest magnitude (in the
+    panel's title): one example's logit can be many times another's, and would leave the others
+    one colour on a shared scale."""
     acts, examples, labels = pics.cam, pics.images, pics.labels  # examples [N, *S, C]
     n, series = len(acts.indices), examples.ndim == 3
     per_class = max(np.bincount(labels[acts.indices]).max(), 1)
@@ -159,26 +161,29 @@ def cam_figure(pics: RunPictures) -> Figure:
     side = (3.4, 2.1) if series else (1.7, 1.9)
     fig = Figure(figsize=(cols * side[0] + 1.2, rows * side[1] + 1.0), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    limit = float(np.abs(acts.upsampled).max()) or 1.0
-    norm, shown = Normalize(-limit, limit), None
+    norm, shown = Normalize(-1.0, 1.0), None
     for ax in axes[n:]:
         ax.axis("off")
     for ax, i, cam in zip(axes, acts.indices, acts.upsampled, strict=False):
         panel = _series_panel if series else _image_panel
-        shown = panel(ax, examples[i], cam, norm)
-        title = _panel_title(int(i), int(labels[i]), pics.probs[i], pics.class_names,
-                             " " if series else "\n")  # fmt: skip
-        ax.set_title(title, fontsize=8)
+        scale = float(np.abs(cam).max()) or 1.0
+        shown = panel(ax, examples[i], cam / scale, norm)
+        sep = " " if series else "\n"
+        title = _panel_title(int(i), int(labels[i]), pics.probs[i], pics.class_names, sep)
+        ax.set_title(f"{title}{',' * series}{sep}|CAM| up to {scale:.3g}", fontsize=8)
         ax.set_label(PANEL)
     if shown is not None:
-        label = "CAM of the predicted class (its logit's share, per position)"
+        label = "CAM / its largest |CAM| in the panel"
         fig.colorbar(shown, ax=list(axes[:n]), shrink=0.8, label=label)
+    if series:
+        fig.supxlabel("time step", fontsize=9)
     where = "time step" if series else "pixel"
     fig.suptitle(
         f"{pics.model}: class activation maps of the predicted class, first test "
         f"{'series' if series else 'images'} of each class: true -> predicted (probability)\n"
         f"CAM_c = sum_f w[f, c] A_f, A = {acts.layer}'s output that the global average pooling "
-        f"reads, w the logits' kernel; high = this {where} drove the prediction",
+        f"reads, w the logits' kernel; 1 (red): this {where} drove the prediction most, -1 "
+        "(blue): it argued against it most",
         fontsize=9,
     )
     return fig

@@ -158,7 +158,7 @@ def feature_maps(
         ):
             shown += 1
         y = np.asarray(state["maps"]["outputs"][shown])  # [1, *S', F]
-        detail = _detail(layers[i : shown + 1])
+        detail = _detail(layers[i : shown + 1], image.ndim - 1)
         maps.append(FeatureMap(name, detail, y[0], _extent(y, place.centre, place.jump)))
         place = dataclasses.replace(place, size=np.array(y.shape[1:-1]))
     return maps
@@ -197,16 +197,18 @@ class Placement:
         return Placement(size, self.centre + ((k - 1) / 2 - lo) * self.jump, self.jump * s)
 
 
-def _detail(layers: tuple) -> str:
-    """A map's caption: "5x5/1 pad 2, relu", "max pool 2x2/2", "residual block of 2 convs, relu"."""
+def _detail(layers: tuple, axes: int = 2) -> str:
+    """A map's caption: "5x5/1 pad 2, relu", "max pool 2x2/2", "residual block of 2 convs, relu";
+    over one spatial axis (`axes`) "5/1 pad 2, relu", "max pool 2/2"."""
     first = layers[0]
+    side = lambda n: "x".join([str(n)] * axes)
     if isinstance(first, Pool):
-        return f"{first.kind} pool {first.window}x{first.window}/{first.step}"
+        return f"{first.kind} pool {side(first.window)}/{first.step}"
     if isinstance(first, Residual):
         convs = sum(isinstance(layer, Conv) for layer in first.layers)
         head = f"residual block of {convs} convs"
     else:
-        head = f"{first.kernel}x{first.kernel}/{first.stride} pad {first.padding}"
+        head = f"{side(first.kernel)}/{first.stride} pad {first.padding}"
     extras = [
         f"{layer.kind} norm" if isinstance(layer, Norm) else str(layer.fn) for layer in layers[1:]
     ]

@@ -98,6 +98,7 @@ def feature_maps_figure(
 ) -> Figure:
     """The input `series` [L, C], then one heat strip per map of its first `channels`."""
     length, c = series.shape
+    channels = min(channels, max((m.values.shape[-1] for m in maps), default=1))
     fig = Figure(figsize=(9.5, 1.6 + 1.05 * (len(maps) + 1)), layout="constrained")
     axes = fig.subplots(len(maps) + 1, 1, squeeze=False, sharex=True)[:, 0]
     _curves(axes[0], series)
@@ -160,6 +161,7 @@ def wrong_figure(
     if not len(chosen):
         no_data(axes[0])
         axes[0].axis("on")
+    fig.supxlabel("time step", fontsize=9)
     fig.suptitle(
         f"The {len(chosen)} most confidently wrong of {len(labels):,} test series "
         f"({wrong:,} wrong): true -> predicted (probability)",
