@@ -39,6 +39,14 @@ def _curves(ax, x: np.ndarray, lw: float = 1.2) -> None:
         ax.plot(np.arange(len(x)), x[:, c], color=series_color(c), lw=lw, label=f"channel {c + 1}")
 
 
+def _legend(fig: Figure, ax, channels: int, loc: str = "outside lower center") -> None:
+    """One legend of the channels' colours beside the figure, where there are several."""
+    if channels > 1:
+        handles, labels = ax.get_legend_handles_labels()
+        ncol = min(channels, 8) if "center" in loc else 1
+        fig.legend(handles, labels, loc=loc, ncol=ncol, fontsize=7)
+
+
 # --- first-layer filters ----------------------------------------------------------------------
 
 
@@ -62,8 +70,7 @@ def filters_figure(kernel: np.ndarray, layer: str = "conv1") -> Figure:
         ax.tick_params(labelsize=6, length=2)
         ax.set_title(f"{i + 1}", fontsize=8, pad=2)
         ax.set_label(PANEL)
-    if c > 1:
-        axes[0].legend(fontsize=6, loc="upper left", ncol=min(c, 3))
+    _legend(fig, axes[0], c)
     fig.suptitle(
         f"{layer}: {f} learned filters, kernel {k}x{c}x{f}: weight against tap (0..{k - 1}), "
         f"{'a curve per input channel' if c > 1 else 'one input channel'}, one scale for all",
@@ -106,6 +113,7 @@ def feature_maps_figure(
     axes[0].tick_params(labelsize=7)
     axes[0].grid(alpha=0.25)
     axes[0].set_label(PANEL)
+    _legend(fig, axes[0], c)
     image = None
     for ax, m in zip(axes[1:], maps, strict=True):
         image = _strip(ax, m, min(channels, m.values.shape[-1]))
@@ -162,6 +170,7 @@ def wrong_figure(
         no_data(axes[0])
         axes[0].axis("on")
     fig.supxlabel("time step", fontsize=9)
+    _legend(fig, axes[0], series.shape[-1], "outside right upper")
     fig.suptitle(
         f"The {len(chosen)} most confidently wrong of {len(labels):,} test series "
         f"({wrong:,} wrong): true -> predicted (probability)",
