@@ -253,6 +253,21 @@ def test_only_nets_that_end_in_global_average_pooling_have_a_cam():
     assert "not linear" in cam.pooled_layer(resolve(dense).layers)[1]
 
 
+def test_a_picture_left_out_is_noted_and_the_others_drawn(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    labels, probs = np.array([0, 1, 1, 0]), rng.dirichlet(np.ones(2), 4)
+    why = cam.pooled_layer(resolve(preset("lenet5")).layers)[1]
+    pics = pictures.RunPictures(
+        kernel=rng.normal(size=(5, 1, 3)), maps=[], image_index=1,
+        images=rng.normal(size=(4, 30, 1)).astype(np.float32), labels=labels, probs=probs,
+        counts=np.array([[1, 1], [1, 1]]), class_names=["a", "b"], records=[], model="flat",
+        skipped={pictures.CAM: why},
+    )  # fmt: skip
+    paths = pictures.draw_run(pics, tmp_path, n_wrong=2)
+    assert list(paths) == list(pictures.PICTURES)
+    assert capsys.readouterr().err == f"cnnlab: note: class_activation.png not drawn: {why}\n"
+
+
 @needs_fashion_mnist
 def test_an_image_net_with_global_pooling_draws_its_cam(tmp_path, capsys):
     layers = [{"conv": 8, "kernel": 3}, "relu", {"pool": "max", "window": 2},

@@ -53,7 +53,10 @@ def pooled_layer(layers: tuple) -> tuple[int | None, str]:
     pools = [i for i, layer in enumerate(layers) if isinstance(layer, GlobalPool)]
     if not pools:
         head = "flattens its last map" if any(isinstance(x, Flatten) for x in layers) else ""
-        return None, f"the net {head or 'has no global pooling'}: no global average pooling"
+        return None, (
+            f"the net {head or 'has no global pooling'}; a CAM needs global average pooling "
+            "right before the logits"
+        )
     i = pools[-1]
     if layers[i].kind != PoolKind.avg:
         return None, "the net ends in global max pooling: a CAM needs global average pooling"
