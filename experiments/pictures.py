@@ -1,7 +1,8 @@
 """`python -m experiments.pictures RUN_DIR`: pictures of what a trained run learned.
 
 Draws filters.png, feature_maps.png, confusion_matrix.png, curves.png and confidently_wrong.png
-into RUN_DIR/pictures/ (see cnnlab.report.pictures), e.g.
+into RUN_DIR/pictures/, and class_activation.png for a net that ends in global average pooling
+(see cnnlab.report.pictures; a run on series gets them in 1-D form), e.g.
     python -m experiments.pictures outputs/lenet5_fashion_mnist/2026-11-25_13-56-08
 """
 

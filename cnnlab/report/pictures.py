@@ -5,24 +5,32 @@
   and each pool layer, each map drawn on the input's pixel grid, so that padding and stride show;
 - `confusion_matrix.png`: test counts, rows true class, columns predicted;
 - `curves.png`: loss and accuracy against step, train and validation (and the final test);
-- `confidently_wrong.png`: the test images the model got wrong with the highest confidence.
+- `confidently_wrong.png`: the test images the model got wrong with the highest confidence;
+- `class_activation.png`: for a net whose layers end in global average pooling, a few test
+  images of each class with their class activation maps (`cnnlab.report.cam`); skipped, with a
+  note, for other nets.
+
+Series [N, L, C] get the same pictures in 1-D form (`cnnlab.report.series`): `draw_run`
+dispatches on the rank of the test examples.
 
 A module of one's own (`model._target_`) shows its first 2-D conv kernel and the outputs of its
 submodules that have one, each stretched over the input (`module_maps`); without one, no filters.
 
 `<name>_figure` builds a matplotlib `Figure` from plain arrays and `draw_<name>` writes it to a
-path and returns the path. `draw_run` draws all five from a `RunPictures`, the arrays of one run
+path and returns the path. `draw_run` draws them all from a `RunPictures`, the arrays of one run
 (`run_pictures` takes them from a trained model, its test data and metrics), and `draw_all(run_dir)`
 does so for a finished run read back from its directory. Matplotlib's object API (`Figure`)
 without pyplot, as in `cnnlab.report.plots`.
 
-Glossary: `N` images, `H, W` spatial, `C` channels, `K` classes, `F` filters.
+Glossary: `N` images, `H, W` spatial, `L` length, `C` channels, `K` classes, `F` filters.
 """
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
@@ -40,9 +48,13 @@ from cnnlab.report.plots import no_data, series_color
 from cnnlab.rundir import DatasetInfo, RunDir, TrainedModel
 from cnnlab.tracking import confusion_matrix
 
+if TYPE_CHECKING:  # cam.py draws with this module's helpers, so it is imported where it is used
+    from cnnlab.report.cam import ClassActivations
+
 DPI = 110
 PANEL = "panel"  # the label of the axes that hold one filter, map or image (the tests count them)
 PICTURES = ("filters", "feature_maps", "confusion_matrix", "curves", "confidently_wrong")
+CAM = "class_activation"  # drawn besides PICTURES for nets that end in global average pooling
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -52,12 +64,12 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _grid(n: int, max_cols: int) -> tuple[int, int]:
+def grid(n: int, max_cols: int) -> tuple[int, int]:
     cols = min(max_cols, max(1, math.ceil(math.sqrt(n))))
     return math.ceil(n / cols), cols
 
 
-def _bare(ax) -> None:
+def bare(ax) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -70,7 +82,7 @@ def filters_figure(kernel: np.ndarray, layer: str = "conv1") -> Figure:
     grey = 0) for C = 1, RGB stretched per filter for C = 3, the mean over channels otherwise."""
     kernel = np.asarray(kernel, np.float32)
     kh, kw, c, f = kernel.shape
-    rows, cols = _grid(f, 12)
+    rows, cols = grid(f, 12)
     side = 1.0 if f <= 16 else 0.8
     fig = Figure(figsize=(cols * side + 1.4, rows * side + 0.9), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
@@ -89,7 +101,7 @@ def filters_figure(kernel: np.ndarray, layer: str = "conv1") -> Figure:
             image = ax.imshow(grey, cmap="gray", vmin=-limit, vmax=limit, interpolation="nearest")
         ax.set_label(PANEL)
         ax.set_title(f"{i + 1}", fontsize=8, pad=2)
-        _bare(ax)
+        bare(ax)
     how = {1: "grey, one scale for all (mid grey = 0)", 3: "RGB, each stretched to its range"}
     fig.suptitle(
         f"{layer}: {f} learned filters, kernel {kh}x{kw}x{c}x{f} "
@@ -112,27 +124,27 @@ def draw_filters(kernel: np.ndarray, path: Path, layer: str = "conv1") -> Path:
 class FeatureMap:
     name: str  # conv1, pool1, ... as in the per-layer table
     detail: str  # e.g. "5x5/1 pad 2 + relu", "max 2x2/2"
-    values: np.ndarray  # [H, W, C] for one image
-    extent: tuple[float, float, float, float]  # (left, right, bottom, top) in input pixels
+    values: np.ndarray  # [H, W, C] for one image, [L, C] for one series
+    extent: tuple[float, ...]  # (left, right, bottom, top) in input pixels; (left, right) in steps
 
 
 def feature_maps(
     model: TrainedModel, image: np.ndarray, mean: np.ndarray, std: np.ndarray
 ) -> list[FeatureMap]:
-    """The maps of one uint8 `image` [H, W, C] after each conv (with the normalization and
-    activation that follow it), each pool and each residual block, normalized with the training
-    split's `mean` and `std` [C].
+    """The maps of one uint8 `image` [H, W, C] (or float series [L, C]) after each conv (with the
+    normalization and activation that follow it), each pool and each residual block, normalized
+    with the training split's `mean` and `std` [C].
 
     The maps are the network's own outputs, which `ConvNet` puts in its `maps` collection. Each
     map's extent places its pixels on the input's grid: a pixel covers `jump x jump` input pixels,
     where jump is the product of the strides so far, and is centred where the centre of its
-    receptive field lies.
+    receptive field lies (along a series: `jump` steps).
     """
-    x = normalize(jnp.asarray(image[None]), np.float32(mean), np.float32(std))  # [1, H, W, C]
+    x = normalize(jnp.asarray(image[None]), np.float32(mean), np.float32(std))  # [1, *S, C]
     _, state = model.module.apply(model.variables, x, mutable=["maps"])
     arch = model.layers()
     layers, names = arch.layers, geometry.row_names(arch.layers)
-    place = _Placement(np.array(image.shape[:2]), np.zeros(2), 1)
+    place = Placement(np.array(image.shape[:-1]), np.zeros(image.ndim - 1), 1)
     maps = []
     for i, (layer, name) in enumerate(zip(layers, names, strict=True)):
         if not isinstance(layer, Conv | Pool | Residual):
@@ -145,23 +157,30 @@ def feature_maps(
             and isinstance(layers[shown + 1], Norm | Act)
         ):
             shown += 1
-        y = np.asarray(state["maps"]["outputs"][shown])  # [1, H', W', F]
-        detail = _detail(layers[i : shown + 1])
+        y = np.asarray(state["maps"]["outputs"][shown])  # [1, *S', F]
+        detail = _detail(layers[i : shown + 1], image.ndim - 1)
         maps.append(FeatureMap(name, detail, y[0], _extent(y, place.centre, place.jump)))
-        place = dataclasses.replace(place, size=np.array(y.shape[1:3]))
+        place = dataclasses.replace(place, size=np.array(y.shape[1:-1]))
     return maps
 
 
 @dataclass(frozen=True)
-class _Placement:
-    """Where a map's pixels lie on the input: its size, the input coordinates (row, column) of
-    the centre of its pixel 0, and the input pixels per map pixel along each side."""
+class Placement:
+    """Where a map's pixels lie on the input: its size, the input coordinates (row, column; or
+    the step along a series) of the centre of its pixel 0, and the input pixels per map pixel
+    along each side."""
 
     size: np.ndarray
     centre: np.ndarray
     jump: int
 
-    def after(self, layer) -> "_Placement":
+    def centres(self) -> tuple[np.ndarray, ...]:
+        """The input coordinate of every map position, one array per spatial axis [S'_i]."""
+        return tuple(
+            c + self.jump * np.arange(int(n)) for c, n in zip(self.centre, self.size, strict=True)
+        )
+
+    def after(self, layer) -> "Placement":
         if isinstance(layer, Residual):  # the branch's convs and pools set where its pixels lie
             place = self
             for inner in layer.layers:
@@ -175,27 +194,33 @@ class _Placement:
         lo = np.array([geometry.pads(padding, int(n), k, s)[0] for n in self.size])
         size = np.array([geometry.out_size(int(n), k, s, geometry.pads(padding, int(n), k, s))
                          for n in self.size])  # fmt: skip
-        return _Placement(size, self.centre + ((k - 1) / 2 - lo) * self.jump, self.jump * s)
+        return Placement(size, self.centre + ((k - 1) / 2 - lo) * self.jump, self.jump * s)
 
 
-def _detail(layers: tuple) -> str:
-    """A map's caption: "5x5/1 pad 2, relu", "max pool 2x2/2", "residual block of 2 convs, relu"."""
+def _detail(layers: tuple, axes: int = 2) -> str:
+    """A map's caption: "5x5/1 pad 2, relu", "max pool 2x2/2", "residual block of 2 convs, relu";
+    over one spatial axis (`axes`) "5/1 pad 2, relu", "max pool 2/2"."""
     first = layers[0]
+    side = lambda n: "x".join([str(n)] * axes)
     if isinstance(first, Pool):
-        return f"{first.kind} pool {first.window}x{first.window}/{first.step}"
+        return f"{first.kind} pool {side(first.window)}/{first.step}"
     if isinstance(first, Residual):
         convs = sum(isinstance(layer, Conv) for layer in first.layers)
         head = f"residual block of {convs} convs"
     else:
-        head = f"{first.kernel}x{first.kernel}/{first.stride} pad {first.padding}"
+        head = f"{side(first.kernel)}/{first.stride} pad {first.padding}"
     extras = [
         f"{layer.kind} norm" if isinstance(layer, Norm) else str(layer.fn) for layer in layers[1:]
     ]
     return ", ".join([head, *extras])
 
 
-def _extent(y, centre: np.ndarray, jump: int) -> tuple[float, float, float, float]:
-    """imshow's (left, right, bottom, top) of map `y` [1, H, W, C] in input pixel coordinates."""
+def _extent(y, centre: np.ndarray, jump: int) -> tuple[float, ...]:
+    """imshow's (left, right, bottom, top) of map `y` [1, H, W, C] in input pixel coordinates;
+    (left, right) in input steps of a series map [1, L, C]."""
+    if y.ndim == 3:
+        left = float(centre[0] - jump / 2)
+        return (left, left + y.shape[1] * jump)
     h, w = y.shape[1:3]
     top, left = centre - jump / 2
     return (float(left), float(left + w * jump), float(top + h * jump), float(top))
@@ -215,7 +240,7 @@ def feature_maps_figure(
     label.text(0, 0.5, f"input\n{h}x{w}x{c}", va="center", fontsize=9, transform=label.transAxes)
     axes[0, 1].imshow(image[..., 0] if c == 1 else image, cmap="gray", extent=frame)
     axes[0, 1].set_label(PANEL)
-    _bare(axes[0, 1])
+    bare(axes[0, 1])
     for ax in axes[0, 2:]:
         ax.axis("off")
     for r, m in enumerate(maps, start=1):
@@ -238,7 +263,7 @@ def feature_maps_figure(
             ax.set_xlim(min(frame[0], m.extent[0]), max(frame[1], m.extent[1]))
             ax.set_ylim(max(frame[2], m.extent[2]), min(frame[3], m.extent[3]))
             ax.set_label(PANEL)
-            _bare(ax)
+            bare(ax)
             if hi == lo:  # one pixel, or a dead ReLU channel: no pattern to colour, so the value
                 ax.text(0.5, 0.5, f"{'' if mh * mw == 1 else 'all '}{lo:.2g}", color="white",
                         ha="center", va="center", fontsize=7, transform=ax.transAxes)  # fmt: skip
@@ -264,8 +289,11 @@ def draw_feature_maps(
 # --- confusion matrix -------------------------------------------------------------------------
 
 
-def confusion_figure(counts: np.ndarray, class_names: list[str]) -> Figure:
-    """`counts` [K, K], rows true class, columns predicted, with each class's recall."""
+def confusion_figure(
+    counts: np.ndarray, class_names: list[str], examples: str = "images"
+) -> Figure:
+    """`counts` [K, K], rows true class, columns predicted, with each class's recall; `examples`
+    names what was classified."""
     counts = np.asarray(counts)
     k = len(class_names)
     size = max(5.0, 0.62 * k + 2.5)
@@ -286,13 +314,15 @@ def confusion_figure(counts: np.ndarray, class_names: list[str]) -> Figure:
     ax.set(xlabel="predicted class", ylabel="true class (recall)")
     total = int(counts.sum())
     accuracy = np.trace(counts) / max(total, 1)
-    ax.set_title(f"Test confusion matrix: {100 * accuracy:.1f}% of {total:,} images correct")
-    fig.colorbar(image, ax=ax, label="test images (square-root colour scale)", shrink=0.8)
+    ax.set_title(f"Test confusion matrix: {100 * accuracy:.1f}% of {total:,} {examples} correct")
+    fig.colorbar(image, ax=ax, label=f"test {examples} (square-root colour scale)", shrink=0.8)
     return fig
 
 
-def draw_confusion(counts: np.ndarray, class_names: list[str], path: Path) -> Path:
-    return save(confusion_figure(counts, class_names), path)
+def draw_confusion(
+    counts: np.ndarray, class_names: list[str], path: Path, examples: str = "images"
+) -> Path:
+    return save(confusion_figure(counts, class_names, examples), path)
 
 
 # --- training curves --------------------------------------------------------------------------
@@ -355,7 +385,7 @@ def wrong_figure(
 ) -> Figure:
     """The `n` most confidently wrong of `images` [N, H, W, C] uint8, most confident first."""
     chosen = most_confidently_wrong(labels, probs, n)
-    rows, cols = _grid(max(len(chosen), 1), 8)
+    rows, cols = grid(max(len(chosen), 1), 8)
     fig = Figure(figsize=(cols * 1.75, rows * 2.05 + 0.5), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(chosen) :]:
@@ -366,7 +396,7 @@ def wrong_figure(
         ax.set_title(f"{class_names[labels[i]]} ->\n{class_names[pred]} ({probs[i, pred]:.4f})",
                      fontsize=8, pad=3)  # fmt: skip
         ax.set_label(PANEL)
-        _bare(ax)
+        bare(ax)
     wrong = int((np.argmax(probs, -1) != labels).sum())
     if not len(chosen):
         no_data(axes[0])
@@ -394,12 +424,12 @@ def draw_wrong(
 
 @dataclass(frozen=True)
 class RunPictures:
-    """What the five pictures of a run are drawn from: arrays and names, no model or config."""
+    """What the pictures of a run are drawn from: arrays and names, no model or config."""
 
-    kernel: np.ndarray | None  # [kh, kw, C, F] the first conv layer's; None: no filters.png
+    kernel: np.ndarray | None  # [kh, kw, C, F] ([k, C, F]) the first conv's; None: no filters.png
     maps: list[FeatureMap]  # test image `image_index` after each conv and pool
     image_index: int
-    images: np.ndarray  # [N, H, W, C] uint8 the test images
+    images: np.ndarray  # [N, H, W, C] uint8 the test images, or [N, L, C] float series
     labels: np.ndarray  # [N]
     probs: np.ndarray  # [N, K] the model's softmax outputs
     counts: np.ndarray  # [K, K] confusion counts, rows true class, as confusion_matrix.csv
@@ -407,13 +437,16 @@ class RunPictures:
     records: list[dict]  # metrics.jsonl
     model: str  # the network as the feature maps' title names it, e.g. "lenet5 (relu, max pooling)"
     kernel_layer: str = "conv1"  # the name or path of the layer whose kernel `kernel` is
+    cam: "ClassActivations | None" = None  # a few test examples' CAMs; None: no CAM picture
+    skipped: dict[str, str] = field(default_factory=dict)  # picture name -> why it is not drawn
 
 
 def run_pictures(
     model: TrainedModel, data: Dataset, probs: np.ndarray, records: list[dict], image_index: int = 0
 ) -> RunPictures:
     """The arrays of a trained `model`'s pictures: its first kernel, the feature maps of test
-    image `image_index`, and from the test probabilities [N, K] its confusion counts."""
+    image `image_index`, from the test probabilities [N, K] its confusion counts, and the class
+    activation maps of a few test examples of each class where the net has them."""
     test = data.test
     if not 0 <= image_index < len(test.images):
         raise CnnlabError(
@@ -429,6 +462,9 @@ def run_pictures(
         first = arch.convs[0].name
         kernel = np.asarray(model.variables["params"][first]["kernel"])
         maps, title = feature_maps(model, image, data.mean, data.std), _title(arch)
+    cam, skipped = _class_activations(model, data, probs)
+    if kernel is None:
+        skipped["filters"] = "the module has no conv kernel of the input's rank"
     return RunPictures(
         kernel=kernel,
         maps=maps,
@@ -441,7 +477,27 @@ def run_pictures(
         records=records,
         model=title,
         kernel_layer=first or "",
+        cam=cam,
+        skipped=skipped,
     )
+
+
+def _class_activations(
+    model: TrainedModel, data: Dataset, probs: np.ndarray
+) -> tuple["ClassActivations | None", dict[str, str]]:
+    """The CAMs of the predicted class of the first few test examples of each class, or None
+    and the reason (picture name -> why) where the net does not end in global average pooling."""
+    from cnnlab.report import cam
+
+    if model.config._target_:
+        return None, {CAM: "a module of one's own: its layers, and so its head, are not known"}
+    index, why = cam.pooled_layer(model.layers().layers)
+    if index is None:
+        return None, {CAM: why}
+    test = data.test
+    chosen = cam.examples_per_class(test.labels, data.num_classes)
+    x = normalize(jnp.asarray(test.images[chosen]), np.float32(data.mean), np.float32(data.std))
+    return cam.class_activations(model, x, chosen, np.argmax(probs[chosen], -1)), {}
 
 
 def module_maps(
@@ -478,11 +534,31 @@ def _title(arch) -> str:
 
 
 def draw_run(pics: RunPictures, out_dir: Path, n_wrong: int = 16) -> dict[str, Path]:
-    """The five pictures into `out_dir`; returns picture name -> PNG path."""
+    """The pictures into `out_dir`, of series [N, L, C] in their 1-D form (`cnnlab.report.series`),
+    with `class_activation.png` where `pics.cam` is set; returns picture name -> PNG path. Each
+    picture of `pics.skipped` gets a note on stderr."""
     out_dir, names, i = Path(out_dir), pics.class_names, pics.image_index
     label, pred = int(pics.labels[i]), int(np.argmax(pics.probs[i]))
-    title = (f"{pics.model}: test image {i}, true class {names[label]}, "
+    kind = "series" if pics.images.ndim == 3 else "image"
+    title = (f"{pics.model}: test {kind} {i}, true class {names[label]}, "
              f"predicted {names[pred]} ({pics.probs[i, pred]:.2f})")  # fmt: skip
+    if kind == "series":
+        from cnnlab.report import series
+
+        paths = series.draw_run(pics, out_dir, title, n_wrong)
+    else:
+        paths = _draw_images(pics, out_dir, title, n_wrong)
+    if pics.cam is not None:
+        from cnnlab.report import cam
+
+        paths[CAM] = cam.draw_cam(pics, out_dir / f"{CAM}.png")
+    for name, why in pics.skipped.items():
+        print(f"cnnlab: note: {name}.png not drawn: {why}", file=sys.stderr)
+    return paths
+
+
+def _draw_images(pics: RunPictures, out_dir: Path, title: str, n_wrong: int) -> dict[str, Path]:
+    names, i = pics.class_names, pics.image_index
     filters = {}  # a module of one's own without a 2-D conv has no filters to draw
     if pics.kernel is not None:
         filters["filters"] = draw_filters(pics.kernel, out_dir / "filters.png", pics.kernel_layer)
@@ -502,7 +578,7 @@ def draw_run(pics: RunPictures, out_dir: Path, n_wrong: int = 16) -> dict[str, P
 def draw_all(
     run_dir: Path, out_dir: Path | None = None, image_index: int = 0, n_wrong: int = 16
 ) -> dict[str, Path]:
-    """Draw the five pictures of a finished run into `out_dir` (default `<run_dir>/pictures/`);
+    """Draw the pictures of a finished run into `out_dir` (default `<run_dir>/pictures/`);
     returns picture name -> PNG path. Reads the run's config, final variables and metrics, and its
     data again from the data source (the same config gives the same arrays)."""
     run = RunDir(run_dir)

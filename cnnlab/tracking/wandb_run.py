@@ -188,12 +188,14 @@ class WandbTracker:
             y_true=labels.tolist(), preds=preds.tolist(), class_names=names
         )
         picks = np.linspace(0, len(labels) - 1, min(self.num_samples, len(labels))).astype(int)
-        table = self.wandb.Table(columns=["image", "label", "prediction", "confidence", "correct"])
+        series = images.ndim == 3  # [N, L, C]: the test index instead of a W&B image (2-D only)
+        first = "test_index" if series else "image"
+        table = self.wandb.Table(columns=[first, "label", "prediction", "confidence", "correct"])
         for i in picks:
             image = images[i][..., 0] if images.shape[-1] == 1 else images[i]  # [H, W(, C)]
             table.add_data(
-                self.wandb.Image(image), names[labels[i]], names[preds[i]],
-                float(probs[i, preds[i]]), bool(preds[i] == labels[i]),
+                int(i) if series else self.wandb.Image(image), names[labels[i]],
+                names[preds[i]], float(probs[i, preds[i]]), bool(preds[i] == labels[i]),
             )  # fmt: skip
         self.run.log({"test/confusion_matrix": chart, "test/predictions": table})
 
