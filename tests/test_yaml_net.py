@@ -39,7 +39,8 @@ def test_trains_with_its_pictures(trained):
     layers = (trained / "layers.txt").read_text()
     assert "res1/shortcut" in layers and "14 x 14 x 16" in layers
     drawn = {path.stem for path in (trained / "pictures").glob("*.png")}
-    assert drawn == {"filters", "feature_maps", "confusion_matrix", "curves", "confidently_wrong"}
+    five = {"filters", "feature_maps", "confusion_matrix", "curves", "confidently_wrong"}
+    assert drawn == {*five, "class_activation"}  # its head is a global average
     with Image.open(trained / "pictures" / "feature_maps.png") as image:
         assert image.size[1] > 300  # the input, conv1 and res1: three rows of maps
 
