@@ -188,13 +188,16 @@ class WandbTracker:
             y_true=labels.tolist(), preds=preds.tolist(), class_names=names
         )
         picks = np.linspace(0, len(labels) - 1, min(self.num_samples, len(labels))).astype(int)
-        table = self.wandb.Table(columns=["image", "label", "prediction", "confidence", "correct"])
+        series = images.ndim == 3  # [N, L, C]: no image to show, the rest of each row is kept
+        columns = ["label", "prediction", "confidence", "correct"]
+        table = self.wandb.Table(columns=columns if series else ["image", *columns])
         for i in picks:
-            image = images[i][..., 0] if images.shape[-1] == 1 else images[i]  # [H, W(, C)]
-            table.add_data(
-                self.wandb.Image(image), names[labels[i]], names[preds[i]],
-                float(probs[i, preds[i]]), bool(preds[i] == labels[i]),
-            )  # fmt: skip
+            row = [names[labels[i]], names[preds[i]], float(probs[i, preds[i]]),
+                   bool(preds[i] == labels[i])]  # fmt: skip
+            if not series:
+                image = images[i][..., 0] if images.shape[-1] == 1 else images[i]  # [H, W(, C)]
+                row.insert(0, self.wandb.Image(image))
+            table.add_data(*row)
         self.run.log({"test/confusion_matrix": chart, "test/predictions": table})
 
     def log_pictures(self, paths: dict[str, Path]) -> None:
