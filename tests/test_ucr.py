@@ -23,7 +23,8 @@ from tests.conftest import cli
 
 FCN_TINY = "model.layers=[{conv: 16, kernel: 8},relu,global_pool]"
 # FCN (Wang et al., 2017) at a quarter of its widths: GunPoint needs the depth and the batch
-# normalization (FCN_TINY stays at chance, 0.49, after the same 40 epochs)
+# normalization (FCN_TINY stayed at chance, 0.49, after 40 epochs of batch 15, where this reached
+# 0.98)
 FCN_SMALL = (
     "model.layers=[{conv: 16, kernel: 8},{norm: batch},relu,{conv: 32, kernel: 5},{norm: batch},"
     "relu,{conv: 16, kernel: 3},{norm: batch},relu,global_pool]"
@@ -161,14 +162,14 @@ QUICK = ["logger.mode=disabled", "logger.pictures=false", "train.log_every_steps
 
 def test_cnnlab_train_learns_gunpoint_from_the_command_line(tmp_path):
     done = cli(
-        "train", "data=ucr", "data.name=GunPoint", FCN_SMALL, *QUICK, "train.batch_size=15",
-        "train.epochs=40", "optimizer.lr=0.01", f"hydra.run.dir={tmp_path}",
+        "train", "data=ucr", "data.name=GunPoint", FCN_SMALL, *QUICK, "train.epochs=60",
+        "optimizer.lr=0.01", f"hydra.run.dir={tmp_path}",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = summary(tmp_path)
     assert result["status"] == "ok" and result["dataset"] == "GunPoint"
-    assert result["steps"] == 40 * 3  # 45 series after the hold-out of 5, batches of 15
-    assert result["test/accuracy"] > 0.9, result  # 0.98 on 2026-12-06; chance: 0.5
+    assert result["steps"] == 60 * 2  # 45 series after the hold-out of 5, data=ucr's batch of 16
+    assert result["test/accuracy"] > 0.85, result  # 0.927 on 2026-12-06; chance: 0.5
 
 
 def test_a_ts_folder_of_unequal_series_trains_from_overrides_alone(tmp_path):
