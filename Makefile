@@ -1,4 +1,4 @@
-# Two commands do everything on a fresh clone (Debian/Ubuntu, Python >= 3.10):
+# Two commands do everything on a fresh clone (Debian/Ubuntu, Python >= 3.11):
 #   make train   set up, then train the default experiment (LeNet-5 on Fashion-MNIST)
 #   make test    set up, then run the test suite (in TEST_JOBS=2 processes)
 # Extra arguments go through ARGS, e.g. make train ARGS="model=alexnet_lite data=cifar10".

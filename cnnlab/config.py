@@ -63,6 +63,27 @@ class Precision(StrEnum):
     bfloat16 = "bfloat16"
 
 
+class DataSource(StrEnum):
+    """`data.source`: where `data.name` is looked up besides `cnnlab.data.DATASETS` (null)."""
+
+    ucr = "ucr"
+
+
+class Normalize(StrEnum):
+    """`data.normalize`: how examples are scaled before the network (`cnnlab.data`)."""
+
+    dataset = "dataset"
+    series = "series"
+
+
+class Missing(StrEnum):
+    """`data.missing`: what becomes of the NaN of a series (`cnnlab.data.ucr.fill_missing`)."""
+
+    interpolate = "interpolate"
+    zero = "zero"
+    error = "error"
+
+
 class LoggerMode(StrEnum):
     """`logger.mode`: W&B's own modes (`cnnlab.tracking.wandb_run`)."""
 
@@ -137,14 +158,27 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     # fashion_mnist | mnist | cifar10 (TFDS names), idx (a folder of MNIST-format files) or
-    # image_folder (train/<class>/*.png|jpg and test/<class>/..., a folder or a .zip)
+    # image_folder (train/<class>/*.png|jpg and test/<class>/..., a folder or a .zip); with
+    # source=ucr, a dataset of the UCR/UEA time-series archives (GunPoint, BasicMotions, ...)
     name: str = "fashion_mnist"
+    # null: data.name is one of the loaders above. ucr: data.name is a dataset of the UCR/UEA
+    # archives, read through aeon (conf/data/ucr.yaml), from data.path's <name>_TRAIN.ts and
+    # <name>_TEST.ts where it is set
+    source: str | None = None  # DataSource
     path: str | None = None  # a local copy; required for idx and image_folder
     tfds_data_dir: str | None = None  # where TFDS keeps its datasets; None = TFDS's default
     val_fraction: float = 0.1  # share of train held out for validation (model selection)
     split_seed: int = 0  # fixes which examples are held out, independently of the training seed
     train_limit: int | None = None  # use only the first N training examples (quick runs, tests)
     test_limit: int | None = None  # use only the first N test examples
+    # dataset: the training split's per-channel mean and std, inside the step (images). series:
+    # each series and channel to mean 0, std 1 over its time steps, once on loading (the UCR/UEA
+    # archives' convention; data.source=ucr only)
+    normalize: str = "dataset"  # Normalize
+    # NaN in a series (data.source=ucr): interpolate (linearly along time per channel, the ends
+    # take the nearest value), zero (NaN -> 0: with normalize=series, the series' mean), or
+    # error (refuse the dataset)
+    missing: str = "interpolate"  # Missing
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -16,9 +16,12 @@ from cnnlab.architecture import Architecture, resolve
 from cnnlab.config import (
     Config,
     DataConfig,
+    DataSource,
     DistributedConfig,
     LoggerMode,
     LossName,
+    Missing,
+    Normalize,
     OnInvalid,
     OptimizerName,
     Precision,
@@ -26,8 +29,8 @@ from cnnlab.config import (
     SeedsStrategy,
     TrainConfig,
 )
-from cnnlab.data import DATASETS, INPUT_SHAPES, PATH_REQUIRED
-from cnnlab.errors import ConfigError, check_choice, choose
+from cnnlab.data import DATASETS, INPUT_SHAPES, PATH_REQUIRED, Dataset
+from cnnlab.errors import ConfigError, GeometryError, check_choice, choose
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:
@@ -98,16 +101,49 @@ def validate(cfg: Config, data_given: bool = False) -> Architecture | None:
 
 
 def _validate_data(data: DataConfig, given: bool) -> None:
-    if not given:  # a loader's name, and what it reads
+    if data.source is not None:  # an archive's dataset name, checked when it is read
+        choose("data.source", data.source, DataSource)
+    elif not given:  # a loader's name, and what it reads
         check_choice("data.name", data.name, DATASETS)
         if data.name in PATH_REQUIRED and not data.path:
             raise ConfigError(f"data.path is required for data.name={data.name}: set data.path=...")
+    normalize = choose("data.normalize", data.normalize, Normalize)
+    choose("data.missing", data.missing, Missing)
+    if normalize == Normalize.series and data.source != DataSource.ucr:
+        raise ConfigError(
+            f"data.normalize=series z-normalizes series of data.source=ucr, not data.name="
+            f"{data.name}; use data.normalize=dataset (the per-channel mean and std)"
+        )
     _require(_in_unit(data.val_fraction), "data.val_fraction", data.val_fraction, "use [0, 1)")
     for key in ("train_limit", "test_limit"):
         value = getattr(data, key)
         _require(value is None or value >= 1, f"data.{key}", value, "use null or a count >= 1")
     crop = data.augment.crop_padding
     _require(crop >= 0, "data.augment.crop_padding", crop, "use 0 (off) or pixels >= 1")
+
+
+def check_series(cfg: Config, arch: Architecture | None, data: Dataset) -> None:
+    """Series of unequal lengths (padded, with a mask): the network must mask them, which a
+    module of one's own does not, and the shortest must keep a step through every layer (the
+    geometry checked the padded length); each refusal names the dataset and the lengths."""
+    splits = [s.lengths for s in (data.train, data.val, data.test) if s.lengths is not None]
+    if not any(len(lengths) for lengths in splits):
+        return
+    shortest = int(min(lengths.min(initial=data.image_shape[0]) for lengths in splits))
+    padded = f"{shortest}..{data.image_shape[0]} steps, padded to the longest with a mask"
+    if cfg.model._target_:
+        raise ConfigError(
+            f"data.name={data.name} holds series of unequal lengths ({padded}), which only the "
+            "layer-language nets (model.layers) mask; use one, or an equal-length version "
+            f"such as data.name={data.name}_eq where the archive has one"
+        )
+    try:
+        geometry.layers(cfg.model, (shortest, *data.image_shape[1:]), data.num_classes, arch)
+    except GeometryError as e:
+        raise GeometryError(
+            f"data.name={data.name}: its shortest series ({padded}) is too short for the "
+            f"network: {e}", e.rows, e.sized,
+        ) from e  # fmt: skip
 
 
 def _validate_size(cfg: Config, arch: Architecture | None, shape: tuple, num_classes: int) -> None:

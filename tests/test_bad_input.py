@@ -202,6 +202,36 @@ BAD = [
     ("bad idx magic", ["data=idx", "data.path={tmp}/magic"], "train-labels-idx1"),
     ("not a zip", ["data=image_folder", "data.path={tmp}/x.zip"], "x.zip"),
     ("corrupt jpeg", ["data=image_folder", "data.path={tmp}/jpeg.zip"], "train/b/1.jpg"),
+    # time series of the UCR/UEA archives (data=ucr) and .ts files (made by make_bad_files)
+    ("ucr unknown name", ["data=ucr", "data.name=GunPiont"], "did you mean GunPoint?"),
+    ("ucr unknown source", ["data.source=ucx"], "data.source='ucx' is not known"),
+    ("ucr normalize images", ["data.normalize=series"], "data.normalize=series"),
+    ("ucr missing ts file", ["data=ucr", "data.name=Nope", "data.path={tmp}/ts"], "Nope_TRAIN.ts"),
+    ("ucr malformed ts", ["data=ucr", "data.name=Broken", "data.path={tmp}/ts"], "Broken_TRAIN.ts"),
+    (
+        "ucr channels differ",
+        ["data=ucr", "data.name=Channels", "data.path={tmp}/ts"],
+        "{tmp}/ts/Channels_TEST.ts: 2",
+    ),
+    (
+        "ucr series all missing",
+        ["data=ucr", "data.name=Gaps", "data.path={tmp}/ts"],
+        "Gaps_TRAIN.ts: series 1: channel 0 is missing entirely",
+    ),
+    (
+        "ucr missing refused",
+        ["data=ucr", "data.name=Gaps", "data.path={tmp}/ts", "data.missing=error"],
+        "Gaps_TRAIN.ts: series 0 has missing values (NaN) and data.missing=error",
+    ),
+    (
+        "ucr series shorter than the net",
+        [
+            "data=ucr",
+            "data.name=JapaneseVowels",
+            "model.layers=[{conv: 8, kernel: 12, padding: valid},relu,global_pool]",
+        ],
+        "data.name=JapaneseVowels: its shortest series (7..29 steps",
+    ),
     # a run directory that cannot be created
     ("run dir under /dev/null", ["hydra.run.dir=/dev/null/x"], "/dev/null/x"),
     ("run dir under a file", ["hydra.run.dir={tmp}/file/run"], "{tmp}/file/run"),
@@ -243,6 +273,28 @@ def make_bad_files(tmp_path: Path) -> None:
                 zf.writestr(f"{split}/{name}/0.jpg", _jpeg(100 * k))
         zf.writestr("train/b/1.jpg", _jpeg(200)[:40])  # cut off inside the header
     (tmp_path / "file").write_text("a file, not a folder")
+    _make_bad_ts(tmp_path / "ts")
+
+
+def _ts(name: str, rows: list[str], channels: int = 1) -> str:
+    """A .ts file of `rows` ("v,v,v:v,v,v:label" each) with the header the archive writes."""
+    header = [f"@problemName {name}", "@timeStamps false", "@missing true",
+              f"@univariate {str(channels == 1).lower()}", f"@dimensions {channels}",
+              "@equalLength false", "@classLabel true a b", "@data"]  # fmt: skip
+    return "\n".join(header + rows) + "\n"
+
+
+def _make_bad_ts(folder: Path) -> None:
+    """Broken .ts folders: a train file that is no .ts file, a test split with 2 channels where
+    train has 1, a series with one channel missing entirely (NaN) and one with a gap."""
+    folder.mkdir()
+    good = _ts("x", ["1,2,3,4:a", "4,3,2,1:b"])
+    (folder / "Broken_TRAIN.ts").write_text("<html>not found</html>\n@data\n1,2,:3\n")
+    (folder / "Broken_TEST.ts").write_text(good)
+    (folder / "Channels_TRAIN.ts").write_text(good)
+    (folder / "Channels_TEST.ts").write_text(_ts("c", ["1,2,3:1,2,3:a", "3,2,1:1,1,1:b"], 2))
+    (folder / "Gaps_TRAIN.ts").write_text(_ts("g", ["1,NaN,3,4:a", "NaN,NaN,NaN,NaN:b"]))
+    (folder / "Gaps_TEST.ts").write_text(good)
 
 
 @pytest.fixture(scope="module")

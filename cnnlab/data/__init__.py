@@ -9,16 +9,18 @@ one), which train through the same path.
 Glossary: N examples, H, W spatial, L length, C channels (1 grayscale, 3 RGB), K classes.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cnnlab.config import DataConfig
+from cnnlab.config import DataConfig, DataSource, Normalize
 from cnnlab.data.idx import load_idx_split
 from cnnlab.data.image_folder import load_image_folder
-from cnnlab.data.splits import Split, aligned, hold_out, limit
+from cnnlab.data.splits import Padded, Split, aligned, hold_out, limit
 from cnnlab.data.tfds_source import load_tfds
+from cnnlab.data.ucr import load_ucr
 from cnnlab.errors import ConfigError, DataError, check_choice
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "PATH_REQUIRED",
     "SPLIT_SIZES",
     "Dataset",
+    "Padded",
     "Split",
     "load_dataset",
 ]
@@ -64,8 +67,15 @@ class Dataset:
                     f"data.name={name}: {split_name} labels span {low}..{high}, "
                     f"outside the {len(class_names)} classes {class_names}"
                 )
-        train, val, test = (Split(aligned(s.images), aligned(s.labels)) for s in (train, val, test))
-        mean, std = _channel_stats(train.images)
+        train, val, test = (
+            Split(
+                aligned(s.images),
+                aligned(s.labels),
+                s.lengths if s.lengths is None else aligned(s.lengths),
+            )
+            for s in (train, val, test)
+        )
+        mean, std = _channel_stats(train.images, train.lengths)
         return cls(name, train, val, test, tuple(class_names), mean, std)
 
     @property
@@ -155,8 +165,11 @@ SPLIT_SIZES = {
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Reads `cfg.name`'s data; same cfg -> identical arrays."""
-    check_choice("data.name", cfg.name, DATASETS)
-    full_train, test, class_names = DATASETS[cfg.name](cfg)
+    if cfg.source == DataSource.ucr:
+        full_train, test, class_names = load_ucr(cfg)
+    else:
+        check_choice("data.name", cfg.name, DATASETS)
+        full_train, test, class_names = DATASETS[cfg.name](cfg)
     train, val = hold_out(full_train, cfg.val_fraction, cfg.split_seed)
     train = limit(train, cfg.train_limit, "data.train_limit")
     if not len(train):
@@ -164,14 +177,25 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             f"data.val_fraction={cfg.val_fraction} leaves no training examples; lower it"
         )
     test = limit(test, cfg.test_limit, "data.test_limit")
-    return Dataset.from_splits(cfg.name, train, val, test, class_names)
+    data = Dataset.from_splits(cfg.name, train, val, test, class_names)
+    if (
+        cfg.normalize == Normalize.series
+    ):  # z-normalized on loading: the step keeps them as they are
+        mean, std = np.zeros_like(data.mean), np.ones_like(data.std)
+        data = dataclasses.replace(data, mean=mean, std=std)
+    return data
 
 
-def _channel_stats(examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _channel_stats(
+    examples: np.ndarray, lengths: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std [C] over every axis but the last, of uint8 images or float32
-    series; a constant channel keeps its scale (std 1) rather than dividing by zero."""
+    series (padded series: over their `lengths` only); a constant channel keeps its scale (std 1)
+    rather than dividing by zero."""
     if examples.dtype == np.uint8:
         return _pixel_stats(examples)
+    if lengths is not None:  # the padding is no measurement
+        examples = examples[np.arange(examples.shape[1]) < lengths[:, None]]  # [sum(lengths), C]
     values = examples.reshape(-1, examples.shape[-1]).astype(np.float64)  # [N * L, C]
     mean, std = values.mean(axis=0), values.std(axis=0)
     return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)

@@ -9,6 +9,7 @@ Glossary: N examples, H, W spatial, L length, C channels (1 grayscale, 3 RGB).
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,10 +42,27 @@ def aligned_empty(shape: tuple, dtype) -> np.ndarray:
 DTYPES = (np.uint8, np.float32)
 
 
+class Padded(NamedTuple):
+    """Series of unequal lengths as the steps receive them (a JAX pytree, as a NamedTuple is):
+    padded with zeros to one length, and each one's own length, which the network's mask reads
+    (`cnnlab.models.convnet.ConvNet`)."""
+
+    values: np.ndarray  # [N, L, C] float32, zero after each series' length
+    lengths: np.ndarray  # [N] int32, in 1..L
+
+
 @dataclass(frozen=True, eq=False)
 class Split:
     images: np.ndarray  # [N, H, W, C] images or [N, L, C] series, uint8 or float32 (DTYPES)
     labels: np.ndarray  # [N] int32, class indices
+    # [N] int32: the steps of each series before its padding, where series have unequal lengths
+    # (`images` is zero after them); None where every example fills `images`
+    lengths: np.ndarray | None = None
+
+    @property
+    def examples(self) -> np.ndarray | Padded:
+        """What the steps gather a batch from: the images, or the padded series and lengths."""
+        return self.images if self.lengths is None else Padded(self.images, self.lengths)
 
     def __post_init__(self):
         if self.images.dtype not in DTYPES or self.images.ndim not in (3, 4):
@@ -56,6 +74,12 @@ class Split:
             raise ValueError(
                 f"labels must be [N] int32, got {self.labels.shape} {self.labels.dtype}"
             )
+        if self.lengths is not None and (
+            self.lengths.dtype != np.int32 or self.lengths.shape != self.labels.shape
+        ):
+            raise ValueError(
+                f"lengths must be [N] int32, got {self.lengths.shape} {self.lengths.dtype}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,11 +87,12 @@ class Split:
     def take(self, indices: np.ndarray | slice) -> "Split":
         """The examples `indices`: a slice gives views, an index array copies, the images straight
         into aligned memory (the largest array is never copied twice on its way to the device)."""
+        lengths = None if self.lengths is None else self.lengths[indices]
         if isinstance(indices, slice):
-            return Split(self.images[indices], self.labels[indices])
+            return Split(self.images[indices], self.labels[indices], lengths)
         images = aligned_empty((len(indices), *self.images.shape[1:]), self.images.dtype)
         np.take(self.images, indices, axis=0, out=images)
-        return Split(images, self.labels[indices])
+        return Split(images, self.labels[indices], lengths)
 
 
 def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:

@@ -1,6 +1,12 @@
 """The layer vocabulary of `cnnlab.architecture` as Flax: convolution, normalization,
 activations and pooling over any number of spatial axes ([B, L, C] series, [B, H, W, C] images).
 
+Series of unequal lengths come padded with their `lengths` [B] (`cnnlab.data.Padded`): each
+layer's output is valid for the steps that the geometry's output-size formula gives for the
+series' own length (`valid_lengths`), and zero after them (`masked`), so that a layer sees past a
+series' end what the padding of that series alone would give, and global pooling reads only
+valid steps: a series' logits do not depend on how long its batch was padded.
+
 Glossary: `B` batch, `H, W` spatial, `L` length, `C` channels, `F` filters, `k` kernel side.
 """
 
@@ -8,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnlab import kernels
+from cnnlab import geometry, kernels
 from cnnlab.architecture import Activation, Norm, NormKind, Pool, PoolKind
 from cnnlab.models import pool
 from cnnlab.models.conv import conv2d, plan
@@ -24,8 +30,12 @@ def _window_pads(padding, spatial, window: int, stride: int):
     return ((padding, padding),) * len(spatial)
 
 
-def pooled(x: jax.Array, layer: Pool) -> jax.Array:
-    """Max or average pooling of `layer`'s window over every spatial axis of x [B, *S, C]."""
+def pooled(x: jax.Array, layer: Pool, lengths: jax.Array | None = None) -> jax.Array:
+    """Max or average pooling of `layer`'s window over every spatial axis of x [B, *S, C]; of
+    padded series [B, L, C] of `lengths` [B], a max over their valid steps only (beyond them
+    there is nothing, as `nn.max_pool`'s own padding of -inf has it)."""
+    if lengths is not None and layer.kind == PoolKind.max:
+        x = masked(x, lengths, jnp.finfo(x.dtype).min)
     rank, window, stride = x.ndim - 2, layer.window, layer.step
     unpadded = layer.padding in ("valid", 0)
     if layer.kind == PoolKind.max and rank == 2 and unpadded and _onednn(x):
@@ -36,10 +46,36 @@ def pooled(x: jax.Array, layer: Pool) -> jax.Array:
     return fn(x, (window,) * rank, (stride,) * rank, pads)
 
 
-def global_pooled(x: jax.Array, kind: PoolKind) -> jax.Array:
-    """[B, *S, C] -> [B, C]: the mean or maximum over every spatial position."""
+def global_pooled(x: jax.Array, kind: PoolKind, lengths: jax.Array | None = None) -> jax.Array:
+    """[B, *S, C] -> [B, C]: the mean or maximum over every spatial position, or over the first
+    `lengths` [B] steps of padded series [B, L, C]."""
+    if lengths is not None:
+        if kind == PoolKind.max:
+            return jnp.max(masked(x, lengths, jnp.finfo(x.dtype).min), axis=1)
+        return jnp.sum(masked(x, lengths), axis=1) / lengths[:, None].astype(x.dtype)
     axes = tuple(range(1, x.ndim - 1))
     return jnp.max(x, axis=axes) if kind == PoolKind.max else jnp.mean(x, axis=axes)
+
+
+def positions(lengths: jax.Array, size: int) -> jax.Array:
+    """[B, size, 1] bool: True at the steps before each series' length, of `lengths` [B]."""
+    return (jnp.arange(size) < lengths[:, None])[..., None]
+
+
+def masked(x: jax.Array, lengths: jax.Array, fill: float = 0.0) -> jax.Array:
+    """Padded series x [B, L, C] with every step from its series' length on set to `fill`."""
+    return jnp.where(positions(lengths, x.shape[1]), x, jnp.asarray(fill, x.dtype))
+
+
+def valid_lengths(lengths: jax.Array, span: int, stride: int, padding, size: int) -> jax.Array:
+    """[B] the valid output steps of a conv or pool (window `span`, input of `size` steps) for
+    series of `lengths` [B]: `cnnlab.geometry.out_size` of each one's own length, the output its
+    series alone would have ("same": ceil(length / stride)). The steps before it read only the
+    series and the zeros after it, which its own padding would be."""
+    if padding == "same":
+        return -(-lengths // stride)
+    pad = geometry.pads(padding, size, span, stride)
+    return jnp.maximum(geometry.out_size(lengths, span, stride, pad), 0)
 
 
 def _onednn(x: jax.Array) -> bool:

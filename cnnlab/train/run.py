@@ -46,7 +46,7 @@ from cnnlab.train.step import (
     make_train_step,
     variables,
 )
-from cnnlab.validate import check_devices, validate
+from cnnlab.validate import check_devices, check_series, validate
 
 
 @dataclass
@@ -86,6 +86,7 @@ def prepare(cfg: Config, lanes: bool = False, data: Dataset | None = None) -> Pr
             "training examples; lower it, or raise data.train_limit"
         )
     rows = geometry.layers(cfg.model, data.image_shape, data.num_classes, arch)
+    check_series(cfg, arch, data)  # the shortest of unequal lengths, too
     _check_memory(cfg, rows, data)
     model = build_model(arch or cfg.model, data.num_classes)
     steps_per_epoch = len(data.train) // cfg.train.batch_size
@@ -99,7 +100,7 @@ def prepare(cfg: Config, lanes: bool = False, data: Dataset | None = None) -> Pr
     )
     train_step = make_train_step(settings, mesh, lanes)
     eval_step = make_eval_step(model.apply, loss_fn, mean, std, precision, mesh)
-    device = lambda split: put_dataset((split.images, split.labels), mesh)
+    device = lambda split: put_dataset((split.examples, split.labels), mesh)  # Padded too
     init = make_init(model, tx, data.image_shape, mesh, lanes)
     return Prepared(
         data, rows, model, tx, schedule, mesh, train_step, eval_step,

@@ -18,7 +18,8 @@ and TPUs, half the activation memory) while the master parameters, the optimizer
 logits fed to the loss, the loss and the gradients the optimizer sees all stay float32.
 
 Glossary: `N` examples in a split, `B` batch, `H, W` spatial, `L` length, `C` channels, `K`
-classes. Series [N, L, C] go wherever images [N, H, W, C] do.
+classes. Series [N, L, C] go wherever images [N, H, W, C] do; series of unequal lengths as
+`cnnlab.data.Padded` (values and lengths, gathered alike), the lengths passed to the model.
 """
 
 import functools
@@ -168,7 +169,8 @@ def _train_step(
     """The train step of `make_train_step`, before jit."""
     dtype = PRECISIONS[settings.precision]
     augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
-    x, y = images[idx], labels[idx]  # [B, H, W, C] uint8, [B]
+    batch, y = inference.gather(images, idx), labels[idx]  # [B, H, W, C] uint8, [B]
+    x, extra = inference.model_input(batch)  # extra: the lengths of padded series
     if augmenting(settings.augment):
         x = augment(x, augment_key, settings.augment)
     x = normalize(x, settings.mean, settings.std)
@@ -180,6 +182,7 @@ def _train_step(
             train=True,
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],  # the running statistics' new values, if there are any
+            **extra,
         )
         logits = logits.astype(jnp.float32)  # [B, K]
         return settings.loss_fn(logits, y, settings.label_smoothing).mean(), (logits, updates)
@@ -220,7 +223,8 @@ def make_eval_step(
     def eval_step(model_vars, images, labels, idx, mask, size: int) -> dict[str, jax.Array]:
         y = labels[idx]
         model_vars = {**model_vars, "params": to_dtype(model_vars["params"], dtype)}
-        logits = inference.logits(apply_fn, model_vars, images[idx], mean, std, dtype)  # [B, K]
+        batch = inference.gather(images, idx)  # [B, H, W, C], or padded series
+        logits = inference.logits(apply_fn, model_vars, batch, mean, std, dtype)  # [B, K]
         losses = loss_fn(logits, y, 0.0)  # [B]
         return {
             "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
