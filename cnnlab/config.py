@@ -54,6 +54,7 @@ class ScheduleName(StrEnum):
     constant = "constant"
     cosine = "cosine"
     warmup_cosine = "warmup_cosine"
+    plateau = "plateau"
 
 
 class Precision(StrEnum):
@@ -192,9 +193,15 @@ class OptimizerConfig:
     b2: float = 0.999  # adamw only
     eps: float = 1e-8  # adamw only
     weight_decay: float = 0.0  # decoupled decay on weight matrices and kernels (not biases)
-    schedule: str = "cosine"  # constant | cosine | warmup_cosine (ScheduleName)
+    schedule: str = "cosine"  # constant | cosine | warmup_cosine | plateau (ScheduleName)
     warmup_epochs: float = 0.0  # warmup_cosine only
-    end_lr_factor: float = 0.0  # cosine schedules decay to lr * end_lr_factor
+    # cosine schedules decay to lr * end_lr_factor; plateau never goes below it
+    end_lr_factor: float = 0.0
+    # plateau only: the rate is multiplied by plateau_factor whenever the epoch's mean training
+    # loss has not improved (by a relative 1e-4) for plateau_patience epochs in a row, Keras's
+    # ReduceLROnPlateau(monitor="loss") as the FCN and ResNet baselines of Wang et al. use it
+    plateau_factor: float = 0.5
+    plateau_patience: int = 50  # epochs
     grad_clip_norm: float | None = None  # clip the global gradient norm; None = no clipping
     # 0: a non-finite loss or gradient stops the run (status diverged). N > 0: skip such updates
     # (optax.apply_if_finite), counted as train/skipped_updates; N in a row still stop it.
@@ -213,6 +220,10 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
+    # Cap batch_size at this share of the training examples (rounded down, at least 1), for sets
+    # of a few dozen series: the time-series baselines' min(16, N/10) is batch_size=16 with 0.1.
+    # null: no cap.
+    batch_size_cap_fraction: float | None = None
     eval_batch_size: int = 1000
     log_every_steps: int = 100  # metrics record, progress line and W&B point every N steps
     eval_every_epochs: int = 1  # validation accuracy every N epochs (and always after the last)
@@ -249,9 +260,13 @@ class SweepConfig:
 @dataclass
 class CheckpointConfig:
     """The training state saved in `<run dir>/checkpoints/<step>/` (cnnlab.checkpoint), at every
-    epoch end, every `every_steps` steps and on SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warnings)."""
+    `every_epochs`-th epoch end and the last, every `every_steps` steps and on SIGTERM, SIGUSR1 or
+    SIGUSR2 (SLURM's warnings)."""
 
     every_steps: int | None = 1000  # also save every N steps within an epoch; null = epoch ends
+    # Save at every K-th epoch end (and the last). 1 suits epochs of seconds or more; where an
+    # epoch is a few steps (a UCR set of 50 series) a save costs more than the epoch.
+    every_epochs: int = 1
     keep: int = 2  # the newest checkpoints kept; older ones are deleted
     # Continue from the newest good checkpoint when the run directory already holds one (a rerun
     # with the same hydra.run.dir, a requeued SLURM job); false refuses such a directory.

@@ -69,6 +69,7 @@ def validate(cfg: Config, data_given: bool = False) -> Architecture | None:
         _in_unit(opt.end_lr_factor, closed_high=True),
         "optimizer.end_lr_factor", opt.end_lr_factor, "use [0, 1]",
     )  # fmt: skip
+    _validate_cadence(cfg)
     clip = opt.grad_clip_norm
     _require(clip is None or clip > 0, "optimizer.grad_clip_norm", clip, "use null or a norm > 0")
     skip = opt.skip_nonfinite
@@ -98,6 +99,18 @@ def validate(cfg: Config, data_given: bool = False) -> Architecture | None:
     if data.name in INPUT_SHAPES and not data_given:  # otherwise checked once the data is loaded
         _validate_size(cfg, arch, *INPUT_SHAPES[data.name])
     return arch
+
+
+def _validate_cadence(cfg: Config) -> None:
+    """The keys of training on small sets: the plateau schedule, the batch cap, the saves."""
+    factor, patience = cfg.optimizer.plateau_factor, cfg.optimizer.plateau_patience
+    _require(0 < factor < 1, "optimizer.plateau_factor", factor, "use a factor in (0, 1)")
+    _require(patience >= 1, "optimizer.plateau_patience", patience, "use epochs >= 1")
+    cap = cfg.train.batch_size_cap_fraction
+    rule = "use null or a share in (0, 1]"
+    _require(cap is None or 0 < cap <= 1, "train.batch_size_cap_fraction", cap, rule)
+    epochs = cfg.checkpoint.every_epochs
+    _require(epochs >= 1, "checkpoint.every_epochs", epochs, "use a whole number >= 1")
 
 
 def _validate_data(data: DataConfig, given: bool) -> None:

@@ -76,7 +76,8 @@ def test_hydra_errors_condense_to_one_line():
     with pytest.raises(ConfigError) as info:
         load("model=resnet")
     line = str(info.value)
-    assert "\n" not in line and "model/resnet" in line and "alexnet_lite, all_cnn_c, lenet5" in line
+    assert "\n" not in line and "model/resnet" in line
+    assert "alexnet_lite, all_cnn_c, fcn, lenet5" in line
     with pytest.raises(ConfigError) as info:
         load("model.depht=3")
     assert str(info.value).endswith("did you mean model.depth?")

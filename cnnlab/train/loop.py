@@ -118,7 +118,10 @@ class Saver(Protocol):
     """Where the loop's checkpoints go (`cnnlab.train.run` wraps `cnnlab.checkpoint`)."""
 
     def due(self, step: int) -> bool:
-        """Whether a checkpoint is due after `step` within an epoch (epoch ends always save)."""
+        """Whether a checkpoint is due after `step` within an epoch."""
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        """Whether a checkpoint is due at the end of `epoch` (the last epoch always saves)."""
 
     def save(self, state: TrainState, loop: LoopState, lanes: list[int] | None) -> bool:
         """Save the state after `loop.step` with `loop`; False when it was refused (a non-finite
@@ -154,14 +157,29 @@ class _Fit:
     frozen: dict[int, TrainState] = field(default_factory=dict)  # diverged lanes' states
 
     @property
+    def batch_size(self) -> int:
+        return batch_size(self.cfg, int(self.task.train[1].shape[0]))
+
+    @property
     def steps_per_epoch(self) -> int:
-        return int(self.task.train[1].shape[0]) // self.cfg.batch_size
+        return int(self.task.train[1].shape[0]) // self.batch_size
+
+
+def batch_size(cfg: TrainConfig, n: int) -> int:
+    """The training batch for `n` examples: `cfg.batch_size`, capped at `batch_size_cap_fraction`
+    of them, rounded down and at least 1 (min(16, N/10) of the time-series baselines)."""
+    if cfg.batch_size_cap_fraction is None:
+        return cfg.batch_size
+    share = math.floor(cfg.batch_size_cap_fraction * n + 1e-9)  # 0.29 * 100 is 28.999...
+    return max(1, min(cfg.batch_size, share))
 
 
 def evaluate(eval_step, model_vars, images, labels, batch_size: int) -> EvalResult:
     """Loss, accuracy and probabilities over a device-resident split, in fixed-size batches;
-    `model_vars` as `cnnlab.train.step.variables` gives them."""
+    `model_vars` as `cnnlab.train.step.variables` gives them. A split smaller than `batch_size`
+    is one batch of its own size: padded to 1000, 5 series would cost 200 times their forward."""
     n = int(labels.shape[0])
+    batch_size = max(1, min(batch_size, n))
     loss_sum, correct, probs = 0.0, 0, []
     outputs = []
     for start in range(0, n, batch_size):
@@ -193,15 +211,17 @@ def fit(
     Lane i logs through `hooks.log[i]` at the steps a single run logs; a lane that diverges stops
     logging while the others go on. Validation runs lane by lane on the same eval step.
 
-    Checkpoints: after every step that `hooks.save.due` names, at every epoch end (after
-    validation) and when `hooks.stop()` turns true, the state goes to `hooks.save` with the
-    `LoopState`. Passing that back as `resume`, with the state saved beside it, continues exactly
-    where the loop was: the data order and the keys are functions of the seed, epoch and step, so
-    the run ends bit-identical to an uninterrupted one. When `hooks.stop()` turns true the loop
-    saves and returns with status `preempted`.
+    Checkpoints: after every step that `hooks.save.due` names, at the epoch ends that
+    `hooks.save.due_after_epoch` names and the last (after validation), and when `hooks.stop()`
+    turns true, the state goes to `hooks.save` with the `LoopState`. Passing that back as
+    `resume`, with the state saved beside it, continues exactly where the loop was: the data
+    order and the keys are functions of the seed, epoch and step, so the run ends bit-identical
+    to an uninterrupted one. When `hooks.stop()` turns true the loop saves and returns with
+    status `preempted`.
     """
     loop = resume or LoopState.start(len(lanes.seeds))
-    total = int(task.train[1].shape[0]) // cfg.batch_size * cfg.epochs
+    n = int(task.train[1].shape[0])
+    total = n // batch_size(cfg, n) * cfg.epochs
     run = _Fit(task, cfg, lanes, hooks, hooks.progress or Progress(total), first=loop.step)
     if resume:
         run.progress.advance(loop.step)
@@ -216,7 +236,7 @@ def fit(
                 validate(run, loop, state, epoch)
             for s in loop.live:
                 loop.lanes[s].epochs = epoch
-            if hooks.save:
+            if hooks.save and (hooks.save.due_after_epoch(epoch) or epoch == cfg.epochs):
                 checkpoint(run, loop, state)
             if hooks.stop() and epoch < cfg.epochs:
                 return finish(run, loop, state, "preempted")
@@ -231,7 +251,7 @@ def train_epoch(run: _Fit, loop: LoopState, state: TrainState, epoch: int):
     orders = [epoch_order(seed, epoch, int(run.task.train[1].shape[0])) for seed in run.lanes.seeds]
     start, spe = time.perf_counter(), run.steps_per_epoch
     for i in range(loop.step - (epoch - 1) * spe, spe):
-        batch = slice(i * run.cfg.batch_size, (i + 1) * run.cfg.batch_size)
+        batch = slice(i * run.batch_size, (i + 1) * run.batch_size)
         idx = np.stack([o[batch] for o in orders]) if run.lanes.stacked else orders[0][batch]
         state = train_step(run, loop, state, idx, start)  # idx [S, B] or [B]
         epoch_end = i == spe - 1
@@ -270,7 +290,8 @@ def log_window(run: _Fit, loop: LoopState, state: TrainState, epoch: int) -> Non
     records = {}
     for s in loop.live:
         record = _mean([run.lanes.pick(m, s) for m in fetched])
-        record.update({"train/lr": float(run.task.schedule(loop.step - 1)), "epoch": epoch})
+        lr = float(run.task.schedule(loop.step - 1)) * record.pop("train/lr_scale", 1.0)
+        record.update({"train/lr": lr, "epoch": epoch})
         loop.lanes[s].last = records[s] = record
         run.hooks.log[s](record, loop.step)
     run.progress.report(loop.step, epoch, _across(records))
@@ -314,7 +335,7 @@ def finish(run: _Fit, loop: LoopState, state: TrainState, status: str) -> list[F
     for s in loop.live:
         lane = loop.lanes[s]
         lane.status = status
-        lane.images_per_second = steps * run.cfg.batch_size / steady if steady > 0 else 0.0
+        lane.images_per_second = steps * run.batch_size / steady if steady > 0 else 0.0
         if status == "preempted":
             lane.message = (
                 f"stopped by a signal after step {loop.step}; rerun in the same run directory"
@@ -329,8 +350,9 @@ def _results(run: _Fit, loop: LoopState, state: TrainState) -> list[FitResult]:
     ]
 
 
-# Metrics that count since the start (the newest value is logged, not the mean).
-CUMULATIVE = ("train/skipped_updates",)
+# Metrics whose newest value is logged, not the mean: counters since the start, and the factor
+# the plateau schedule has reached.
+CUMULATIVE = ("train/skipped_updates", "train/lr_scale")
 
 
 def _mean(metrics: list[dict]) -> dict[str, float]:

@@ -1,4 +1,9 @@
-"""Optimizers and learning-rate schedules from `OptimizerConfig`, all built from optax parts."""
+"""Optimizers and learning-rate schedules from `OptimizerConfig`, all built from optax parts.
+
+A schedule is a function of the step, except `plateau`, which follows the training loss: the
+optimizer is chained with `optax.contrib.reduce_on_plateau`, whose scale (in the optimizer state)
+multiplies the updates, so the train step passes its loss to every `tx.update` as `value=`.
+"""
 
 import jax
 import optax
@@ -41,7 +46,35 @@ SCHEDULES = {
     ScheduleName.constant: _constant,
     ScheduleName.cosine: _cosine,
     ScheduleName.warmup_cosine: _warmup_cosine,
+    ScheduleName.plateau: _constant,  # the base rate; `_on_plateau` scales the updates
 }
+
+
+def _on_plateau(cfg: OptimizerConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Scale the updates by `plateau_factor` after `plateau_patience` epochs without improvement of
+    the epoch's mean loss, down to `end_lr_factor`. reduce_on_plateau counts values: it averages
+    `steps_per_epoch` of them (one epoch's batch losses), then decides, so patience is in epochs."""
+    return optax.contrib.reduce_on_plateau(
+        factor=cfg.plateau_factor,
+        patience=cfg.plateau_patience,
+        accumulation_size=steps_per_epoch,
+        min_scale=cfg.end_lr_factor,
+    )
+
+
+def lr_scale(opt_state) -> jax.Array | None:
+    """The plateau schedule's current factor on the rate, found in the optimizer state; None for
+    the other schedules."""
+    found = [
+        s.scale
+        for s in jax.tree.leaves(opt_state, is_leaf=_is_plateau)
+        if isinstance(s, optax.contrib.ReduceLROnPlateauState)
+    ]
+    return found[0] if found else None
+
+
+def _is_plateau(node) -> bool:
+    return isinstance(node, optax.contrib.ReduceLROnPlateauState)
 
 
 def _kernels(params):
@@ -56,6 +89,8 @@ def build_optimizer(
     updates) and its schedule."""
     schedule = SCHEDULES[cfg.schedule](cfg, steps_per_epoch * epochs, steps_per_epoch)
     tx = OPTIMIZERS[cfg.name](cfg, schedule)
+    if cfg.schedule == ScheduleName.plateau:
+        tx = optax.chain(tx, _on_plateau(cfg, steps_per_epoch))
     if cfg.grad_clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
     if cfg.skip_nonfinite:  # an update with a NaN or inf leaves the state as it was

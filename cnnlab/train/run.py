@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from cnnlab import checkpoint, geometry, memory
 from cnnlab.architecture import Architecture
 from cnnlab.checkpoint import Checkpoints
-from cnnlab.config import Config
+from cnnlab.config import CheckpointConfig, Config
 from cnnlab.data import INPUT_SHAPES, Dataset, load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
@@ -34,7 +34,16 @@ from cnnlab.parallel import data_mesh, put, put_dataset, replicated
 from cnnlab.preprocess import check_augment
 from cnnlab.rundir import RunDir, TrainedModel
 from cnnlab.tracking import Tracker
-from cnnlab.train.loop import FitResult, Hooks, Lanes, LoopState, evaluate, fit, never
+from cnnlab.train.loop import (
+    FitResult,
+    Hooks,
+    Lanes,
+    LoopState,
+    batch_size,
+    evaluate,
+    fit,
+    never,
+)
 from cnnlab.train.losses import LOSSES
 from cnnlab.train.optim import build_optimizer
 from cnnlab.train.progress import Progress
@@ -80,16 +89,17 @@ def prepare(cfg: Config, lanes: bool = False, data: Dataset | None = None) -> Pr
     check_devices(cfg.train, jax.device_count(), jax.default_backend())
     data = load_dataset(cfg.data) if data is None else data
     check_augment(cfg.data.augment, data.image_shape, data.train.images.dtype)
-    if len(data.train) < cfg.train.batch_size:
+    batch = batch_size(cfg.train, len(data.train))
+    if len(data.train) < batch:
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is more than the {len(data.train)} "
+            f"train.batch_size={batch} is more than the {len(data.train)} "
             "training examples; lower it, or raise data.train_limit"
         )
     rows = geometry.layers(cfg.model, data.image_shape, data.num_classes, arch)
     check_series(cfg, arch, data)  # the shortest of unequal lengths, too
     _check_memory(cfg, rows, data)
     model = build_model(arch or cfg.model, data.num_classes)
-    steps_per_epoch = len(data.train) // cfg.train.batch_size
+    steps_per_epoch = len(data.train) // batch
     tx, schedule = build_optimizer(cfg.optimizer, steps_per_epoch, cfg.train.epochs)
     mesh = data_mesh()  # every device; the batch is split over them (cnnlab.parallel)
     loss_fn = LOSSES[cfg.loss.name]
@@ -205,7 +215,7 @@ def train_lanes(
         start = starting_state(cfg, checkpoints, state, prepared.mesh, marks)
         for lane in lanes:
             lane.summary.update(start.summary)
-        saver = CheckpointSaver(checkpoints, cfg.checkpoint.every_steps, marks)
+        saver = CheckpointSaver(checkpoints, cfg.checkpoint, marks)
         hooks = Hooks([lane.tracker.log for lane in lanes], saver, stop, progress)
         seeds = [lane.cfg.seed for lane in lanes]
         lanes_fit = Lanes(seeds, train_key, prepared.stacked)
@@ -293,11 +303,14 @@ class CheckpointSaver:
     """The loop's checkpoints (`cnnlab.train.loop.Saver`): the training state, the loop's position
     and the trackers' (how much of metrics.jsonl belongs to the history up to that step)."""
 
-    def __init__(self, checkpoints: Checkpoints, every_steps: int | None, tracker: Tracker):
-        self.checkpoints, self.every_steps, self.tracker = checkpoints, every_steps, tracker
+    def __init__(self, checkpoints: Checkpoints, cfg: CheckpointConfig, tracker: Tracker):
+        self.checkpoints, self.cfg, self.tracker = checkpoints, cfg, tracker
 
     def due(self, step: int) -> bool:
-        return bool(self.every_steps) and step % self.every_steps == 0
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        return epoch % self.cfg.every_epochs == 0
 
     def save(self, state: TrainState, loop: LoopState, lanes: list[int] | None) -> bool:
         meta = {"loop": loop.to_json(), "trackers": self.tracker.mark()}

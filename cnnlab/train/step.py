@@ -41,6 +41,7 @@ from cnnlab.compiler import compiler_options, jit
 from cnnlab.config import AugmentConfig, Precision
 from cnnlab.parallel import batch_sharded, data_mesh, replicated, step_input
 from cnnlab.preprocess import augment, augmenting, normalize
+from cnnlab.train.optim import lr_scale
 
 Metrics = dict[str, jax.Array]
 
@@ -189,7 +190,7 @@ def _train_step(
 
     # float32 gradients: the cast of the float32 parameters is part of the differentiated path
     (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    state = _apply_gradients(state, grads, value, updates.get("batch_stats", {}))
     metrics = {
         "train/loss": value,
         "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
@@ -198,7 +199,21 @@ def _train_step(
     if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # optimizer.skip_nonfinite
         metrics["train/skipped_updates"] = state.opt_state.total_notfinite
         metrics["train/param_norm"] = optax.global_norm(state.params)
+    scale = lr_scale(state.opt_state)
+    if scale is not None:  # optimizer.schedule=plateau: the factor on the rate it has reached
+        metrics["train/lr_scale"] = scale
     return state, metrics
+
+
+def _apply_gradients(state: TrainState, grads, loss: jax.Array, batch_stats) -> TrainState:
+    """Flax's `apply_gradients`, with the loss passed to the optimizer as `value=`, which
+    `optax.contrib.reduce_on_plateau` reads (and every other transformation ignores)."""
+    tx = optax.with_extra_args_support(state.tx)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+    )
 
 
 def make_eval_step(
