@@ -241,7 +241,7 @@ def test_the_entry_points_work_from_a_built_wheel(tmp_path):
     assert str(REPO) not in where.stdout and where.stdout.count(str(tmp_path / "venv")) == 2
     helped = run(bin_dir / "cnnlab-train", "--help")
     assert "cnnlab-train: train a convolutional network" in helped.stdout
-    assert "model: alexnet_lite, all_cnn_c, lenet5" in helped.stdout  # the config groups of conf/
+    assert "model: alexnet_lite, all_cnn_c, fcn, lenet5" in helped.stdout  # conf/'s groups
     table = run(bin_dir / "cnnlab-inspect", "model=alexnet_lite", "data=cifar10")
     assert "alexnet_lite on cifar10 (32x32x3 input, 10 classes)" in table.stdout
 
