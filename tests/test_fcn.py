@@ -179,7 +179,7 @@ def gunpoint() -> Dataset:
 
 
 def recipe(epochs: int) -> Config:
-    """conf/experiment/fcn_gunpoint.yaml's recipe, shortened to `epochs`."""
+    """conf/experiment/fcn_ucr.yaml's recipe on GunPoint, shortened to `epochs`."""
     return Config(
         model=preset("model=fcn"),
         data=DataConfig(name="GunPoint"),

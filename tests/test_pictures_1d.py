@@ -302,3 +302,35 @@ def test_an_image_net_with_global_pooling_draws_its_cam(tmp_path, capsys):
     assert len(panels) == 20
     overlay = acts.upsampled[4] / np.abs(acts.upsampled[4]).max()  # over image 4, to scale
     np.testing.assert_allclose(panels[4].images[1].get_array(), overlay, rtol=1e-6)
+
+
+def test_padded_series_are_pictured_masked_and_without_their_padding(tmp_path):
+    """JapaneseVowels (7 to 29 steps, padded to 29): `cnnlab-pictures` predicts with the mask, as
+    the run's test did, and every picture stops at a series' own last step."""
+    small = dataclasses.replace(FCN, layers=[{"conv": 8, "kernel": 3}, "relu", "global_pool"])
+    cfg = dataclasses.replace(
+        series_config(small),
+        data=DataConfig(name="JapaneseVowels", source="ucr", val_fraction=0.0, normalize="dataset"),
+        train=TrainConfig(epochs=3, batch_size=32, eval_batch_size=400, log_every_steps=5),
+        logger=LoggerConfig(mode="disabled", pictures=False),
+    )
+    summary = run(cfg, tmp_path, LocalTracker(tmp_path))
+    assert summary["status"] == "ok", summary.get("error")
+    pics = pictures.read_pictures(tmp_path)  # the run read back, as cnnlab-pictures does
+    counts = np.loadtxt(tmp_path / "confusion_matrix.csv", delimiter=",", skiprows=1,
+                        usecols=range(1, 10))  # fmt: skip
+    np.testing.assert_array_equal(pics.counts, counts)  # the test's predictions, masked
+    model, data = RunDir(tmp_path).load_model(), load_dataset(cfg.data)
+    unmasked = predict_probs(model.module, model.variables, data.test.images, data.mean, data.std)
+    assert (np.argmax(unmasked, -1) != np.argmax(pics.probs, -1)).any()  # the mask matters here
+    length = int(data.test.lengths[0])
+    assert length < data.test.images.shape[1]
+    assert [m.values.shape[0] for m in pics.maps] == [length]
+    assert pics.maps[0].extent == (-0.5, length - 0.5)
+    fig = cam.cam_figure(pics)
+    for ax, i in zip(_panels(fig), pics.cam.indices, strict=False):
+        (segments,) = {len(c.get_segments()) for c in ax.collections}
+        assert segments == data.test.lengths[i] - 1, i
+    wrong = series.wrong_figure([pics.example(k) for k in range(len(pics.probs))], pics.labels,
+                                pics.probs, pics.class_names, 4)  # fmt: skip
+    assert all(len(ax.lines[0].get_xdata()) < 29 for ax in _panels(wrong))

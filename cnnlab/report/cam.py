@@ -89,15 +89,18 @@ def upsample(maps: np.ndarray, centres: tuple[np.ndarray, ...], shape: tuple[int
 
 
 def class_activations(
-    model: TrainedModel, x: np.ndarray, indices: np.ndarray, classes: np.ndarray
-) -> ClassActivations:
+    model: TrainedModel, x: np.ndarray, indices: np.ndarray, classes: np.ndarray,
+    lengths: np.ndarray | None = None,
+) -> ClassActivations:  # fmt: skip
     """The CAMs of class `classes[i]` [n] for the normalized test examples `x` [n, *S, C] (test
-    examples `indices` [n]) of a layer-language net that ends in global average pooling."""
+    examples `indices` [n]) of a layer-language net that ends in global average pooling; padded
+    series run masked with their `lengths` [n], as in training."""
     layers = model.layers().layers
     i, why = pooled_layer(layers)
     if i is None:
         raise CnnlabError(f"no class activation map: {why}")
-    _, state = model.module.apply(model.variables, x, mutable=["maps"])
+    lengths = None if lengths is None else np.asarray(lengths)
+    _, state = model.module.apply(model.variables, x, lengths=lengths, mutable=["maps"])
     a = np.asarray(state["maps"]["outputs"][i - 1]) if i else np.asarray(x)  # [n, *S', F]
     w = np.asarray(model.variables["params"]["logits"]["kernel"])  # [F, K]
     maps = np.einsum("n...f,fn->n...", a, w[:, classes])  # [n, *S']
@@ -169,8 +172,10 @@ def cam_figure(pics: RunPictures) -> Figure:
         ax.axis("off")
     for ax, i, cam in zip(axes, acts.indices, acts.upsampled, strict=False):
         panel = _series_panel if series else _image_panel
+        example = pics.example(i)  # a padded series without its padding
+        cam = cam[: len(example)]
         scale = float(np.abs(cam).max()) or 1.0
-        shown = panel(ax, examples[i], cam / scale, norm)
+        shown = panel(ax, example, cam / scale, norm)
         sep = " " if series else "\n"
         title = _panel_title(int(i), int(labels[i]), pics.probs[i], pics.class_names, sep)
         ax.set_title(f"{title}{',' * series}{sep}|CAM| up to {scale:.3g}", fontsize=8)

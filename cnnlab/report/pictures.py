@@ -129,8 +129,9 @@ class FeatureMap:
 
 
 def feature_maps(
-    model: TrainedModel, image: np.ndarray, mean: np.ndarray, std: np.ndarray
-) -> list[FeatureMap]:
+    model: TrainedModel, image: np.ndarray, mean: np.ndarray, std: np.ndarray,
+    length: int | None = None,
+) -> list[FeatureMap]:  # fmt: skip
     """The maps of one uint8 `image` [H, W, C] (or float series [L, C]) after each conv (with the
     normalization and activation that follow it), each pool and each residual block, normalized
     with the training split's `mean` and `std` [C].
@@ -139,9 +140,13 @@ def feature_maps(
     map's extent places its pixels on the input's grid: a pixel covers `jump x jump` input pixels,
     where jump is the product of the strides so far, and is centred where the centre of its
     receptive field lies (along a series: `jump` steps).
+
+    A padded series runs masked, as in training, with its own `length`: each map keeps the steps
+    centred within that length, so no picture shows what the net computed over the padding.
     """
     x = normalize(jnp.asarray(image[None]), np.float32(mean), np.float32(std))  # [1, *S, C]
-    _, state = model.module.apply(model.variables, x, mutable=["maps"])
+    lengths = None if length is None else jnp.array([length])
+    _, state = model.module.apply(model.variables, x, lengths=lengths, mutable=["maps"])
     arch = model.layers()
     layers, names = arch.layers, geometry.row_names(arch.layers)
     place = Placement(np.array(image.shape[:-1]), np.zeros(image.ndim - 1), 1)
@@ -159,9 +164,17 @@ def feature_maps(
             shown += 1
         y = np.asarray(state["maps"]["outputs"][shown])  # [1, *S', F]
         detail = _detail(layers[i : shown + 1], image.ndim - 1)
-        maps.append(FeatureMap(name, detail, y[0], _extent(y, place.centre, place.jump)))
+        m = FeatureMap(name, detail, y[0], _extent(y, place.centre, place.jump))
+        maps.append(m if length is None else _within(m, place.jump, length))
         place = dataclasses.replace(place, size=np.array(y.shape[1:-1]))
     return maps
+
+
+def _within(m: FeatureMap, jump: int, length: int) -> FeatureMap:
+    """Series map `m` cut to its steps centred before input step `length` (at least one)."""
+    left = m.extent[0]
+    keep = int(np.clip(np.floor((length - 0.5 - left - jump / 2) / jump) + 1, 1, len(m.values)))
+    return dataclasses.replace(m, values=m.values[:keep], extent=(left, left + keep * jump))
 
 
 @dataclass(frozen=True)
@@ -439,6 +452,11 @@ class RunPictures:
     kernel_layer: str = "conv1"  # the name or path of the layer whose kernel `kernel` is
     cam: "ClassActivations | None" = None  # a few test examples' CAMs; None: no CAM picture
     skipped: dict[str, str] = field(default_factory=dict)  # picture name -> why it is not drawn
+    lengths: np.ndarray | None = None  # [N] each padded series' own steps; None: all of `images`
+
+    def example(self, i: int) -> np.ndarray:
+        """Test example `i` as drawn: a padded series without its padding."""
+        return self.images[i] if self.lengths is None else self.images[i][: self.lengths[i]]
 
 
 def run_pictures(
@@ -461,7 +479,8 @@ def run_pictures(
         arch = model.layers()
         first = arch.convs[0].name
         kernel = np.asarray(model.variables["params"][first]["kernel"])
-        maps, title = feature_maps(model, image, data.mean, data.std), _title(arch)
+        length = None if test.lengths is None else int(test.lengths[image_index])
+        maps, title = feature_maps(model, image, data.mean, data.std, length), _title(arch)
     cam, skipped = _class_activations(model, data, probs)
     if kernel is None:
         skipped["filters"] = "the module has no conv kernel of the input's rank"
@@ -479,6 +498,7 @@ def run_pictures(
         kernel_layer=first or "",
         cam=cam,
         skipped=skipped,
+        lengths=test.lengths,
     )
 
 
@@ -497,7 +517,8 @@ def _class_activations(
     test = data.test
     chosen = cam.examples_per_class(test.labels, data.num_classes)
     x = normalize(jnp.asarray(test.images[chosen]), np.float32(data.mean), np.float32(data.std))
-    return cam.class_activations(model, x, chosen, np.argmax(probs[chosen], -1)), {}
+    lengths = None if test.lengths is None else test.lengths[chosen]
+    return cam.class_activations(model, x, chosen, np.argmax(probs[chosen], -1), lengths), {}
 
 
 def module_maps(
@@ -579,8 +600,14 @@ def draw_all(
     run_dir: Path, out_dir: Path | None = None, image_index: int = 0, n_wrong: int = 16
 ) -> dict[str, Path]:
     """Draw the pictures of a finished run into `out_dir` (default `<run_dir>/pictures/`);
-    returns picture name -> PNG path. Reads the run's config, final variables and metrics, and its
-    data again from the data source (the same config gives the same arrays)."""
+    returns picture name -> PNG path."""
+    pics = read_pictures(run_dir, image_index)
+    return draw_run(pics, Path(out_dir) if out_dir else Path(run_dir) / "pictures", n_wrong)
+
+
+def read_pictures(run_dir: Path, image_index: int = 0) -> RunPictures:
+    """The arrays of a finished run's pictures. Reads the run's config, final variables and
+    metrics, and its data again from the data source (the same config gives the same arrays)."""
     run = RunDir(run_dir)
     run.check(*RunDir.FINISHED)
     data = load_dataset(run.config().data)
@@ -591,6 +618,5 @@ def draw_all(
             "from its dataset.json): restore the data the run was trained on"
         )
     model = run.load_model()
-    probs = predict_probs(model.module, model.variables, data.test.images, data.mean, data.std)
-    pics = run_pictures(model, data, probs, run.metrics(), image_index)
-    return draw_run(pics, Path(out_dir) if out_dir else run.path / "pictures", n_wrong)
+    probs = predict_probs(model.module, model.variables, data.test.examples, data.mean, data.std)
+    return run_pictures(model, data, probs, run.metrics(), image_index)

@@ -15,6 +15,7 @@ The confusion matrix and the curves are those of images (`pictures.confusion_fig
 Glossary: `N` series, `L` length, `C` channels, `F` filters, `K` classes.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,9 +149,10 @@ def draw_feature_maps(
 
 
 def wrong_figure(
-    series: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: list[str], n: int = 16
-) -> Figure:
-    """The `n` most confidently wrong of `series` [N, L, C], most confident first."""
+    series: Sequence[np.ndarray], labels: np.ndarray, probs: np.ndarray, class_names: list[str],
+    n: int = 16,
+) -> Figure:  # fmt: skip
+    """The `n` most confidently wrong of `series` (N arrays [L_i, C]), most confident first."""
     chosen = most_confidently_wrong(labels, probs, n)
     rows, cols = grid(max(len(chosen), 1), 4)
     fig = Figure(figsize=(cols * 2.9, rows * 1.9 + 0.6), layout="constrained")
@@ -170,7 +172,7 @@ def wrong_figure(
         no_data(axes[0])
         axes[0].axis("on")
     fig.supxlabel("time step", fontsize=9)
-    _legend(fig, axes[0], series.shape[-1], "outside right upper")
+    _legend(fig, axes[0], series[0].shape[-1], "outside right upper")
     fig.suptitle(
         f"The {len(chosen)} most confidently wrong of {len(labels):,} test series "
         f"({wrong:,} wrong): true -> predicted (probability)",
@@ -180,8 +182,8 @@ def wrong_figure(
 
 
 def draw_wrong(
-    series: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path,
-    n: int = 16,
+    series: Sequence[np.ndarray], labels: np.ndarray, probs: np.ndarray, class_names: list[str],
+    path: Path, n: int = 16,
 ) -> Path:  # fmt: skip
     return save(wrong_figure(series, labels, probs, class_names, n), path)
 
@@ -198,13 +200,18 @@ def draw_run(pics: RunPictures, out_dir: Path, title: str, n_wrong: int = 16) ->
     return {
         **filters,
         "feature_maps": draw_feature_maps(
-            pics.images[i], pics.maps, out_dir / "feature_maps.png", title
+            pics.example(i), pics.maps, out_dir / "feature_maps.png", title
         ),
         "confusion_matrix": draw_confusion(
             pics.counts, names, out_dir / "confusion_matrix.png", "series"
         ),
         "curves": draw_curves(pics.records, out_dir / "curves.png"),
         "confidently_wrong": draw_wrong(
-            pics.images, pics.labels, pics.probs, names, out_dir / "confidently_wrong.png", n_wrong
-        ),
+            [pics.example(k) for k in range(len(pics.labels))],
+            pics.labels,
+            pics.probs,
+            names,
+            out_dir / "confidently_wrong.png",
+            n_wrong,
+        ),  # fmt: skip
     }
