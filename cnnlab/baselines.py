@@ -10,6 +10,7 @@ preset must reproduce, read with a YAML parser into `Baseline`:
     compute: what the full tier costs
     full: {mean: 91.3, tol: 0.3, seeds: [0, 1, 2]}
     quick: {mean: 72, tol: 4, seeds: [0], overrides: [data.train_limit=5000, train.epochs=2]}
+    published: 91.25 (He et al. 2016)  # optional: the figure the band is anchored on
 
 `full` is the full tier: the mean test accuracy (%) over its seeds must lie within mean +-
 tol. `quick` is the tier CI runs: shorter, with its `overrides`, and its own band.
@@ -28,6 +29,7 @@ from cnnlab.errors import ConfigError
 
 TIERS = ("quick", "full")
 TEXTS = ("title", "command", "source", "compute")  # the file's keys besides the tiers
+OPTIONAL = ("published",)  # the published figure the band is anchored on, where there is one
 BAND_FORM = "{mean: <%>, tol: <%>, seeds: [<seed>, ...], overrides: [<key=value>, ...]}"
 
 
@@ -60,6 +62,7 @@ class Baseline:
     source: str
     compute: str
     tiers: dict[str, Band]  # "full" and "quick"
+    published: str = ""  # e.g. "96.1 +- 0.3 (dl-4-tsc, 10 runs)"; "": no published figure
 
 
 def parse_band(value: object, where: str) -> Band:
@@ -92,11 +95,11 @@ def load_baseline(path: Path) -> Baseline:
     problems = []
     if missing := [k for k in keys if k not in fields]:
         problems.append(f"lacks {', '.join(missing)}")
-    if unknown := sorted(set(fields) - set(keys)):
+    if unknown := sorted(set(fields) - set(keys) - set(OPTIONAL)):
         problems.append(f"has unknown keys {', '.join(unknown)}")
     if problems:
         raise ConfigError(f"{path}: {'; '.join(problems)} (the keys are {', '.join(keys)})")
-    texts = {k: str(fields[k]).strip() for k in TEXTS}
+    texts = {k: str(fields[k]).strip() for k in (*TEXTS, *OPTIONAL) if k in fields}
     tiers = {tier: parse_band(fields[tier], f"{path} {tier}") for tier in TIERS}
     return Baseline(Path(path).stem, tiers=tiers, **texts)
 
@@ -161,18 +164,20 @@ def results_table(results: list[Result], baselines: dict[str, Baseline]) -> str:
     """The README's table of recorded results (Markdown), one row per baseline and tier, in the
     registry's order."""
     rows = [
-        "| baseline | tier | test accuracy (%) | per seed | band (%) | result | wall time | "
-        "machine | record: commit, date |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| baseline | tier | test accuracy (%) | per seed | band (%) | published (%) | result | "
+        "wall time | machine | record: commit, date |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {name: i for i, name in enumerate(baselines)}
     for r in sorted(results, key=lambda r: (order.get(r.baseline, 99), TIERS.index(r.tier))):
         spread = f"{r.mean:.2f} +- {r.std:.2f}" if math.isfinite(r.mean) else "-"
         seeds = ", ".join(f"{a:.2f}" for a in r.accuracies.values())
+        known = baselines.get(r.baseline)
+        published = known.published if known and known.published and r.tier == "full" else "-"
         rows.append(
             f"| `{r.baseline}` | {r.tier} | {spread} | {seeds} | {r.band['mean']:g} +- "
-            f"{r.band['tol']:g} | **{r.status}** | {_duration(r.wall_seconds)} | {r.machine} | "
-            f"[{r.commit}, {r.date[:10]}]({RECORDS}/{r.baseline}-{r.tier}.json) |"
+            f"{r.band['tol']:g} | {published} | **{r.status}** | {_duration(r.wall_seconds)} | "
+            f"{r.machine} | [{r.commit}, {r.date[:10]}]({RECORDS}/{r.baseline}-{r.tier}.json) |"
         )
     return "\n".join(rows)
 
