@@ -146,6 +146,10 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
+    """The training split's random augmentation, inside the train step (`cnnlab.preprocess`);
+    evaluation never augments. The first three act on uint8 images, `shift` and `scale` on series
+    [L, C]; each kind is refused on the other."""
+
     crop_padding: int = 0  # random crop after zero-padding each side by this many pixels; 0 = off
     flip: bool = False  # random horizontal flip
     # random erasing (Zhong et al., 2017): the share of images that get one rectangle of uniform
@@ -154,6 +158,13 @@ class AugmentConfig:
     erase: float = 0.0
     erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.4])
     erase_ratio: float = 0.3
+    # series: move each series along time by a whole number of steps drawn from
+    # [-shift, shift], within its own length (steps moved past its end are dropped, those
+    # uncovered are 0, the mean after normalizing); 0 = off
+    shift: int = 0
+    # series: multiply each series and channel by a factor drawn from [1 - scale, 1 + scale],
+    # after normalizing (so about the mean); 0 = off
+    scale: float = 0.0
 
 
 @dataclass

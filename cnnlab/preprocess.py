@@ -1,6 +1,7 @@
 """What examples go through before the network: normalization, and the training split's random
-crops, flips and erasing of images. Pure functions of arrays, traced into the jitted steps
-(`cnnlab.train.step`) and the prediction function (`cnnlab.inference`).
+crops, flips and erasing of images, or shifts and scaling of series. Pure functions of arrays,
+traced into the jitted steps (`cnnlab.train.step`) and the prediction function
+(`cnnlab.inference`).
 
 Glossary: `B` batch, `H, W` spatial, `L` length, `C` channels.
 """
@@ -22,24 +23,44 @@ def normalize(images: jax.Array, mean: np.ndarray, std: np.ndarray) -> jax.Array
     return (images.astype(jnp.float32) - mean) / std
 
 
+# The keys of data.augment that augment uint8 images [H, W, C], and those that augment series
+# [L, C]: each kind is refused on the other (`check_augment`).
+IMAGE_KEYS = ("crop_padding", "flip", "erase")
+SERIES_KEYS = ("shift", "scale")
+
+
 def augmenting(cfg: AugmentConfig) -> bool:
-    return cfg.crop_padding > 0 or cfg.flip or cfg.erase > 0
+    """Whether `augment` (images) has anything to do."""
+    return any(getattr(cfg, key) for key in IMAGE_KEYS)
+
+
+def augmenting_series(cfg: AugmentConfig) -> bool:
+    """Whether `augment_series` has anything to do."""
+    return any(getattr(cfg, key) for key in SERIES_KEYS)
 
 
 def check_augment(cfg: AugmentConfig, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Crops, flips and erasing are defined on uint8 images [H, W, C] (`shape`, one example's):
-    on other examples, such as series [L, C], they are refused rather than skipped, so that a run
-    never reports an augmentation that did not happen."""
-    if not augmenting(cfg) or (len(shape) == 3 and np.dtype(dtype) == np.uint8):
-        return
-    on = {"crop_padding": cfg.crop_padding, "flip": cfg.flip, "erase": cfg.erase}
-    key, value = next((k, v) for k, v in on.items() if v)
-    value, off = ("true", "false") if key == "flip" else (value, 0)  # as a command line has it
-    kind = "series [L, C]" if len(shape) == 2 else f"{np.dtype(dtype)} examples"
-    raise ConfigError(
-        f"data.augment.{key}={value} augments uint8 images [H, W, C], but this dataset holds "
-        f"{kind} of shape {tuple(shape)}; turn it off: data.augment.{key}={off}"
-    )
+    """Crops, flips and erasing are defined on uint8 images [H, W, C], shifts and scaling on
+    series [L, C] (`shape`, one example's): a key of the other kind is refused rather than
+    skipped, so that a run never reports an augmentation that did not happen."""
+    dtype = np.dtype(dtype)
+    image, series = len(shape) == 3 and dtype == np.uint8, len(shape) == 2
+    wrong = [k for k in IMAGE_KEYS if getattr(cfg, k) and not image]
+    wrong += [k for k in SERIES_KEYS if getattr(cfg, k) and not series]
+    if wrong:
+        key, value = wrong[0], getattr(cfg, wrong[0])
+        value, off = ("true", "false") if key == "flip" else (value, 0)  # as a command line has it
+        what = "uint8 images [H, W, C]" if key in IMAGE_KEYS else "series [L, C]"
+        kind = "series [L, C]" if series else "uint8 images" if image else f"{dtype} examples"
+        raise ConfigError(
+            f"data.augment.{key}={value} augments {what}, but this dataset holds {kind} of shape "
+            f"{tuple(shape)}; turn it off: data.augment.{key}={off}"
+        )
+    if series and cfg.shift >= shape[0]:
+        raise ConfigError(
+            f"data.augment.shift={cfg.shift} would move whole series of {shape[0]} steps out of "
+            f"sight; use fewer steps, e.g. data.augment.shift={max(1, shape[0] // 10)}"
+        )
 
 
 def augment(images: jax.Array, key: jax.Array, cfg: AugmentConfig) -> jax.Array:
@@ -86,3 +107,35 @@ def erase(
     inside &= jax.random.bernoulli(keys[4], probability, (b, 1, 1))
     noise = jax.random.bits(keys[5], images.shape, images.dtype)
     return jnp.where(inside[..., None], noise, images)
+
+
+def augment_series(
+    x: jax.Array, lengths: jax.Array | None, key: jax.Array, cfg: AugmentConfig
+) -> jax.Array:
+    """Random shift, then random scaling, of normalized series x [B, L, C] float32, each valid
+    for its first `lengths` [B] steps (None: all L). Each has its own key, so that turning one on
+    leaves the other's draws as they were."""
+    shift_key, scale_key = jax.random.split(key)
+    if cfg.shift:
+        x = shift(x, lengths, shift_key, cfg.shift)
+    if cfg.scale:
+        b, _, c = x.shape
+        low, high = 1.0 - cfg.scale, 1.0 + cfg.scale
+        x = x * jax.random.uniform(scale_key, (b, 1, c), x.dtype, low, high)  # [B, 1, C] factors
+    return x
+
+
+def shift(x: jax.Array, lengths: jax.Array | None, key: jax.Array, steps: int) -> jax.Array:
+    """Each series of x [B, L, C] moved along time by d steps, d uniform in [-steps, steps] per
+    series, within its own length: the image crop after zero padding, in 1-D. Values moved past
+    the series' length are dropped rather than moved into its padding, where the network's mask
+    would hide them anyway, so the lengths (and the mask) stay as they are. The steps uncovered
+    at the other end are 0, the mean once normalized; past the length, 0 as the mask makes it."""
+    b, length, _ = x.shape
+    d = jax.random.randint(key, (b, 1), -steps, steps + 1)  # [B, 1]
+    t = jnp.arange(length)[None, :]  # [1, L]
+    source = t - d  # [B, L]: the step whose value lands at t
+    end = length if lengths is None else lengths[:, None]  # [B, 1]
+    inside = (source >= 0) & (source < end) & (t < end)  # [B, L]
+    moved = jnp.take_along_axis(x, jnp.clip(source, 0, length - 1)[..., None], axis=1)
+    return jnp.where(inside[..., None], moved, 0.0)

@@ -133,6 +133,9 @@ def _validate_data(data: DataConfig, given: bool) -> None:
         _require(value is None or value >= 1, f"data.{key}", value, "use null or a count >= 1")
     crop = data.augment.crop_padding
     _require(crop >= 0, "data.augment.crop_padding", crop, "use 0 (off) or pixels >= 1")
+    shift, scale = data.augment.shift, data.augment.scale
+    _require(shift >= 0, "data.augment.shift", shift, "use 0 (off) or steps >= 1")
+    _require(_in_unit(scale), "data.augment.scale", scale, "use 0 (off) or a fraction in (0, 1)")
 
 
 def check_series(cfg: Config, arch: Architecture | None, data: Dataset) -> None:

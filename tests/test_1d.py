@@ -1,12 +1,15 @@
 """A 1-D net, written in the layer language, over series [N, L, C]: its geometry table, its
-parameters, its training through the library's own loop on a small synthetic set, and the checks
-that refuse an impossible series net or augmentation before anything compiles.
+parameters, its training through the library's own loop on a small synthetic set, the checks
+that refuse an impossible series net or augmentation before anything compiles, and the series
+augmentation (random shift and scaling) inside the train step, never in evaluation.
 
 Glossary: `N` examples, `L` length, `C` channels.
 """
 
+import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,9 +29,12 @@ from cnnlab.config import (
 from cnnlab.data import Dataset, Split
 from cnnlab.errors import ConfigError, GeometryError
 from cnnlab.models import build_model
+from cnnlab.preprocess import augment_series, check_augment, shift
 from cnnlab.tracking import Trackers
 from cnnlab.tracking.local import LocalTracker
+from cnnlab.train.loop import evaluate
 from cnnlab.train.run import prepare, run
+from cnnlab.train.step import variables
 
 LENGTH = 64
 TINY1D = ModelConfig(
@@ -139,3 +145,106 @@ def test_a_kernel_or_stride_that_empties_a_short_series_is_refused_before_compil
 def test_image_augmentation_of_series_is_refused(augment, message):
     with pytest.raises(ConfigError, match=message):
         prepare(series_config(augment=augment), data=series_data(train=40, test=20))
+
+
+@pytest.mark.parametrize(
+    "augment, shape, dtype, message",
+    [
+        (AugmentConfig(shift=4), (28, 28, 1), np.uint8,
+         r"^data.augment.shift=4 augments series \[L, C\], but this dataset holds uint8 images of "
+         r"shape \(28, 28, 1\); turn it off: data.augment.shift=0$"),
+        (AugmentConfig(scale=0.1), (32, 32, 3), np.uint8, "data.augment.scale=0.1 augments series"),
+        (AugmentConfig(scale=0.1), (8, 8, 1), np.float32, "holds float32 examples of shape"),
+        (AugmentConfig(shift=64), (64, 1), np.float32,
+         "data.augment.shift=64 would move whole series of 64 steps out of sight; use fewer"),
+    ],
+)  # fmt: skip
+def test_series_augmentation_of_images_or_longer_than_the_series_is_refused(
+    augment, shape, dtype, message
+):
+    with pytest.raises(ConfigError, match=message):
+        check_augment(augment, shape, dtype)
+    check_augment(AugmentConfig(shift=63, scale=0.5), (64, 1), np.float32)  # series: accepted
+
+
+def test_a_shift_moves_each_series_within_its_own_length():
+    """Step t of channel 0 holds t + 1 (channel 1 its negative), so that each output value names
+    the step it came from: every series moves by one offset in [-3, 3], nothing lands past its
+    own length, and what the shift uncovers is 0."""
+    b, length, steps = 256, 20, 3
+    lengths = jnp.asarray(np.random.default_rng(0).integers(5, length + 1, b), jnp.int32)  # [B]
+    t = np.arange(1, length + 1, dtype=np.float32)
+    x = np.where(np.arange(length) < np.asarray(lengths)[:, None], t, 0)  # [B, L], padded with 0
+    x = jnp.asarray(np.stack([x, -x], -1))  # [B, L, 2]
+    y = shift(x, lengths, jax.random.key(0), steps)
+    chex.assert_shape(y, x.shape)
+    chex.assert_type(y, jnp.float32)
+    y = np.asarray(y)
+    np.testing.assert_array_equal(y[..., 1], -y[..., 0])  # the channels move together
+    offsets = []
+    for row, n in zip(y[..., 0], np.asarray(lengths), strict=True):
+        source = row[row > 0] - 1  # [<= n] the steps the values came from
+        d = int(np.flatnonzero(row)[0] - source[0])  # the offset: where its first value landed
+        want = np.zeros(length, np.float32)
+        want[max(d, 0) : n + min(d, 0)] = np.arange(max(-d, 0), n - max(d, 0)) + 1
+        np.testing.assert_array_equal(row, want)
+        offsets.append(d)
+    assert set(offsets) == set(range(-steps, steps + 1))  # every offset, 0 included
+    chex.assert_trees_all_equal(y, shift(x, lengths, jax.random.key(0), steps))  # one key, one draw
+    assert not np.array_equal(y, shift(x, lengths, jax.random.key(1), steps))
+    no_lengths = np.asarray(shift(x[:, :, :1] + 1, None, jax.random.key(0), steps))
+    assert ((no_lengths[..., 0] == 0).sum(1) == np.abs(offsets)).all()  # uncovered at one end
+
+
+def test_scaling_multiplies_each_series_and_channel_by_a_factor_in_range():
+    x = jax.random.normal(jax.random.key(3), (512, 30, 2)) + 5.0  # [B, L, C], no value near 0
+    y = augment_series(x, None, jax.random.key(0), AugmentConfig(scale=0.2))
+    chex.assert_shape(y, x.shape)
+    factor = np.asarray(y / x)  # [B, L, C]
+    along_time = np.broadcast_to(factor[:, :1], factor.shape)  # one factor for every step
+    np.testing.assert_allclose(factor, along_time, rtol=1e-6)
+    factor = factor[:, 0]  # [B, C]
+    assert factor.min() >= 0.8 - 1e-6 and factor.max() <= 1.2 + 1e-6
+    assert factor.min() < 0.81 and factor.max() > 1.19 and abs(factor.mean() - 1) < 0.01
+    assert np.mean(np.abs(factor[:, 0] - factor[:, 1]) > 1e-3) > 0.9  # each channel its own
+    # scaling on leaves the shift's draws as they were: the same zeros, the values scaled
+    moved = augment_series(x, None, jax.random.key(0), AugmentConfig(shift=5))
+    both = augment_series(x, None, jax.random.key(0), AugmentConfig(shift=5, scale=0.2))
+    np.testing.assert_array_equal(np.asarray(moved) == 0, np.asarray(both) == 0)
+    assert int((np.asarray(moved) == 0).any(axis=(1, 2)).sum()) > 300  # most moved, a few not
+
+
+def padded_series_data() -> Dataset:
+    """series_data's sines cut to 40..64 steps: padded series, with lengths."""
+    data = series_data(train=40, test=20)
+    rng = np.random.default_rng(1)
+    cut = []
+    for split in (data.train, data.val, data.test):
+        lengths = rng.integers(40, LENGTH + 1, len(split)).astype(np.int32)
+        values = np.where(np.arange(LENGTH)[:, None] < lengths[:, None, None], split.images, 0)
+        cut.append(Split(values.astype(np.float32), split.labels, lengths))
+    return Dataset.from_splits("sines", *cut, data.class_names)
+
+
+def test_series_augmentation_changes_the_train_step_but_never_evaluation():
+    """Padded series, so that the lengths reach the augmentation inside the jitted step. The
+    same parameters evaluate to the same probabilities with augmentation on or off; one train
+    step from the same state and key gives another loss with it on, and the same loss twice."""
+    data = padded_series_data()
+    plain = prepare(series_config(), data=data)
+    on = dataclasses.replace(series_config().data, augment=AugmentConfig(shift=8, scale=0.3))
+    augmented = prepare(dataclasses.replace(series_config(), data=on), data=data)
+    state = plain.init(jax.random.key(0))
+    probs = [
+        evaluate(p.eval_step, variables(state), *p.test, 100).probs for p in (plain, augmented)
+    ]
+    chex.assert_trees_all_equal(probs[0], probs[1])
+    idx = np.arange(20, dtype=np.int32)
+
+    def loss(prepared, seed: int) -> float:  # the state is donated: a fresh one each time
+        fresh = prepared.init(jax.random.key(0))
+        _, metrics = prepared.train_step(fresh, *prepared.train, idx, jax.random.key(seed))
+        return float(metrics["train/loss"])
+
+    assert loss(augmented, 0) == loss(augmented, 0) != loss(plain, 0)
+    assert loss(augmented, 1) != loss(augmented, 0) and loss(plain, 1) == loss(plain, 0)

@@ -68,6 +68,8 @@ BAD = [
     ("range checkpoint keep", ["checkpoint.keep=0"], "checkpoint.keep"),
     ("range checkpoint every", ["checkpoint.every_steps=0"], "checkpoint.every_steps"),
     ("range skip_nonfinite", ["optimizer.skip_nonfinite=-1"], "optimizer.skip_nonfinite"),
+    ("range shift", ["data=ucr", "data.augment.shift=-1"], "data.augment.shift=-1"),
+    ("range scale", ["data=ucr", "data.augment.scale=1.0"], "data.augment.scale=1.0"),
     # unknown names
     ("unknown model group", ["model=resnet"], "model/resnet"),
     ("unknown data name", ["data.name=imagenet"], "data.name"),
@@ -223,6 +225,17 @@ BAD = [
         ["data=ucr", "data.name=Gaps", "data.path={tmp}/ts", "data.missing=error"],
         "Gaps_TRAIN.ts: series 0 has missing values (NaN) and data.missing=error",
     ),
+    (
+        "series augmentation of images",
+        ["data.augment.shift=4"],
+        "data.augment.shift=4 augments series [L, C], but this dataset holds uint8 images",
+    ),
+    (
+        "image augmentation of series",
+        ["data=ucr", "data.augment.flip=true"],
+        "data.augment.flip=true augments uint8 images [H, W, C], but this dataset holds series",
+    ),
+    ("ucr shift longer than the series", ["data=ucr", "data.augment.shift=150"], "150 steps"),
     (
         "ucr series shorter than the net",
         [

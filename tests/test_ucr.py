@@ -172,6 +172,25 @@ def test_cnnlab_train_learns_gunpoint_from_the_command_line(tmp_path):
     assert result["test/accuracy"] > 0.85, result  # 0.927 on 2026-12-06; chance: 0.5
 
 
+def test_gunpoint_trains_with_series_augmentation_on(tmp_path):
+    """Random shifts of up to 15 steps (a tenth of GunPoint's 150) and scaling by 0.9..1.1 in
+    the jitted train step, from the command line; the run records both keys."""
+    done = cli(
+        "train", "data=ucr", "data.name=GunPoint", FCN_SMALL, *QUICK, "train.epochs=40",
+        "optimizer.lr=0.01", "data.augment.shift=15", "data.augment.scale=0.1",
+        f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = summary(tmp_path)
+    assert result["status"] == "ok" and result["steps"] == 40 * 2
+    assert result["test/accuracy"] > 0.75, result  # 0.853 on 2026-12-06; chance: 0.5
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "    shift: 15\n    scale: 0.1\n" in saved, saved
+
+
 def test_a_ts_folder_of_unequal_series_trains_from_overrides_alone(tmp_path):
     """Two classes of noisy sines (2 or 5 cycles) of 40..80 steps, 2 channels, a few NaN, in
     files cnnlab never saw: trained from data.path, with the mask."""

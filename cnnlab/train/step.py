@@ -1,8 +1,8 @@
 """The jitted train and eval steps: pure functions of arrays.
 
 The dataset lives on the device as stored (uint8 images, float32 series) for the whole run; a
-step receives the full arrays and the indices of its batch, gathers the batch, augments (images)
-and normalizes it inside the compiled program, so the host sends only B int32 indices per step.
+step receives the full arrays and the indices of its batch, gathers the batch, augments and
+normalizes it inside the compiled program, so the host sends only B int32 indices per step.
 
 Both steps run data-parallel over a mesh (`cnnlab.parallel`): the state and the dataset are
 replicated, the indices and so the batch are split over the devices, and the loss's mean over the
@@ -40,7 +40,7 @@ from cnnlab import inference
 from cnnlab.compiler import compiler_options, jit
 from cnnlab.config import AugmentConfig, Precision
 from cnnlab.parallel import batch_sharded, data_mesh, replicated, step_input
-from cnnlab.preprocess import augment, augmenting, normalize
+from cnnlab.preprocess import augment, augment_series, augmenting, augmenting_series, normalize
 from cnnlab.train.optim import lr_scale
 
 Metrics = dict[str, jax.Array]
@@ -172,9 +172,12 @@ def _train_step(
     augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
     batch, y = inference.gather(images, idx), labels[idx]  # [B, H, W, C] uint8, [B]
     x, extra = inference.model_input(batch)  # extra: the lengths of padded series
-    if augmenting(settings.augment):
+    if augmenting(settings.augment):  # uint8 images, in pixels
         x = augment(x, augment_key, settings.augment)
     x = normalize(x, settings.mean, settings.std)
+    if augmenting_series(settings.augment):  # series, normalized: the shift fills in the mean
+        # and scaling stretches about it; the key is the images' (one kind runs, check_augment)
+        x = augment_series(x, extra.get("lengths"), augment_key, settings.augment)
 
     def loss(params):
         logits, updates = state.apply_fn(
