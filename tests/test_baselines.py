@@ -36,6 +36,10 @@ MINIMUM = {
     "fcn_italypowerdemand": 95.0,  # 96.1 (0.3)
     "fcn_arrowhead": 81.0,  # 84.3 (1.5)
     "fcn_japanesevowels": 98.0,  # 99.3 (0.2)
+    "resnet1d_gunpoint": 98.0,  # 99.1 (0.7)
+    "resnet1d_italypowerdemand": 95.0,  # 96.3 (0.4)
+    "resnet1d_arrowhead": 81.0,  # 84.5 (1.2)
+    "resnet1d_japanesevowels": 98.0,  # 99.2 (0.3)
 }
 
 
