@@ -4,16 +4,24 @@ Throughput, first step, start-up and peak memory come from the throughput runs; 
 and epochs to target from the time-to-target runs (whose peak memory also counts the tests, so it
 is kept apart in the JSON runs). A median over runs of which one missed the target is None: the
 target was not reached within the epoch budget. The two contenders are cnnlab and PyTorch, or,
-with `cnnlab-bench --against REV`, cnnlab and cnnlab at an earlier commit ("before").
+with `cnnlab-bench --against REV`, cnnlab and cnnlab at an earlier commit ("before"), or, with
+`--against-env NAME=VALUE`, cnnlab and cnnlab with that environment variable set ("env"). The
+task's examples are images or series (`settings["unit"]`); the JSON keeps the key
+`images_per_second` for both, so that `--against` reads an earlier commit's workers.
 """
 
 import os
 import statistics
 
-CONTENDERS = {"cnnlab": "cnnlab (JAX)", "torch": "PyTorch eager", "before": "cnnlab before"}
+CONTENDERS = {
+    "cnnlab": "cnnlab (JAX)", "torch": "PyTorch eager", "before": "cnnlab before",
+    "env": "cnnlab, variable set",
+}  # fmt: skip
 PAIR = ("cnnlab", "torch")  # the default contenders; the ratios are first / second
-METRICS = [  # key in a worker's result, the runs it comes from, label, which way is better
-    {"key": "images_per_second", "mode": "throughput", "label": "train images/s, steady",
+# key in a worker's result, the runs it comes from, label ({unit}: images or series), which way
+# is better
+METRICS = [
+    {"key": "images_per_second", "mode": "throughput", "label": "train {unit}/s, steady",
      "better": "higher"},
     {"key": "first_step_seconds", "mode": "throughput", "label": "first step s (JAX compiles)",
      "better": "lower"},
@@ -57,12 +65,13 @@ def summarize(runs: list[dict], pair: tuple[str, str] = PAIR) -> dict:
 def table(name: str, result: dict, cpus: list[int], labels: dict[str, str] = CONTENDERS) -> str:
     """A plain-text table of one task's medians, ranges and ratios."""
     s, pair = result["settings"], result["pair"]
+    unit = s.get("unit", "images")  # results written before series had no unit
     first, second = (labels[c] for c in pair)
     loads = [r["load_average"] for r in result["runs"]]
     cpu_list, machine = ",".join(map(str, cpus)), os.cpu_count()
     lines = [
         f"{name}: {s['title']}, {s['train_images']:,} training / {s['test_images']:,} test "
-        f"images, batch {s['batch_size']}, {s['optimizer']['name']}",
+        f"{unit}, batch {s['batch_size']}, {s['optimizer']['name']}",
         f"both pinned to CPU{'s' * (len(cpus) > 1)} {cpu_list}, {len(cpus)} thread"
         f"{'s' * (len(cpus) > 1)}; per contender {s['rounds']} throughput runs of {s['steps']} "
         f"timed steps and {s['target_rounds']} time-to-target runs; medians [min-max]",
@@ -83,7 +92,7 @@ def table(name: str, result: dict, cpus: list[int], labels: dict[str, str] = CON
         ratio = result["ratio"].get(m["key"])
         lines.append(
             row.format(
-                m["label"].format(target=s["target"]), *cells,
+                m["label"].format(target=s["target"], unit=unit), *cells,
                 "-" if ratio is None else f"{ratio:.2f}", m["better"],
             )
         )  # fmt: skip

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from cnnlab import kernels
 from cnnlab.config import ModelConfig, OptimizerConfig
 from cnnlab.models import build_model
 from cnnlab.train.loop import epoch_order
@@ -21,9 +22,10 @@ from experiments import bench
 from experiments.bench_workers import common
 from tests.conftest import CIFAR10_ZIP, REPO, needs_cifar10, needs_fashion_mnist
 
-NETWORKS = [  # preset, input (H, W, C), parameters, the conv part's output [B, C, H, W]
-    ("lenet5", (28, 28, 1), 61_706, (2, 16, 5, 5)),
+NETWORKS = [  # preset, input (H, W, C) or (L, C), parameters, the conv part's output
+    ("lenet5", (28, 28, 1), 61_706, (2, 16, 5, 5)),  # [B, C, H, W]
     ("alexnet_lite", (32, 32, 3), 797_290, (2, 64, 3, 3)),
+    ("fcn", (50, 1), 265_994, (2, 128, 50)),  # [B, C, L]: "same" keeps the length
 ]
 
 
@@ -45,9 +47,48 @@ def test_torch_networks_have_cnnlabs_layers_and_shapes(name, shape, count, featu
     torch_sizes = sorted(p.numel() for p in net.parameters())
     cnnlab_sizes = sorted(leaf.size for leaf in jax.tree.leaves(cnnlab_params(name, shape)))
     assert torch_sizes == cnnlab_sizes and sum(torch_sizes) == count
-    x = torch.zeros(2, shape[2], shape[0], shape[1])  # [B, C, H, W]
+    x = torch.zeros(2, shape[-1], *shape[:-1])  # [B, C, H, W] or [B, C, L]
     assert tuple(net.features(x).shape) == features
     assert tuple(net(x).shape) == (2, 10)
+
+
+def test_torch_fcn_computes_cnnlabs_function():
+    """cnnlab's FCN parameters copied into the PyTorch FCN give the same logits, in training
+    (batch statistics) and after it (running averages): the same padding of the even kernel
+    (3 before, 4 after), BatchNorm and pooling. The biases and BatchNorm's parameters are moved
+    off their initial zeros and ones so that a mix-up among them shows."""
+    pytest.importorskip("torch")
+    import numpy as np
+    import torch
+
+    from experiments.bench_workers.torch_nets import FCN
+
+    model = build_model(bench.preset("model", "fcn", ModelConfig), 6)
+    x = jax.random.normal(jax.random.key(1), (4, 37, 2))  # [B, L, C]
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(x)
+    p = dict(variables["params"])
+    for k in (1, 2, 3):
+        p[f"conv{k}"] = {**p[f"conv{k}"], "bias": p[f"conv{k}"]["bias"] + 0.1 * k}
+        p[f"norm{k}"] = {"scale": p[f"norm{k}"]["scale"] * 1.5, "bias": p[f"norm{k}"]["bias"] - 0.2}
+    net, tensor = FCN((37, 2), 6), lambda a: torch.tensor(np.asarray(a))
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv1d)]
+    norms = [m for m in net.features if isinstance(m, torch.nn.BatchNorm1d)]
+    with torch.no_grad():
+        for k, (conv, bn) in enumerate(zip(convs, norms, strict=True), start=1):
+            conv.weight.copy_(tensor(p[f"conv{k}"]["kernel"]).permute(2, 1, 0))  # [F, C, k]
+            conv.bias.copy_(tensor(p[f"conv{k}"]["bias"]))
+            bn.weight.copy_(tensor(p[f"norm{k}"]["scale"]))
+            bn.bias.copy_(tensor(p[f"norm{k}"]["bias"]))
+        net.classifier.weight.copy_(tensor(p["logits"]["kernel"]).T)  # [K, 128]
+        net.classifier.bias.copy_(tensor(p["logits"]["bias"]))
+    xt = tensor(x).movedim(-1, 1)  # [B, C, L]
+    logits, updated = model.apply(
+        {**variables, "params": p}, x, train=True, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(net(xt).detach().numpy(), logits, rtol=1e-4, atol=1e-4)
+    net.eval()  # PyTorch keeps the unbiased variance (n / (n - 1), n = B * L = 148), Flax not
+    test_logits = model.apply({"params": p, **updated}, x, train=False)
+    np.testing.assert_allclose(net(xt).detach().numpy(), test_logits, rtol=1e-2, atol=1e-2)
 
 
 def test_torch_initialisation_is_flaxs():
@@ -223,6 +264,47 @@ def test_bench_against_an_earlier_commit(tmp_path):
     assert now == str(REPO / "cnnlab") and "cnnlab-bench-before-" in before
 
 
+def test_bench_runs_fcn_on_series_end_to_end(tmp_path):
+    """The 1-D task, on OSULeaf's series (bundled with aeon), for both contenders."""
+    pytest.importorskip("torch")
+    small = ["--steps", "2", "--train-limit", "48", "--test-limit", "30"]
+    target = ["--target", "0.05", "--target-epochs", "1", "--target-rounds", "1"]
+    report, stdout = run_bench(tmp_path, "--task", "fcn_osuleaf", *small, *target)
+    result = report["tasks"]["fcn_osuleaf"]
+    runs = [("throughput", "cnnlab"), ("throughput", "torch"), ("target", "torch"),
+            ("target", "cnnlab")]  # fmt: skip
+    # FCN on series of 1 channel with OSULeaf's 6 classes (all among the first 48 and 30)
+    check_task(result, runs, 265_478, sorted(os.sched_getaffinity(0)))
+    s = result["settings"]
+    assert (s["unit"], s["train_images"], s["test_images"], s["batch_size"]) == (
+        "series",
+        48,
+        30,
+        16,
+    )
+    aug = s["augment"]
+    assert s["model"]["name"] == "fcn" and (aug["crop_padding"], aug["flip"], aug["erase"]) == (
+        0, False, 0.0
+    )  # fmt: skip
+    assert result["median"]["cnnlab"]["epochs_to_target"] == 1
+    assert "train series/s, steady" in stdout and "48 training / 30 test series" in stdout
+
+
+def test_bench_against_an_environment_variable(tmp_path):
+    """`--against-env CNNLAB_CONV=xla`: the second cnnlab runs with XLA's convolutions."""
+    small = ["--steps", "2", "--train-limit", "32", "--test-limit", "20", "--no-target"]
+    report, stdout = run_bench(
+        tmp_path, "--task", "fcn_osuleaf", "--against-env", "CNNLAB_CONV=xla", *small
+    )
+    assert report["against_env"] == {"CNNLAB_CONV": "xla"}
+    result = report["tasks"]["fcn_osuleaf"]
+    assert result["pair"] == ["cnnlab", "env"] and "cnnlab CNNLAB_CONV=xla" in stdout
+    check_task(result, [("throughput", "cnnlab"), ("throughput", "env")], 265_478,
+               sorted(os.sched_getaffinity(0)))  # fmt: skip
+    default, xla = (r["onednn_kernels"] for r in result["runs"])
+    assert default == kernels.available() and xla is False
+
+
 @pytest.mark.slow
 @needs_cifar10
 def test_bench_runs_alexnet_lite_on_cifar10(tmp_path):
@@ -234,4 +316,5 @@ def test_bench_runs_alexnet_lite_on_cifar10(tmp_path):
     result = report["tasks"]["alexnet_cifar10"]
     check_task(result, [("throughput", "cnnlab"), ("throughput", "torch")], 797_290,
                sorted(os.sched_getaffinity(0)))  # fmt: skip
-    assert result["settings"]["augment"] == {"crop_padding": 4, "flip": True}
+    aug = result["settings"]["augment"]
+    assert (aug["crop_padding"], aug["flip"], aug["erase"]) == (4, True, 0.0)

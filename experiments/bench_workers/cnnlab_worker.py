@@ -9,7 +9,7 @@ compile. The C allocator's arenas are limited as cnnlab-train limits them by def
 (`cnnlab.malloc`): part of how cnnlab runs, like its compile options.
 
 Run by `experiments/bench.py`: `python -m experiments.bench_workers.cnnlab_worker SPEC_JSON`.
-Glossary: `N` examples, `B` batch, `H, W` spatial, `C` channels.
+Glossary: `N` examples, `B` batch, `H, W` spatial, `L` length, `C` channels.
 """
 
 from importlib.metadata import version
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 import cnnlab
-from cnnlab import malloc
+from cnnlab import kernels, malloc
 from cnnlab.config import AugmentConfig, ModelConfig, OptimizerConfig
 from cnnlab.models import build_model
 from cnnlab.parallel import data_mesh, put_dataset
@@ -42,7 +42,7 @@ class CnnlabTrainer:
 
     def __init__(self, spec: Spec, data: dict[str, np.ndarray]):
         self.eval_batch_size = spec.eval_batch_size
-        images = data["train_images"]  # [N, H, W, C] uint8
+        images = data["train_images"]  # [N, H, W, C] uint8 images or [N, L, C] float32 series
         num_classes = int(max(data["train_labels"].max(), data["test_labels"].max())) + 1
         model = build_model(ModelConfig(**spec.model), num_classes)
         steps_per_epoch = len(images) // spec.batch_size
@@ -76,6 +76,8 @@ class CnnlabTrainer:
             "framework": f"jax {jax.__version__}, flax {version('flax')}, optax {version('optax')}",
             "backend": jax.default_backend(),
             "malloc_arenas": self.malloc_arenas,
+            # whether the float32 convolutions ran on oneDNN (off with CNNLAB_CONV=xla)
+            "onednn_kernels": kernels.available(),
             "cnnlab_path": str(Path(cnnlab.__file__).parent),  # which files ran (--against)
         }
 

@@ -1,12 +1,13 @@
-"""LeNet-5 and AlexNet-lite in plain PyTorch eager: the networks cnnlab is compared against.
+"""LeNet-5, AlexNet-lite and FCN in plain PyTorch eager: the networks cnnlab is compared against.
 
-The same layers as cnnlab's presets (conf/model/lenet5.yaml, conf/model/alexnet_lite.yaml, built
-by cnnlab/models/), in PyTorch's NCHW layout, and initialised like Flax's defaults (LeCun normal
-kernels truncated at two standard deviations, zero biases), so that both start from the same
-distribution and time to accuracy compares like with like. tests/test_bench.py pins the parameter
-counts to cnnlab's. Flax pools with VALID padding, as `nn.MaxPool2d` does by default.
+The same layers as cnnlab's presets (conf/model/lenet5.yaml, conf/model/alexnet_lite.yaml,
+conf/model/fcn.yaml, built by cnnlab/models/), in PyTorch's NCHW (images) and NCL (series)
+layouts, and initialised like Flax's defaults (LeCun normal kernels truncated at two standard
+deviations, zero biases), so that both start from the same distribution and time to accuracy
+compares like with like. tests/test_bench.py pins the parameter counts to cnnlab's. Flax pools
+with VALID padding, as `nn.MaxPool2d` does by default.
 
-Glossary: `B` batch, `C` channels, `H, W` spatial, `K` classes.
+Glossary: `B` batch, `C` channels, `H, W` spatial, `L` length, `K` classes.
 """
 
 import math
@@ -68,7 +69,34 @@ class AlexNetLite(nn.Module):
         return self.classifier(self.features(x))
 
 
-NETS = {"lenet5": LeNet5, "alexnet_lite": AlexNetLite}  # keyed by cnnlab's model.name
+class FCN(nn.Module):
+    """Wang et al. (2017) on series: convs 128, 256, 128 with kernels 8, 5, 3, "same" padding
+    (an even kernel pads 3 before and 4 after, as XLA and Keras do), each followed by BatchNorm
+    and ReLU, then the mean over time and the logits."""
+
+    widths = (128, 256, 128)
+    kernels = (8, 5, 3)
+
+    def __init__(self, series_shape: tuple[int, int], num_classes: int):
+        super().__init__()
+        if len(series_shape) != 2:
+            raise ValueError(f"the PyTorch FCN takes series (L, C), not {series_shape}")
+        c = series_shape[1]
+        layers: list[nn.Module] = []
+        for width, k in zip(self.widths, self.kernels, strict=True):
+            # Flax's BatchNorm: running averages kept at 0.9, so PyTorch's momentum is 0.1
+            layers += [nn.Conv1d(c, width, k, padding="same"), nn.BatchNorm1d(width, momentum=0.1)]
+            layers.append(nn.ReLU())
+            c = width
+        self.features = nn.Sequential(*layers)  # [B, 128, L]
+        self.classifier = nn.Linear(c, num_classes)  # [B, K]
+        init_like_flax(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, L] -> [B, K]
+        return self.classifier(self.features(x).mean(dim=2))  # global average pooling
+
+
+NETS = {"lenet5": LeNet5, "alexnet_lite": AlexNetLite, "fcn": FCN}  # keyed by cnnlab's model.name
 
 
 def _flat_size(features: nn.Module, c: int, h: int, w: int) -> int:
@@ -80,7 +108,7 @@ def init_like_flax(net: nn.Module) -> None:
     """Flax's defaults: kernels LeCun normal (variance 1 / fan_in, truncated at 2 standard
     deviations and rescaled to keep that variance, as jax.nn.initializers does), biases zero."""
     for m in net.modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
+        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
             fan_in = m.weight[0].numel()  # in_channels * kernel area, or in_features
             std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)

@@ -1,13 +1,14 @@
 """The PyTorch eager contender: `torch_nets` trained the way cnnlab trains, in plain PyTorch.
 
-The same data (the uint8 arrays cnnlab loaded, converted once to NCHW tensors), the same batches
+The same data (the arrays cnnlab loaded: uint8 images or float32 series, converted once to NCHW
+or NCL tensors), the same batches
 in the same order, the same augmentation (random crop after zero padding, random flip) and
 normalization, the same loss and the same optimizer: AdamW with decay on weights only and
 cnnlab's learning-rate schedule, step for step. Each step also computes the accuracy and gradient
 norm that cnnlab's step returns, so both do the same work. No torch.compile: this is eager mode.
 
 Run by `experiments/bench.py`: `python -m experiments.bench_workers.torch_worker SPEC_JSON`.
-Glossary: `N` examples, `B` batch, `C` channels, `H, W` spatial, `K` classes.
+Glossary: `N` examples, `B` batch, `C` channels, `H, W` spatial, `L` length, `K` classes.
 """
 
 import math
@@ -64,17 +65,21 @@ class TorchTrainer:
         opt = spec.optimizer
         if opt["name"] != "adamw" or opt["grad_clip_norm"] is not None:
             raise ValueError(f"the PyTorch worker implements AdamW without clipping, not {opt}")
+        if spec.augment["erase"]:
+            raise ValueError("the PyTorch worker implements crop and flip, not random erasing")
         torch.set_num_threads(spec.threads)
         torch.manual_seed(spec.seed)  # initialisation and dropout
         self.gen = torch.Generator().manual_seed(spec.seed)  # augmentation
         self.spec = spec
-        nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
-        self.images = nchw(data["train_images"])  # [N, C, H, W] uint8
+        # [N, H, W, C] -> [N, C, H, W] images, [N, L, C] -> [N, C, L] series
+        channels_first = lambda a: torch.from_numpy(a).movedim(-1, 1).contiguous()
+        self.images = channels_first(data["train_images"])  # uint8 images, float32 series
         self.labels = torch.from_numpy(data["train_labels"].astype(np.int64))  # [N]
-        self.test_images = nchw(data["test_images"])
+        self.test_images = channels_first(data["test_images"])
         self.test_labels = torch.from_numpy(data["test_labels"].astype(np.int64))
-        self.mean = torch.from_numpy(data["mean"].astype(np.float32)).view(1, -1, 1, 1)
-        self.std = torch.from_numpy(data["std"].astype(np.float32)).view(1, -1, 1, 1)
+        per_channel = (1, -1) + (1,) * (self.images.ndim - 2)  # [1, C, 1, 1] or [1, C, 1]
+        self.mean = torch.from_numpy(data["mean"].astype(np.float32)).view(per_channel)
+        self.std = torch.from_numpy(data["std"].astype(np.float32)).view(per_channel)
         num_classes = int(max(self.labels.max(), self.test_labels.max())) + 1
         self.net = NETS[spec.model["name"]](data["train_images"].shape[1:], num_classes)
         self.params = list(self.net.parameters())
@@ -91,12 +96,12 @@ class TorchTrainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.metrics: dict[str, torch.Tensor] = {}
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:  # uint8 -> float32 [B, C, H, W]
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:  # -> float32 [B, C, H, W] or [B, C, L]
         return (x.float() - self.mean) / self.std
 
     def step(self, idx: np.ndarray) -> None:
         index = torch.from_numpy(idx.astype(np.int64))  # [B]
-        x, y = self.images[index], self.labels[index]  # [B, C, H, W] uint8, [B]
+        x, y = self.images[index], self.labels[index]  # [B, C, H, W] or [B, C, L], [B]
         aug = self.spec.augment
         if aug["crop_padding"] or aug["flip"]:
             x = crop_flip(x, aug["crop_padding"], aug["flip"], self.gen)
