@@ -78,7 +78,9 @@ def test_bundled_sets_load_offline_with_the_archive_split(offline):
     assert (len(motions.train), len(motions.val), len(motions.test)) == (20, 10, 40)
 
 
-@pytest.mark.parametrize("name", ["ItalyPowerDemand", "BasicMotions", "JapaneseVowels"])
+@pytest.mark.parametrize(
+    "name", ["ItalyPowerDemand", "BasicMotions", "JapaneseVowels", "PickupGestureWiimoteZ"]
+)
 def test_a_sets_shape_classes_and_sizes_are_known_before_it_is_read(name, offline):
     """From the .ts files' text (no aeon): what loading then gives, padded length included."""
     cfg = ucr(name)

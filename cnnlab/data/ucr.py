@@ -160,19 +160,24 @@ def _folders(cfg: DataConfig) -> list[Path]:
 
 
 def _scan(path: Path) -> _Scan:
-    """Count a .ts file's series, channels, lengths and labels (ValueError where its header says
-    time stamps or no class labels, which this count does not read)."""
+    """Count a .ts file's series, channels, lengths and labels. ValueError where the text before
+    `@data` is not a header of `@` lines with `@classLabel true` and no time stamps (which this
+    count does not read): not a file of the archive's format, which the loader then names."""
     count, channels, shortest, longest, labels, in_data = 0, set(), 0, 0, set(), False
+    labelled = False
     with path.open(encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             lower = line.lower()
-            if lower.startswith(("@timestamps true", "@classlabel false")):
-                raise ValueError(f"{path}: {line}")
             if not in_data:
+                if not lower.startswith("@") or lower.startswith("@timestamps true"):
+                    raise ValueError(f"{path}: {line}")
+                labelled = labelled or lower.startswith("@classlabel true")
                 in_data = lower.startswith("@data")
+                if in_data and not labelled:
+                    raise ValueError(f"{path}: no @classLabel true before @data")
                 continue
             *dims, label = line.split(":")  # channel 1 : channel 2 : ... : class label
             length = dims[0].count(",") + 1 if dims else 0
