@@ -165,7 +165,7 @@ def heatmap_plot(rows: list[Row], layout: Layout) -> Figure:
             ax.set_title(f"{layout.labels[layout.facet]} = {fmt_value(panel)}")
     axes[0].set_ylabel(layout.labels.get(row_key, ""))
     best = f", best over {', '.join(layout.best_over)}" if layout.best_over else ""
-    on = f"\n{layout.inputs.text}" if layout.inputs.text else ""
+    on = f"\nInput: {layout.inputs.text}" if layout.inputs.text else ""
     fig.suptitle(f"Mean test accuracy (%) by {_grid_name(layout)}{best}{on}")
     fig.colorbar(image, ax=list(axes), label=ACC, shrink=0.9)
     return fig
