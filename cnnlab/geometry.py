@@ -345,8 +345,13 @@ def layers(
             raise
         fix = _suggest_fix(cfg, input_shape, num_classes)
         smallest = smallest_input(arch, input_shape, num_classes)
-        fits = f"; it takes inputs from {_text(smallest)} up" if smallest else ""
+        fits = f"; it takes {_smallest_text(smallest)} up" if smallest else ""
         raise GeometryError(f"{e}; fix: {fix}{fits}", e.rows) from None
+
+
+def _smallest_text(shape: tuple[int, ...]) -> str:
+    """The smallest input in words: "series of length 38" for [L, C], "inputs from 32x32x3"."""
+    return f"series of length {shape[0]}" if len(shape) == 2 else f"inputs from {_text(shape)}"
 
 
 def check(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
@@ -411,6 +416,21 @@ def _receptive(r: Layer, rank: int) -> str:
     return "all" if r.receptive_field is None else _text([r.receptive_field] * rank)
 
 
+def example_name(rank: int) -> str:
+    """What one input of `rank` spatial axes is called where costs are per input: "series" for
+    [L, C], "image" for [H, W, C]."""
+    return "series" if rank == 1 else "image"
+
+
+def input_text(shape: tuple[int, ...]) -> str:
+    """An input shape (*spatial, C) in words: "series of length L=24, 1 channel" for [L, C],
+    "28x28x1 images" for [H, W, C]."""
+    *spatial, channels = shape
+    if len(spatial) == 1:
+        return f"series of length L={spatial[0]}, {channels} channel{'s' * (channels != 1)}"
+    return f"{_text(shape)} {example_name(len(spatial))}s"
+
+
 def format_table(rows: list[Layer], title: str = "", totals: bool = True) -> str:
     """The per-layer table as aligned plain text, with a totals row unless `totals` is False."""
     rank = len(rows[0].out_shape) - 1
@@ -442,6 +462,6 @@ def format_table(rows: list[Layer], title: str = "", totals: bool = True) -> str
 
 
 __all__ = [
-    "Layer", "check", "format_table", "layers", "out_size", "pads", "row_names", "shortcut_stride",
-    "smallest_input", "summarize", "walk",
+    "Layer", "check", "example_name", "format_table", "input_text", "layers", "out_size", "pads",
+    "row_names", "shortcut_stride", "smallest_input", "summarize", "walk",
 ]  # fmt: skip

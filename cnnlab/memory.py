@@ -11,7 +11,8 @@ run, whose state and dataset every device holds whole):
   table but flatten's, the normalized input included) x batch x bytes per element of
   `train.precision`;
 - the dataset held on the device for the whole run (`cnnlab.train.step`): train, validation and
-  test images as uint8 and their labels as int32.
+  test examples in their own dtype (uint8 images, float32 series: `cnnlab.data.DataShape`),
+  their labels as int32 and, for series of unequal lengths, their lengths as int32.
 Models trained side by side (`seeds` with any `seeds_strategy` but sequential) multiply the
 model's parts, not the dataset.
 
@@ -27,13 +28,16 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from cnnlab.config import Config, DataConfig, OptimizerConfig
-from cnnlab.data import SPLIT_SIZES
+from cnnlab.data import Dataset, DataShape
 from cnnlab.errors import ConfigError
 
 PRECISION_BYTES = {"float32": 4, "bfloat16": 2}  # per activation element, by train.precision
 PARAM_BYTES = 4  # float32 master parameters, gradients and optimizer slots
 LABEL_BYTES = 4  # int32 class indices
+LENGTH_BYTES = 4  # int32 length of each series of unequal lengths
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class Estimate:
             "(XLA's temporaries not counted)\n"
             f"  parameters {size(self.params)}, optimizer state {size(self.optimizer)} ({slots}), "
             f"gradients {size(self.gradients)}, activations {size(self.activations)}, "
-            f"dataset {size(self.dataset)} (uint8)"
+            f"dataset {size(self.dataset)}"
         )
 
 
@@ -73,33 +77,42 @@ def optimizer_slots(opt: OptimizerConfig) -> int:
     return 1 if opt.momentum else 0
 
 
-def dataset_examples(data: DataConfig) -> int:
-    """Train, validation and test examples of a named dataset after `val_fraction` and the limits
-    (as `cnnlab.data.load_dataset` takes them); 0 for data whose size is known only once read."""
-    if data.name not in SPLIT_SIZES:
+def dataset_bytes(data: DataConfig, shape: DataShape | None) -> int:
+    """Bytes of the train, validation and test examples of `shape` (`cnnlab.data.data_shape`)
+    after `val_fraction` and the limits, as `cnnlab.data.load_dataset` takes them, each in its
+    own dtype with its label (and its length, for padded series); 0 where the shape is known only
+    once the data is read."""
+    if shape is None:
         return 0
-    train, test = SPLIT_SIZES[data.name]
-    val = round(train * data.val_fraction)
-    train = min(train - val, data.train_limit or train)
-    return train + val + min(test, data.test_limit or test)
+    val = round(shape.train * data.val_fraction)
+    train = min(shape.train - val, data.train_limit or shape.train)
+    examples = train + val + min(shape.test, data.test_limit or shape.test)
+    values = math.prod(shape.example_shape) * np.dtype(shape.dtype).itemsize
+    return examples * (values + LABEL_BYTES + LENGTH_BYTES * shape.padded)
 
 
-def estimate(cfg: Config, rows: list, examples: int, devices: int = 1) -> Estimate:
+def loaded_bytes(data: Dataset) -> int:
+    """Bytes of a loaded dataset's arrays: what the device holds of it."""
+    splits = (data.train, data.val, data.test)
+    return sum(a.nbytes for s in splits for a in (s.images, s.labels, s.lengths) if a is not None)
+
+
+def estimate(cfg: Config, rows: list, dataset: int, devices: int = 1) -> Estimate:
     """The estimate for `cfg` whose geometry table is `rows` (`cnnlab.geometry.layers`), with
-    `examples` images held on each device and the batch split over `devices`."""
+    `dataset` bytes held on each device (`dataset_bytes`, `loaded_bytes`) and the batch split
+    over `devices`."""
     params = sum(row.params for row in rows)
     slots = optimizer_slots(cfg.optimizer)
     batch = -(-cfg.train.batch_size // devices)
     models = 1 if cfg.seeds_strategy == "sequential" else max(1, len(cfg.seeds))
     # the input row included; a flatten is a view of the map before it
     per_example = sum(math.prod(row.out_shape) for row in rows if row.kind != "flatten")
-    image = math.prod(rows[0].out_shape)  # [H, W, C] uint8
     return Estimate(
         params=models * params * PARAM_BYTES,
         optimizer=models * slots * params * PARAM_BYTES,
         gradients=models * params * PARAM_BYTES,
         activations=models * batch * per_example * PRECISION_BYTES[cfg.train.precision],
-        dataset=examples * (image + LABEL_BYTES),
+        dataset=dataset,
         batch=batch,
         slots=slots,
         models=models,
@@ -151,4 +164,6 @@ def size(n: float, unit: str = "B") -> str:
     return f"{n:,.0f} {unit}"
 
 
-__all__ = ["Estimate", "check", "dataset_examples", "device_available", "estimate"]
+__all__ = [
+    "Estimate", "check", "dataset_bytes", "device_available", "estimate", "loaded_bytes",
+]  # fmt: skip

@@ -20,7 +20,7 @@ import yaml
 
 from cnnlab import geometry
 from cnnlab.config import Config, ModelConfig, from_dict, to_yaml
-from cnnlab.data import INPUT_SHAPES, Dataset
+from cnnlab.data import Dataset, data_shape
 from cnnlab.errors import CnnlabError, ConfigError
 
 MB = 1_000_000
@@ -34,10 +34,11 @@ def need_bytes(cfg: Config) -> int:
     (float32 parameters and up to two optimizer slots each, AdamW's moments), the final
     parameters, per seed, and DEFAULT_NEED_BYTES for the rest. The default alone where the input
     shape is known only once the data is loaded (image folders, IDX files)."""
-    if cfg.data.name not in INPUT_SHAPES:
+    shape = data_shape(cfg.data)
+    if shape is None:
         return DEFAULT_NEED_BYTES
-    shape, num_classes = INPUT_SHAPES[cfg.data.name]
-    params = sum(row.params for row in geometry.layers(cfg.model, shape, num_classes))
+    rows = geometry.layers(cfg.model, shape.example_shape, shape.num_classes)
+    params = sum(row.params for row in rows)
     per_run = ((cfg.checkpoint.keep + 1) * 3 + 1) * params * 4
     return DEFAULT_NEED_BYTES + per_run * max(1, len(cfg.seeds))
 

@@ -29,7 +29,7 @@ from cnnlab.config import (
     SeedsStrategy,
     TrainConfig,
 )
-from cnnlab.data import DATASETS, INPUT_SHAPES, PATH_REQUIRED, Dataset
+from cnnlab.data import DATASETS, PATH_REQUIRED, Dataset, DataShape, data_shape
 from cnnlab.errors import ConfigError, GeometryError, check_choice, choose
 
 
@@ -96,8 +96,9 @@ def validate(cfg: Config, data_given: bool = False) -> Architecture | None:
     _require(arenas is None or arenas >= 1, "malloc_arenas", arenas, "use a count >= 1 or null")
     choose("sweep.on_invalid", cfg.sweep.on_invalid, OnInvalid)
     _validate_distributed(cfg.distributed)
-    if data.name in INPUT_SHAPES and not data_given:  # otherwise checked once the data is loaded
-        _validate_size(cfg, arch, *INPUT_SHAPES[data.name])
+    shape = None if data_given else data_shape(data)
+    if shape is not None:  # otherwise checked once the data is loaded
+        _validate_size(cfg, arch, shape)
     return arch
 
 
@@ -162,12 +163,12 @@ def check_series(cfg: Config, arch: Architecture | None, data: Dataset) -> None:
         ) from e  # fmt: skip
 
 
-def _validate_size(cfg: Config, arch: Architecture | None, shape: tuple, num_classes: int) -> None:
+def _validate_size(cfg: Config, arch: Architecture | None, shape: DataShape) -> None:
     """The geometry, then the memory of a training step against this machine's: JAX is not loaded
     yet, so an accelerator's memory is checked later (`cnnlab.train.run.prepare`), and on a GPU
     machine the host's memory only refuses what fits nowhere."""
-    rows = geometry.layers(cfg.model, shape, num_classes, arch)
-    est = memory.estimate(cfg, rows, memory.dataset_examples(cfg.data))
+    rows = geometry.layers(cfg.model, shape.example_shape, shape.num_classes, arch)
+    est = memory.estimate(cfg, rows, memory.dataset_bytes(cfg.data, shape))
     memory.check(est, memory.host_available())
 
 

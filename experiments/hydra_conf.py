@@ -63,13 +63,24 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=HydraSchema)
 
 
-def to_config(node: DictConfig) -> Config:
+# The model's name where the command line writes the whole net (model.layers=[...]): the preset's
+# name would title pictures and reports with a net that was not trained.
+CUSTOM_MODEL = "custom"
+
+
+def to_config(node: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Hydra's composed config as a `Config`, once, at the entry point. A required value left
     unset (`???`) is a ConfigError, and so is a key the schema lacks (`+key=value` adds one),
-    except under a `model._target_`, whose keys are the module's fields (`module_node`)."""
+    except under a `model._target_`, whose keys are the module's fields (`module_node`).
+    `overrides`, the command line's: where they replace `model.layers` whole and leave
+    `model.name`, the model is named CUSTOM_MODEL (and so is the run's `name` that interpolates
+    it) rather than after the preset whose layers it no longer has."""
     missing = sorted(OmegaConf.missing_keys(node))
     if missing:
         raise ConfigError(f"{missing[0]} is required but unset; set it with {missing[0]}=...")
+    keys = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    if "model.layers" in keys and "model.name" not in keys:
+        node = OmegaConf.merge(node, {"model": {"name": CUSTOM_MODEL}})
     tree = OmegaConf.to_container(node, resolve=True)
     tree.pop("hydra", None)
     if isinstance(tree.get("model"), dict):

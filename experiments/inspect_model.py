@@ -13,33 +13,35 @@ fit this machine's memory is refused with the figures (exit code 2). A module of
 import argparse
 
 from cnnlab import geometry, memory
-from cnnlab.data import INPUT_SHAPES, load_dataset
+from cnnlab.data import data_shape, load_dataset
 from cnnlab.errors import CnnlabError, GeometryError
 from cnnlab.validate import validate
 from experiments.hydra_conf import compose_config, entry_point, exit_on_user_error, to_config
 
 
 def table(overrides: list[str]) -> str:
-    cfg = to_config(compose_config(overrides))
-    if cfg.data.name in INPUT_SHAPES:
-        shape, num_classes = INPUT_SHAPES[cfg.data.name]
-        examples = memory.dataset_examples(cfg.data)
+    cfg = to_config(compose_config(overrides), overrides)
+    known = data_shape(cfg.data)
+    if known is not None:
+        shape, num_classes = known.example_shape, known.num_classes
+        held = memory.dataset_bytes(cfg.data, known)
     else:  # a user's own data: its shape and size are known only by reading it
         data = load_dataset(cfg.data)
         shape, num_classes = data.image_shape, data.num_classes
-        examples = len(data.train) + len(data.val) + len(data.test)
-    size = "x".join(map(str, shape))
-    title = f"{cfg.model.name} on {cfg.data.name} ({size} input, {num_classes} classes)"
+        held = memory.loaded_bytes(data)
+    inputs = geometry.input_text(shape)
+    title = f"{cfg.model.name} on {cfg.data.name} ({inputs}, {num_classes} classes)"
     try:
         validate(cfg)
         rows = geometry.layers(cfg.model, shape, num_classes)
     except GeometryError as e:  # show where the feature map collapses, then the error
         print(geometry.format_table(e.rows, title, totals=False))
         raise
-    est = memory.estimate(cfg, rows, examples)
+    est = memory.estimate(cfg, rows, held)
     memory.check(est, memory.host_available())  # a user's own data: not checked by validate
     totals = geometry.summarize(rows)
-    footer = f"forward FLOPs per image: {totals['flops']:,} (2 per multiply-add)"
+    example = geometry.example_name(len(shape) - 1)
+    footer = f"forward FLOPs per {example}: {totals['flops']:,} (2 per multiply-add)"
     return f"{geometry.format_table(rows, title)}\n{footer}\n{est.text()}"
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from cnnlab import geometry, memory
 from cnnlab.config import Config
-from cnnlab.data import INPUT_SHAPES, SPLIT_SIZES
+from cnnlab.data import DataShape, data_shape
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.validate import validate
 from experiments.hydra_conf import entry_point, to_config
@@ -29,6 +29,7 @@ class Point:
     overrides: list[str]  # the job's swept values (those that differ between jobs)
     error: str = ""  # why the point is impossible; "" if it is valid
     cfg: Config | None = None
+    shape: DataShape | None = None  # None where the data's shape is known only once it is read
     rows: list[geometry.Layer] = field(default_factory=list)
 
     @property
@@ -37,16 +38,18 @@ class Point:
 
 
 def check(points: list[list[str]], load: Callable[[list[str]], DictConfig]) -> list[Point]:
-    """Compose and validate every point; geometry is computed for the named datasets' shapes."""
+    """Compose and validate every point; geometry is computed where the data's shape is known
+    before loading it (`cnnlab.data.data_shape`: the named image sets, the archives' series)."""
     varying = [len({p[i] for p in points}) > 1 for i in range(len(points[0]))] if points else []
     checked = []
     for overrides in points:
         point = Point([o for o, swept in zip(overrides, varying, strict=True) if swept])
         try:
-            point.cfg = to_config(load(overrides))
+            point.cfg = to_config(load(overrides), overrides)
             validate(point.cfg)
-            if point.cfg.data.name in INPUT_SHAPES:
-                shape, classes = INPUT_SHAPES[point.cfg.data.name]
+            point.shape = known = data_shape(point.cfg.data)
+            if known is not None:
+                shape, classes = known.example_shape, known.num_classes
                 point.rows = geometry.layers(point.cfg.model, shape, classes)
         except ConfigError as e:
             point.error = str(e)
@@ -54,13 +57,13 @@ def check(points: list[list[str]], load: Callable[[list[str]], DictConfig]) -> l
     return checked
 
 
-def training_flops(cfg: Config, rows: list[geometry.Layer]) -> float:
-    """Forward and backward (about 3x the forward FLOPs) over every training image and epoch, for
-    each of the job's `seeds`."""
-    train, _ = SPLIT_SIZES.get(cfg.data.name, (0, 0))
-    images = min(round(train * (1 - cfg.data.val_fraction)), cfg.data.train_limit or train)
+def training_flops(point: Point) -> float:
+    """Forward and backward (about 3x the forward FLOPs) over every training example and epoch,
+    for each of the job's `seeds`."""
+    cfg, train = point.cfg, point.shape.train
+    examples = min(round(train * (1 - cfg.data.val_fraction)), cfg.data.train_limit or train)
     models = max(1, len(cfg.seeds))
-    return 3.0 * geometry.summarize(rows)["flops"] * images * cfg.train.epochs * models
+    return 3.0 * geometry.summarize(point.rows)["flops"] * examples * cfg.train.epochs * models
 
 
 def report(points: list[Point]) -> str:
@@ -70,7 +73,8 @@ def report(points: list[Point]) -> str:
         if point.rows:
             table = geometry.format_table(point.rows)
             tables.setdefault(table, []).append(point.label)
-            est = memory.estimate(point.cfg, point.rows, memory.dataset_examples(point.cfg.data))
+            held = memory.dataset_bytes(point.cfg.data, point.shape)
+            est = memory.estimate(point.cfg, point.rows, held)
             if table not in largest or est.total > largest[table].total:
                 largest[table] = est  # the batch size or optimizer may differ between its jobs
     for i, (table, labels) in enumerate(tables.items(), start=1):
@@ -83,10 +87,12 @@ def report(points: list[Point]) -> str:
         lines += [f"  {p.label}: {p.error}" for p in invalid]
         lines.append("")
     valid = [p for p in points if not p.error]
-    flops = sum(training_flops(p.cfg, p.rows) for p in valid if p.rows)
+    flops = sum(training_flops(p) for p in valid if p.rows)
+    ranks = {p.shape.rank for p in points if p.shape}
+    examples = "series" if ranks == {1} else "images"  # images where the data's shape is unknown
     lines.append(
-        f"{len(points)} point(s): {len(valid)} job(s) to run, {len(invalid)} invalid; "
-        f"training compute about {memory.size(flops, 'FLOP')} (3x forward FLOPs x images x epochs)"
+        f"{len(points)} point(s): {len(valid)} job(s) to run, {len(invalid)} invalid; training "
+        f"compute about {memory.size(flops, 'FLOP')} (3x forward FLOPs x {examples} x epochs)"
     )
     return "\n".join(lines)
 

@@ -69,7 +69,7 @@ def train(node: DictConfig) -> float:
 
     job, preemption = Job.current(), Preemption()
     try:
-        cfg = to_config(node)
+        cfg = to_config(node, job.swept)
         if not _valid(cfg, job):
             return FAILED
         check_run_dir(job.run_dir, need_bytes(cfg))  # before hours of training, not after

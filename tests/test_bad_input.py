@@ -215,14 +215,14 @@ BAD = [
         ["data=ucr", "data.name=Channels", "data.path={tmp}/ts"],
         "{tmp}/ts/Channels_TEST.ts: 2",
     ),
-    (
+    (  # FCN takes the 4 steps of these files (LeNet-5's geometry would refuse them first)
         "ucr series all missing",
-        ["data=ucr", "data.name=Gaps", "data.path={tmp}/ts"],
+        ["data=ucr", "data.name=Gaps", "data.path={tmp}/ts", "model=fcn"],
         "Gaps_TRAIN.ts: series 1: channel 0 is missing entirely",
     ),
     (
         "ucr missing refused",
-        ["data=ucr", "data.name=Gaps", "data.path={tmp}/ts", "data.missing=error"],
+        ["data=ucr", "data.name=Gaps", "data.path={tmp}/ts", "data.missing=error", "model=fcn"],
         "Gaps_TRAIN.ts: series 0 has missing values (NaN) and data.missing=error",
     ),
     (

@@ -177,7 +177,7 @@ def test_predict_top_and_its_conversion_of_colour_and_size(trained, test_pngs, t
 def test_inspect_prints_the_table_without_training():
     done = cli("inspect_model", "model=alexnet_lite", "data=cifar10", "model.stride=[2,1,1,1,1]")
     assert done.returncode == 0, done.stderr
-    assert "alexnet_lite on cifar10 (32x32x3 input, 10 classes)" in done.stdout
+    assert "alexnet_lite on cifar10 (32x32x3 images, 10 classes)" in done.stdout
     assert "16 x 16 x 24" in done.stdout and "receptive field" in done.stdout
     assert "total" in done.stdout and "535,146" in done.stdout
     assert "memory per training step at batch 128: about" in done.stdout  # cnnlab.memory
@@ -243,7 +243,7 @@ def test_the_entry_points_work_from_a_built_wheel(tmp_path):
     assert "cnnlab-train: train a convolutional network" in helped.stdout
     assert "model: alexnet_lite, all_cnn_c, fcn, lenet5" in helped.stdout  # conf/'s groups
     table = run(bin_dir / "cnnlab-inspect", "model=alexnet_lite", "data=cifar10")
-    assert "alexnet_lite on cifar10 (32x32x3 input, 10 classes)" in table.stdout
+    assert "alexnet_lite on cifar10 (32x32x3 images, 10 classes)" in table.stdout
 
 
 @pytest.mark.parametrize(

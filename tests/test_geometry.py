@@ -212,7 +212,9 @@ def test_impossible_nets_of_every_kind_are_refused_in_one_line(base, change, sha
     assert message.startswith(start) and "\n" not in message, message
     smallest = geometry.smallest_input(geometry.resolve(cfg), shape, 10)
     if smallest is not None:  # the smallest input that fits really fits, one pixel less does not
-        assert f"it takes inputs from {'x'.join(map(str, smallest))} up" in message
+        size = "x".join(map(str, smallest))  # a series' by its length alone
+        words = f"series of length {smallest[0]}" if len(shape) == 2 else f"inputs from {size}"
+        assert f"it takes {words} up" in message
         geometry.check(cfg, smallest, 10)
         with pytest.raises(GeometryError):
             geometry.check(cfg, (smallest[0] - 1,) * (len(shape) - 1) + shape[-1:], 10)

@@ -1,5 +1,6 @@
-"""The memory estimate of a training step: its parts for LeNet-5 worked out by hand, the refusal
-of a step that cannot fit, and no refusal of the shipped presets."""
+"""The memory estimate of a training step: its parts for LeNet-5 worked out by hand, the dataset
+in its own dtype (float32 series as well as uint8 images), the refusal of a step that cannot fit,
+and no refusal of the shipped presets."""
 
 import dataclasses
 
@@ -7,7 +8,7 @@ import pytest
 
 from cnnlab import geometry, memory
 from cnnlab.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-from cnnlab.data import INPUT_SHAPES, load_dataset
+from cnnlab.data import data_shape, load_dataset
 from cnnlab.errors import ConfigError
 from experiments.hydra_conf import compose_config, conf_dir, to_config
 
@@ -27,7 +28,7 @@ LENET5 = Config(
 
 def lenet5_estimate(cfg: Config = LENET5) -> memory.Estimate:
     rows = geometry.layers(cfg.model, (28, 28, 1), 10)
-    return memory.estimate(cfg, rows, memory.dataset_examples(cfg.data))
+    return memory.estimate(cfg, rows, memory.dataset_bytes(cfg.data, data_shape(cfg.data)))
 
 
 def test_lenet5_estimate_parts_match_the_hand_count():
@@ -84,18 +85,37 @@ def presets() -> list[str]:
     return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 
 
+def test_series_count_as_float32_from_their_files_as_loaded():
+    """GunPoint's 50 + 150 series of 150 steps, 1 channel: float32 (4 bytes a value, 4x what the
+    uint8 count of images gave), as `load_dataset` holds them, known before they are read."""
+    data = DataConfig(name="GunPoint", source="ucr", normalize="series", val_fraction=0.1)
+    shape = data_shape(data)
+    assert (shape.example_shape, shape.num_classes) == ((150, 1), 2)
+    assert (shape.train, shape.test) == (50, 150)
+    assert memory.dataset_bytes(data, shape) == (50 + 150) * (150 * 4 + 4)
+    assert memory.dataset_bytes(data, shape) == memory.loaded_bytes(load_dataset(data))
+    limited = DataConfig(name="GunPoint", source="ucr", normalize="series", test_limit=10)
+    assert memory.dataset_bytes(limited, shape) == (50 + 10) * (150 * 4 + 4)
+
+
+def test_padded_series_hold_their_lengths_too():
+    """JapaneseVowels: 12 channels, unequal lengths padded to the longest, each with its length."""
+    data = DataConfig(name="JapaneseVowels", source="ucr", normalize="series", val_fraction=0.0)
+    shape, loaded = data_shape(data), load_dataset(data)
+    assert shape.padded and shape.example_shape == loaded.image_shape
+    assert shape.num_classes == loaded.num_classes
+    assert memory.dataset_bytes(data, shape) == memory.loaded_bytes(loaded)
+
+
 @pytest.mark.parametrize("preset", presets())
 def test_shipped_presets_need_well_under_a_laptops_memory(preset):
-    cfg = to_config(compose_config([f"experiment={preset}", "data.path=/somewhere"]))
-    if cfg.data.name in INPUT_SHAPES:
-        rows = geometry.layers(cfg.model, *INPUT_SHAPES[cfg.data.name])
-        examples = memory.dataset_examples(cfg.data)
-    else:  # a time-series archive's: its shape is known once read (aeon's bundled copy)
-        cfg = to_config(compose_config([f"experiment={preset}"]))
-        data = load_dataset(cfg.data)
-        rows = geometry.layers(cfg.model, data.image_shape, data.num_classes)
-        examples = len(data.train) + len(data.val) + len(data.test)
-    est = memory.estimate(cfg, rows, examples)
+    overrides = [f"experiment={preset}", "data.path=/somewhere"]
+    cfg = to_config(compose_config(overrides))
+    if cfg.data.source == "ucr":  # an archive's set: aeon's bundled copy, not data.path's
+        cfg = to_config(compose_config(overrides[:1]))
+    shape = data_shape(cfg.data)
+    rows = geometry.layers(cfg.model, shape.example_shape, shape.num_classes)
+    est = memory.estimate(cfg, rows, memory.dataset_bytes(cfg.data, shape))
     assert 10**6 < est.total < 2 * 10**9, est.text()
 
 

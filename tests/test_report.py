@@ -11,9 +11,11 @@ import pytest
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
-from cnnlab.config import Config, ModelConfig, OptimizerConfig, config_hash, to_yaml
+from cnnlab.config import Config, DataConfig, ModelConfig, OptimizerConfig, config_hash, to_yaml
 from cnnlab.errors import CnnlabError
 from cnnlab.report import aggregate, collect, swept_keys, write_report
+from cnnlab.report.collect import inputs
+from cnnlab.report.plots import Layout, accuracy_plot, flops_plot, heatmap_plot
 from cnnlab.rundir import DatasetInfo, RunDir
 from tests.conftest import cli, needs_fashion_mnist, small_config
 
@@ -270,3 +272,49 @@ def test_dataset_json_reads_back(tmp_path):
     moved = DatasetInfo("mnist", list("0123456789"), (28, 28, 1), np.float32([33.4]),
                         np.float32([78.5]), {})  # fmt: skip
     assert back.differences(moved) == ["mean"]
+
+
+ITALY = DataConfig(name="ItalyPowerDemand", source="ucr", normalize="series")
+
+
+def write_input_sweep(sweep_dir: Path, data: DataConfig, shape: list[int] | None) -> None:
+    """Two jobs over stride on `data`, each with a dataset.json of `shape` (None: none, as an
+    invalid point has)."""
+    for job, stride in enumerate((1, 2)):
+        cfg = small_config(data=data, model=ModelConfig(stride=stride, padding="same"))
+        write_job(sweep_dir, job, cfg, ok(0.8) if shape else {"status": "invalid", "error": "x"})
+        if shape:
+            info = {"name": data.name, "class_names": ["1", "2"], "image_shape": shape,
+                    "mean": [0.0] * shape[-1], "std": [1.0] * shape[-1]}  # fmt: skip
+            (sweep_dir / str(job) / "dataset.json").write_text(json.dumps(info))
+
+
+def test_a_sweep_of_series_says_series_length_where_one_of_images_says_image_size(tmp_path):
+    """The table, the page and every plot name the input (a series' length L, an image's
+    H x W x C) and count FLOPs per series or per image."""
+    for data, shape, text, example in (
+        (ITALY, [24, 1], "ItalyPowerDemand: series of length L=24, 1 channel", "series"),
+        (DataConfig(), [28, 28, 1], "fashion_mnist: 28x28x1 images", "image"),
+    ):
+        write_input_sweep(tmp_path / example, data, shape)
+        paths = write_report(tmp_path / example)
+        markdown = paths["markdown"].read_text()
+        assert f"Input: {text}." in markdown and f"| FLOPs/{example} |" in markdown
+        assert f"Input: {text}." in paths["html"].read_text()
+        points = collect(tmp_path / example)
+        assert inputs(points).text == text
+        rows = aggregate(points)
+        layout = Layout(rows, inputs(points))
+        figure = accuracy_plot(rows, layout)
+        assert figure.axes[1].get_ylabel() == f"forward FLOPs per {example}"
+        assert text in figure.get_suptitle() and text in heatmap_plot(rows, layout).get_suptitle()
+        cost = flops_plot(rows, layout)
+        assert cost.axes[0].get_xlabel() == f"forward FLOPs per {example} (log scale)"
+        assert text in cost.get_suptitle()
+
+
+def test_a_sweep_of_series_that_never_loaded_its_data_still_counts_per_series(tmp_path):
+    write_input_sweep(tmp_path, ITALY, None)  # every point invalid: no dataset.json
+    seen = inputs(collect(tmp_path))
+    assert (seen.text, seen.example) == ("", "series")
+    assert "| FLOPs/series |" in write_report(tmp_path)["markdown"].read_text()

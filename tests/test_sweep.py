@@ -1,5 +1,5 @@
 """Sweeps end to end: expansion, pre-flight, invalid points, one W&B run per job, skipping done
-points on a rerun, and refusing to start."""
+points on a rerun, refusing to start, and a sweep of series (FCN on ItalyPowerDemand)."""
 
 import json
 import re
@@ -192,6 +192,51 @@ def test_sweep_presets_are_mostly_valid_grids():
     """lenet5_geometry's 8 points, 2 invalid, are checked by the pre-flight command's test."""
     alexnet = cli("preflight", "sweep=alexnet_lite_geometry", "data.path=/somewhere")
     assert "12 point(s): 10 job(s) to run, 2 invalid" in alexnet.stdout, alexnet.stdout[-2000:]
+    fcn = cli("preflight", "sweep=fcn_geometry")  # series: their [L, C] from the .ts files
+    assert fcn.returncode == 2 and "12 point(s): 10 job(s) to run, 2 invalid" in fcn.stdout
+    assert "output L x C" in fcn.stdout and "x series x epochs" in fcn.stdout
+    for depth, channels in ((16, 32), (64, 128)):
+        invalid = f"model.depth={depth} model.stride=3 model.padding=valid: conv3 (conv 3, stride "
+        assert f"{invalid}3, pad 0) gets a 1x{channels} input" in fcn.stdout, fcn.stdout[-2000:]
+
+
+# The series preset at 8 filters, 2 epochs, one seed, over stride 1 and 3: stride 3 with valid
+# padding leaves conv3 one step of ItalyPowerDemand's 24, the one impossible point of 4.
+FCN_SWEEP = [
+    "-m", "sweep=fcn_geometry", "model.depth=8", "model.stride=1,3", "seeds=[]", "train.epochs=2",
+    "logger.mode=disabled", "logger.pictures=false",
+]  # fmt: skip
+
+
+def test_the_series_sweep_trains_its_valid_points_and_reports_the_invalid_one(tmp_path):
+    done = cli("train", *FCN_SWEEP, f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 point(s): 3 job(s) to run, 1 invalid" in (tmp_path / "preflight.txt").read_text()
+    rows = read_csv(tmp_path / "summary.csv")
+    assert [(r["model.stride"], r["model.padding"], r["ok"], r["invalid"]) for r in rows] == [
+        ("1", "same", "1", "0"), ("1", "valid", "1", "0"), ("3", "same", "1", "0"),
+        ("3", "valid", "0", "1"),
+    ]  # fmt: skip
+    for row, job in zip(rows[:3], ("0", "1", "2"), strict=True):
+        summary = json.loads((tmp_path / job / "summary.json").read_text())
+        assert (summary["status"], summary["dataset"], summary["model"]) == (
+            "ok", "ItalyPowerDemand", "fcn",
+        )  # fmt: skip
+        assert float(row["test_accuracy_mean"]) == pytest.approx(summary["test/accuracy"])
+        assert int(row["flops"]) == summary["flops"]
+    flops = [int(row["flops"]) for row in rows[:3]]
+    assert flops[0] > flops[1] > flops[2]  # conv3 outputs 24, 11 and 1 steps
+    invalid = json.loads((tmp_path / "3" / "summary.json").read_text())
+    assert invalid["status"] == "invalid" and not (tmp_path / "3" / "checkpoint").exists()
+    reason = "conv3 (conv 3, stride 3, pad 0) gets a 1x16 input and would output 0"
+    assert invalid["error"].startswith(reason)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "Input: ItalyPowerDemand: series of length L=24, 1 channel." in markdown
+    assert "| FLOPs/series |" in markdown
+    assert f"job 3 (model.stride=3 model.padding=valid): **invalid**: {reason}" in markdown
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "series of length L=24" in page
+    assert "Model: fcn." in page
 
 
 @needs_fashion_mnist

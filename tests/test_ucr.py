@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.config import DataConfig, ModelConfig
-from cnnlab.data import load_dataset
-from cnnlab.errors import DataError
+from cnnlab.config import Config, DataConfig, ModelConfig
+from cnnlab.data import data_shape, load_dataset
+from cnnlab.errors import DataError, GeometryError
 from cnnlab.models import build_model
-from tests.conftest import cli
+from cnnlab.validate import validate
+from experiments.hydra_conf import compose_config, to_config
+from tests.conftest import cli, preset
 
 FCN_TINY = "model.layers=[{conv: 16, kernel: 8},relu,global_pool]"
 # FCN (Wang et al., 2017) at a quarter of its widths: GunPoint needs the depth and the batch
@@ -74,6 +76,39 @@ def test_bundled_sets_load_offline_with_the_archive_split(offline):
     assert motions.image_shape == (100, 6)  # 6 channels as the input's depth
     assert motions.class_names == ("badminton", "running", "standing", "walking")
     assert (len(motions.train), len(motions.val), len(motions.test)) == (20, 10, 40)
+
+
+@pytest.mark.parametrize(
+    "name", ["ItalyPowerDemand", "BasicMotions", "JapaneseVowels", "PickupGestureWiimoteZ"]
+)
+def test_a_sets_shape_classes_and_sizes_are_known_before_it_is_read(name, offline):
+    """From the .ts files' text (no aeon): what loading then gives, padded length included."""
+    cfg = ucr(name)
+    shape, data = data_shape(cfg), load_dataset(cfg)
+    assert (shape.example_shape, shape.num_classes) == (data.image_shape, data.num_classes)
+    assert (shape.train, shape.test, shape.dtype) == (len(data.train), len(data.test), "float32")
+    assert shape.padded == (data.train.lengths is not None)
+    assert data_shape(ucr("Adiac")) is None  # not bundled, not downloaded: known once read
+
+
+def test_series_geometry_is_refused_before_the_series_are_read():
+    """FCN's kernels 8, 5, 3 at stride 3 without padding leave ItalyPowerDemand's 24 steps 6,
+    then 1, which conv3 cannot take: `validate` says so from the files' text alone."""
+    fcn = preset("fcn", stride=3, padding="valid")
+    with pytest.raises(GeometryError, match=r"^conv3 \(conv 3, stride 3, pad 0\) gets a 1x256"):
+        validate(Config(model=fcn, data=ucr("ItalyPowerDemand")))
+    validate(Config(model=preset("fcn", stride=2, padding="valid"), data=ucr("ItalyPowerDemand")))
+
+
+def test_a_net_written_on_the_command_line_is_not_named_after_the_preset():
+    """model.layers=[...] replaces the preset's net: titles and reports name it "custom"."""
+    written = ["model=fcn", "data=ucr", FCN_TINY]
+    cfg = to_config(compose_config(written), written)
+    assert (cfg.model.name, cfg.name) == ("custom", "custom_GunPoint")
+    knobs = ["model=fcn", "data=ucr", "model.depth=16"]  # still FCN, narrower
+    assert to_config(compose_config(knobs), knobs).name == "fcn_GunPoint"
+    named = [*written, "model.name=fcn_tiny"]
+    assert to_config(compose_config(named), named).model.name == "fcn_tiny"
 
 
 def test_unequal_lengths_are_padded_with_their_lengths(offline):
@@ -168,6 +203,7 @@ def test_cnnlab_train_learns_gunpoint_from_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = summary(tmp_path)
     assert result["status"] == "ok" and result["dataset"] == "GunPoint"
+    assert result["model"] == "custom"  # FCN_SMALL, not the default preset lenet5
     assert result["steps"] == 60 * 2  # 45 series after the hold-out of 5, data=ucr's batch of 16
     assert result["test/accuracy"] > 0.85, result  # 0.927 on 2026-12-06; chance: 0.5
 
@@ -206,6 +242,8 @@ def test_a_ts_folder_of_unequal_series_trains_from_overrides_alone(tmp_path):
             series.append(s)
         write_ts(tmp_path / f"Waves_{split}.ts", series, [f"cycles{k}" for k in labels])
     run_dir = tmp_path / "run"
+    known = data_shape(DataConfig(name="Waves", source="ucr", path=str(tmp_path)))
+    assert (known.num_classes, known.train, known.test, known.padded) == (2, 120, 60, True)
     done = cli(
         "train", "data=ucr", "data.name=Waves", f"data.path={tmp_path}", FCN_SMALL, *QUICK,
         "train.batch_size=20", "train.epochs=15", "optimizer.lr=0.01", f"hydra.run.dir={run_dir}",
@@ -215,10 +253,12 @@ def test_a_ts_folder_of_unequal_series_trains_from_overrides_alone(tmp_path):
     assert result["status"] == "ok" and result["test/accuracy"] > 0.9, result
     info = json.loads((run_dir / "dataset.json").read_text())
     assert info["image_shape"][1] == 2 and 70 <= info["image_shape"][0] <= 80
+    assert list(known.example_shape) == info["image_shape"]
 
 
 def test_cnnlab_inspect_shows_the_series_geometry():
     done = cli("inspect_model", "data=ucr", "data.name=GunPoint", FCN_TINY)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "150x1 input, 2 classes" in done.stdout and "output L x C" in done.stdout
+    assert "(series of length L=150, 1 channel, 2 classes)" in done.stdout
+    assert "output L x C" in done.stdout
     assert "150 x 16" in done.stdout, done.stdout

@@ -18,19 +18,21 @@ import numpy as np
 from cnnlab.config import DataConfig, DataSource, Normalize
 from cnnlab.data.idx import load_idx_split
 from cnnlab.data.image_folder import load_image_folder
-from cnnlab.data.splits import Padded, Split, aligned, hold_out, limit
+from cnnlab.data.splits import DataShape, Padded, Split, aligned, hold_out, limit
 from cnnlab.data.tfds_source import load_tfds
-from cnnlab.data.ucr import load_ucr
+from cnnlab.data.ucr import load_ucr, peek
 from cnnlab.errors import ConfigError, DataError, check_choice
 
 __all__ = [
     "DATASETS",
     "INPUT_SHAPES",
+    "DataShape",
     "PATH_REQUIRED",
     "SPLIT_SIZES",
     "Dataset",
     "Padded",
     "Split",
+    "data_shape",
     "load_dataset",
 ]
 
@@ -161,6 +163,19 @@ SPLIT_SIZES = {
     "mnist": (60_000, 10_000),
     "cifar10": (50_000, 10_000),
 }
+
+
+def data_shape(cfg: DataConfig) -> DataShape | None:
+    """What the checks before loading need of `cfg`'s dataset (its example shape and dtype,
+    classes, split sizes): the tables above for the named image sets, the .ts files' text for an
+    archive's set (`cnnlab.data.ucr.peek`); None where only reading the data tells (image
+    folders, IDX files, an archive's set still to be downloaded)."""
+    if cfg.source == DataSource.ucr:
+        return peek(cfg)
+    if cfg.name not in INPUT_SHAPES:
+        return None
+    shape, num_classes = INPUT_SHAPES[cfg.name]
+    return DataShape(shape, num_classes, *SPLIT_SIZES[cfg.name])
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

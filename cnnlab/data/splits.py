@@ -42,6 +42,24 @@ def aligned_empty(shape: tuple, dtype) -> np.ndarray:
 DTYPES = (np.uint8, np.float32)
 
 
+@dataclass(frozen=True)
+class DataShape:
+    """A dataset as the checks before loading see it (geometry, memory, compute): one example's
+    shape and dtype, the classes and the sizes of the source's two splits."""
+
+    example_shape: tuple[int, ...]  # (H, W, C) of images, (L, C) of series (the longest, padded)
+    num_classes: int  # K
+    train: int  # examples of the source's train split, before the validation hold-out
+    test: int
+    dtype: str = "uint8"  # as held in memory and on the device: uint8 images, float32 series
+    padded: bool = False  # series of unequal lengths: each also holds its length (int32)
+
+    @property
+    def rank(self) -> int:
+        """Spatial axes: 2 for images, 1 for series."""
+        return len(self.example_shape) - 1
+
+
 class Padded(NamedTuple):
     """Series of unequal lengths as the steps receive them (a JAX pytree, as a NamedTuple is):
     padded with zeros to one length, and each one's own length, which the network's mask reads

@@ -9,16 +9,20 @@ series is z-normalized per channel where `data.normalize=series` (the archives' 
 String labels become class indices into the sorted class names.
 
 aeon is imported on first use: it takes about a second, which an image run need not pay.
+`peek(DataConfig)` learns a set's [L, C], classes and split sizes without it, from the text of
+its .ts files, so that geometry and memory are checked before anything is read (the pre-flight
+of a sweep checks every point so).
 Glossary: N series, L length (time steps), C channels.
 """
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cnnlab.config import DataConfig, Missing, Normalize
-from cnnlab.data.splits import Split
+from cnnlab.data.splits import DataShape, Split
 from cnnlab.errors import DataError, closest
 
 # The classification sets inside aeon's wheel (aeon/datasets/data), which load offline; any other
@@ -106,6 +110,82 @@ def _read_ts(path: Path) -> Raw:
     if y is None or len(y) != len(x) or not len(x):
         raise DataError(f"{path}: expected series with class labels (@classLabel true ...)")
     return Raw(list(x), np.asarray(y), str(path))
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What the text of one .ts file says of its series, without parsing their values."""
+
+    count: int  # N series
+    channels: frozenset[int]  # C of each series (one value in a well-formed file)
+    lengths: tuple[int, int]  # the shortest and longest series' L
+    labels: frozenset[str]
+
+
+def peek(cfg: DataConfig) -> DataShape | None:
+    """`cfg.name`'s series shape [L, C] (L the longest, as `load_ucr` pads to it), classes and
+    split sizes from its .ts files' text: data.path's, aeon's bundled copy or its download cache.
+    None where there are no files yet (a set aeon has still to download) or their text is not
+    what the archive writes; loading then reads or refuses them."""
+    for folder in _folders(cfg):
+        files = [folder / f"{cfg.name}_{split}.ts" for split in SPLITS]
+        if not all(path.is_file() for path in files):
+            continue
+        try:
+            train, test = (_scan(path) for path in files)
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        channels = train.channels | test.channels
+        if len(channels) != 1 or not train.count:
+            return None
+        shortest = min(train.lengths[0], test.lengths[0])
+        longest = max(train.lengths[1], test.lengths[1])
+        return DataShape(
+            (longest, *channels), len(train.labels | test.labels), train.count, test.count,
+            dtype="float32", padded=shortest != longest,
+        )  # fmt: skip
+    return None
+
+
+def _folders(cfg: DataConfig) -> list[Path]:
+    """Where `cfg.name`'s .ts files are: data.path, else aeon's bundled data and its download
+    cache (found without importing aeon, which takes a second)."""
+    if cfg.path:
+        return [Path(cfg.path).expanduser()]
+    spec = importlib.util.find_spec("aeon")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    datasets = Path(spec.submodule_search_locations[0]) / "datasets"
+    return [datasets / "data" / cfg.name, datasets / "local_data" / cfg.name]
+
+
+def _scan(path: Path) -> _Scan:
+    """Count a .ts file's series, channels, lengths and labels. ValueError where the text before
+    `@data` is not a header of `@` lines with `@classLabel true` and no time stamps (which this
+    count does not read): not a file of the archive's format, which the loader then names."""
+    count, channels, shortest, longest, labels, in_data = 0, set(), 0, 0, set(), False
+    labelled = False
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            lower = line.lower()
+            if not in_data:
+                if not lower.startswith("@") or lower.startswith("@timestamps true"):
+                    raise ValueError(f"{path}: {line}")
+                labelled = labelled or lower.startswith("@classlabel true")
+                in_data = lower.startswith("@data")
+                if in_data and not labelled:
+                    raise ValueError(f"{path}: no @classLabel true before @data")
+                continue
+            *dims, label = line.split(":")  # channel 1 : channel 2 : ... : class label
+            length = dims[0].count(",") + 1 if dims else 0
+            count, shortest = count + 1, min(shortest or length, length)
+            longest = max(longest, length)
+            channels.add(len(dims))
+            labels.add(label.strip())
+    return _Scan(count, frozenset(channels), (shortest, longest), frozenset(labels))
 
 
 def _first_line(error: Exception) -> str:

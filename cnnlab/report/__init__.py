@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from cnnlab.report.collect import Point, check_sweep_dir, collect, swept_keys
+from cnnlab.report.collect import Point, check_sweep_dir, collect, inputs, swept_keys
 from cnnlab.report.html import render
 from cnnlab.report.plots import write_plots
 from cnnlab.report.tables import Row, aggregate, csv_rows, to_csv, to_markdown
@@ -26,13 +26,14 @@ def write_report(sweep_dir: Path, wandb_run=None) -> dict[str, Path]:
     """
     sweep_dir = Path(sweep_dir)
     points = collect(sweep_dir)
-    rows = aggregate(points)
+    rows, seen = aggregate(points), inputs(points)
     paths = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md"}
     paths["csv"].write_text(to_csv(rows))
-    paths["markdown"].write_text(to_markdown(rows, points, f"Sweep {sweep_dir}"))
-    plots = write_plots(rows, sweep_dir)
+    paths["markdown"].write_text(to_markdown(rows, points, seen, f"Sweep {sweep_dir}"))
+    plots = write_plots(rows, seen, sweep_dir)
     paths["html"] = sweep_dir / "report.html"
-    paths["html"].write_text(render(sweep_dir, command(sweep_dir), points, rows, plots))
+    page = render(sweep_dir, command(sweep_dir), points, rows, plots, seen)
+    paths["html"].write_text(page)
     if wandb_run is not None:
         log_to_wandb(wandb_run, rows, plots)
     return {**paths, **plots}

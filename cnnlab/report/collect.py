@@ -15,6 +15,7 @@ import yaml
 
 from cnnlab.config import Config, flatten, identity
 from cnnlab.errors import CnnlabError
+from cnnlab.geometry import example_name, input_text
 from cnnlab.rundir import RunDir
 
 # The config keys that change what a run computes (`cnnlab.config.identity`, which also names its
@@ -37,6 +38,7 @@ class Point:
     summary: dict[str, Any] = field(repr=False)
     final_val_accuracy: float | None  # the last `val/accuracy` in metrics.jsonl
     layers: str  # layers.txt, "" if absent
+    input_shape: tuple[int, ...] | None = None  # (*spatial, C) from dataset.json; None: not run
 
     def metric(self, key: str) -> float | None:
         """A finite number from summary.json (e.g. "test/accuracy"), else None."""
@@ -115,7 +117,36 @@ def read_point(
         summary=summary or {},
         final_val_accuracy=_final_val_accuracy(run.metrics()),
         layers=run.layers(),
+        input_shape=_input_shape(run),
     )
+
+
+def _input_shape(run: RunDir) -> tuple[int, ...] | None:
+    """The run's input shape from its dataset.json; None without one (an invalid point, a job
+    stopped before loading its data) or where it is unreadable (a job killed while writing it)."""
+    try:
+        return tuple(run.dataset().image_shape)
+    except (CnnlabError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The sweep's inputs as its report names them."""
+
+    text: str  # e.g. "ItalyPowerDemand: series of length L=24, 1 channel"; "" where unknown
+    example: str  # what costs are per: "series" or "image"
+
+
+def inputs(points: list[Point]) -> Inputs:
+    """The datasets and input shapes of the jobs that loaded their data (dataset.json), each once;
+    where none did, an archive's data (`data.source=ucr`) still counts per series."""
+    shapes = {(p.config.get("data.name"), p.input_shape): None for p in points if p.input_shape}
+    text = "; ".join(f"{name}: {input_text(shape)}" for name, shape in shapes)
+    ranks = {len(shape) - 1 for _, shape in shapes}
+    if not ranks:
+        ranks = {1 if p.config.get("data.source") == "ucr" else 2 for p in points}
+    return Inputs(text, example_name(ranks.pop()) if len(ranks) == 1 else "example")
 
 
 def swept_keys(points: list[Point]) -> list[str]:

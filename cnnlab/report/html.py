@@ -4,7 +4,7 @@ import base64
 import html
 from pathlib import Path
 
-from cnnlab.report.collect import Point, swept_keys
+from cnnlab.report.collect import Inputs, Point, swept_keys
 from cnnlab.report.tables import Row, point_label, problems, table_cells
 
 CSS = """
@@ -31,11 +31,15 @@ def render(
     points: list[Point],
     rows: list[Row],
     plots: dict[str, Path],
+    inputs: Inputs,
 ) -> str:
     """The whole page as a string."""
     e = html.escape
     names = sorted({str(p.config.get("name")) for p in points if p.config.get("name")})
     title = f"Sweep report: {', '.join(names) or sweep_dir.name}"
+    # the nets by their model.name ("custom" where the command line wrote the layers), which the
+    # sweep's name, set by its preset, may not say
+    models = sorted({str(p.config["model.name"]) for p in points if p.config.get("model.name")})
     counts = {}
     for p in points:
         counts[p.status] = counts.get(p.status, 0) + 1
@@ -45,13 +49,15 @@ def render(
         f"<style>{CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
         f"<p>Sweep directory: <code>{e(str(sweep_dir.resolve()))}</code><br>",
-        f"{len(points)} jobs ({e(totals)}) in {len(rows)} points.</p>",
+        f"{len(points)} jobs ({e(totals)}) in {len(rows)} points.",
+        f"<br>Model: {e(', '.join(models))}." if models else "",
+        f"<br>Input: {e(inputs.text)}.</p>" if inputs.text else "</p>",
     ]
     if command:
         parts.append(
             f"<p>Command:</p><pre class='cmd'>{e('cnnlab-train -m ' + ' '.join(command))}</pre>"
         )
-    parts += ["<h2>Summary</h2>", _table(rows)]
+    parts += ["<h2>Summary</h2>", _table(rows, inputs.example)]
     parts += ["<h2>Plots</h2>"]
     parts += [f"<img alt='{e(name)}' src='{_data_uri(path)}'>" for name, path in plots.items()]
     parts += ["<h2>Invalid and failed points</h2>", _problems(points)]
@@ -59,9 +65,9 @@ def render(
     return "\n".join(parts)
 
 
-def _table(rows: list[Row]) -> str:
+def _table(rows: list[Row], example: str) -> str:
     e = html.escape
-    head, body = table_cells(rows)
+    head, body = table_cells(rows, example)
     n_keys = len(rows[0].values) if rows else 0
     lines = ["<p>Accuracies in %, mean ± standard deviation over the seeds that finished ok (n)."]
     lines += ["<div class='wide'><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]

@@ -5,6 +5,8 @@
 - `heatmap.png`: mean test accuracy on a grid of stride x padding (or the first two swept keys),
   one panel per depth, impossible points hatched;
 - `accuracy_vs_flops.png`: the cost/accuracy trade-off, coloured by depth, one marker per line.
+Each names the sweep's input (a series' length L, an image's H x W x C) and counts FLOPs per
+series or per image (`cnnlab.report.collect.Inputs`).
 
 Matplotlib's object API (`Figure`) without pyplot: no global backend or figure state.
 """
@@ -19,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from cnnlab.report.collect import Inputs
 from cnnlab.report.tables import Row, fmt_value, sort_key
 
 MARKERS = "osD^vPX*<>"
@@ -26,9 +29,9 @@ ACC = "test accuracy (%)"
 NO_DATA = "no job finished ok: nothing to plot"
 
 
-def write_plots(rows: list[Row], out_dir: Path) -> dict[str, Path]:
-    """Draw the plots into `out_dir`; returns plot name -> PNG path."""
-    layout = Layout(rows)
+def write_plots(rows: list[Row], inputs: Inputs, out_dir: Path) -> dict[str, Path]:
+    """Draw the plots of a sweep on `inputs` into `out_dir`; returns plot name -> PNG path."""
+    layout = Layout(rows, inputs)
     paths = {}
     for name, draw in (
         ("accuracy", accuracy_plot),
@@ -44,7 +47,8 @@ def write_plots(rows: list[Row], out_dir: Path) -> dict[str, Path]:
 class Layout:
     """Which swept key goes where: x axis (depth first), lines, heat-map rows/columns/panels."""
 
-    def __init__(self, rows: list[Row]):
+    def __init__(self, rows: list[Row], inputs: Inputs):
+        self.inputs = inputs
         keys = list(rows[0].values) if rows else []
         numeric = [k for k in keys if all(_is_number(r.values[k]) for r in rows)]
         self.x = "model.depth" if "model.depth" in keys else (numeric or keys or [None])[0]
@@ -109,7 +113,9 @@ def accuracy_plot(rows: list[Row], layout: Layout) -> Figure:
     n = sorted({r.n for r in rows if r.n})
     seeds = f"mean ± std over {'/'.join(map(str, n))} seed(s)" if n else "no finished seeds"
     acc_ax.set(ylabel=ACC, title=f"Test accuracy against {x_label} ({seeds})")
-    cost_ax.set(ylabel="forward FLOPs per image", title=f"Cost against {x_label}")
+    per = layout.inputs.example
+    cost_ax.set(ylabel=f"forward FLOPs per {per}", title=f"Cost against {x_label}")
+    _input_title(fig, layout.inputs)
     if any(r.cost["flops"] for r in rows):
         cost_ax.set_yscale("log")
     if not any(r.n for r in rows):
@@ -159,7 +165,8 @@ def heatmap_plot(rows: list[Row], layout: Layout) -> Figure:
             ax.set_title(f"{layout.labels[layout.facet]} = {fmt_value(panel)}")
     axes[0].set_ylabel(layout.labels.get(row_key, ""))
     best = f", best over {', '.join(layout.best_over)}" if layout.best_over else ""
-    fig.suptitle(f"Mean test accuracy (%) by {_grid_name(layout)}{best}")
+    on = f"\nInput: {layout.inputs.text}" if layout.inputs.text else ""
+    fig.suptitle(f"Mean test accuracy (%) by {_grid_name(layout)}{best}{on}")
     fig.colorbar(image, ax=list(axes), label=ACC, shrink=0.9)
     return fig
 
@@ -218,13 +225,20 @@ def flops_plot(rows: list[Row], layout: Layout) -> Figure:
     else:
         no_data(ax)
     ax.set(
-        xlabel="forward FLOPs per image (log scale)",
+        xlabel=f"forward FLOPs per {layout.inputs.example} (log scale)",
         ylabel=ACC,
         title="Test accuracy against cost (mean ± std over seeds)",
     )
     ax.grid(alpha=0.3, which="both")
     _flops_legends(ax, rows, layout, colour)
+    _input_title(fig, layout.inputs)
     return fig
+
+
+def _input_title(fig: Figure, inputs: Inputs) -> None:
+    """The sweep's input, e.g. "ItalyPowerDemand: series of length L=24, 1 channel", on top."""
+    if inputs.text:
+        fig.suptitle(f"Input: {inputs.text}", fontsize=10)
 
 
 def _flops_legends(ax, rows: list[Row], layout: Layout, colour: dict) -> None:

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnnlab.report.collect import REPLICATE, Point, swept_keys
+from cnnlab.report.collect import REPLICATE, Inputs, Point, swept_keys
 
 STATUSES = ("ok", "diverged", "failed", "interrupted", "invalid", "missing")
 # name -> (label, read from a point, shown as a percentage); averaged over the ok seeds
@@ -18,7 +18,8 @@ AVERAGED = {
     "best_val_accuracy": ("best val accuracy", lambda p: p.metric("val/best_accuracy"), True),
     "wall_seconds": ("wall s", lambda p: p.metric("wall_seconds"), False),
 }
-COST = {"params": "params", "flops": "FLOPs/image"}  # fixed by the architecture: any job's value
+# fixed by the architecture: any job's value; FLOPs per input, an image's or a series'
+COST = {"params": "params", "flops": "FLOPs/{example}"}
 
 
 @dataclass
@@ -107,10 +108,12 @@ def to_csv(rows: list[Row]) -> str:
     return out.getvalue()
 
 
-def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    """Header and display cells of the summary table (Markdown, HTML, W&B share them)."""
+def table_cells(rows: list[Row], example: str) -> tuple[list[str], list[list[str]]]:
+    """Header and display cells of the summary table (Markdown and HTML share them), costs per
+    `example` ("image", "series": `Inputs.example`)."""
     keys = list(rows[0].values) if rows else []
-    head = [*keys, "n", *(label for label, _, _ in AVERAGED.values()), *COST.values(), "status"]
+    costs = [label.format(example=example) for label in COST.values()]
+    head = [*keys, "n", *(label for label, _, _ in AVERAGED.values()), *costs, "status"]
     body = []
     for row in rows:
         cells = [fmt_value(v) for v in row.values.values()] + [str(row.n)]
@@ -121,10 +124,11 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def to_markdown(rows: list[Row], points: list[Point], title: str = "") -> str:
+def to_markdown(rows: list[Row], points: list[Point], inputs: Inputs, title: str = "") -> str:
     """A GitHub Markdown table (mean ± std over seeds), then the jobs that did not finish ok."""
-    head, body = table_cells(rows)
+    head, body = table_cells(rows, inputs.example)
     lines = [f"# {title}", ""] if title else []
+    lines += [f"Input: {inputs.text}.", ""] if inputs.text else []
     lines += ["Accuracies in %, mean ± standard deviation over the seeds that finished ok (n).", ""]
     lines += [_md_line(head), _md_line(["---"] * len(head)), *map(_md_line, body), ""]
     failed, keys = problems(points), swept_keys(points)

@@ -27,7 +27,7 @@ from cnnlab import checkpoint, geometry, memory
 from cnnlab.architecture import Architecture
 from cnnlab.checkpoint import Checkpoints
 from cnnlab.config import CheckpointConfig, Config
-from cnnlab.data import INPUT_SHAPES, Dataset, load_dataset
+from cnnlab.data import Dataset, data_shape, load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
 from cnnlab.parallel import data_mesh, put, put_dataset, replicated
@@ -125,10 +125,10 @@ def _check_memory(cfg: Config, rows: list[geometry.Layer], data: Dataset) -> Non
     only the model's part is checked."""
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
-    if on_cpu and cfg.data.name in INPUT_SHAPES:
+    if on_cpu and data_shape(cfg.data) is not None:
         return
-    examples = 0 if on_cpu else len(data.train) + len(data.val) + len(data.test)
-    est = memory.estimate(cfg, rows, examples, jax.device_count())
+    held = 0 if on_cpu else memory.loaded_bytes(data)
+    est = memory.estimate(cfg, rows, held, jax.device_count())
     if on_cpu:
         memory.check(est, memory.host_available())
     else:
