@@ -9,13 +9,13 @@ series is z-normalized per channel where `data.normalize=series` (the archives' 
 String labels become class indices into the sorted class names.
 
 aeon is imported on first use: it takes about a second, which an image run need not pay.
-`peek(DataConfig)` learns a set's [L, C], classes and split sizes without it, from the text of
-its .ts files, so that geometry and memory are checked before anything is read (the pre-flight
-of a sweep checks every point so).
+`peek(DataConfig)` learns a set's [L, C], classes and split sizes before the series are
+normalized and sent to the device, so that geometry and memory are checked first (the
+pre-flight of a sweep checks every point so).
 Glossary: N series, L length (time steps), C channels.
 """
 
-import importlib.util
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,16 +45,22 @@ class Raw:
 
 def load_ucr(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
     """(train, test, class names) of `cfg.name`: aeon's archive, or data.path's .ts files."""
-    train, test = _read_folder(cfg) if cfg.path else _read_archive(cfg.name)
-    channels = {raw.where: {s.shape[0] for s in raw.series} for raw in (train, test)}
-    if len(set().union(*channels.values())) > 1:
-        found = "; ".join(f"{w}: {', '.join(map(str, sorted(c)))}" for w, c in channels.items())
-        raise DataError(f"the series of train and test must have one number of channels: {found}")
+    train, test = _read_folder(cfg.name, cfg.path) if cfg.path else _read_archive(cfg.name)
+    _channels(train, test)
     class_names = _class_names(train.labels, test.labels)
     lengths = [s.shape[1] for raw in (train, test) for s in raw.series]
     padded = min(lengths) != max(lengths)
     splits = (_split(raw, max(lengths), padded, class_names, cfg) for raw in (train, test))
     return *splits, class_names
+
+
+def _channels(train: Raw, test: Raw) -> int:
+    """The channels of every series of both splits: one number, else a DataError naming each."""
+    channels = {raw.where: {s.shape[0] for s in raw.series} for raw in (train, test)}
+    if len(set().union(*channels.values())) > 1:
+        found = "; ".join(f"{w}: {', '.join(map(str, sorted(c)))}" for w, c in channels.items())
+        raise DataError(f"the series of train and test must have one number of channels: {found}")
+    return next(iter(channels[train.where]))
 
 
 def _read_archive(name: str) -> tuple[Raw, Raw]:
@@ -84,18 +90,18 @@ def _read_archive(name: str) -> tuple[Raw, Raw]:
     return raws[0], raws[1]
 
 
-def _read_folder(cfg: DataConfig) -> tuple[Raw, Raw]:
-    folder = Path(cfg.path).expanduser()
-    files = [folder / f"{cfg.name}_{split}.ts" for split in SPLITS]
+def _read_folder(name: str, path: str) -> tuple[Raw, Raw]:
+    folder = Path(path).expanduser()
+    files = [folder / f"{name}_{split}.ts" for split in SPLITS]
     if not folder.is_dir():
         raise DataError(
-            f"data.path={cfg.path} is not a folder: point it to one with {files[0].name} and "
+            f"data.path={path} is not a folder: point it to one with {files[0].name} and "
             f"{files[1].name}"
         )
-    for path in files:
-        if not path.is_file():
-            raise DataError(f"{path} does not exist: data.path must hold {cfg.name}_TRAIN.ts "
-                            f"and {cfg.name}_TEST.ts (data.name={cfg.name})")  # fmt: skip
+    for file in files:
+        if not file.is_file():
+            raise DataError(f"{file} does not exist: data.path must hold {name}_TRAIN.ts "
+                            f"and {name}_TEST.ts (data.name={name})")  # fmt: skip
     return _read_ts(files[0]), _read_ts(files[1])
 
 
@@ -112,80 +118,24 @@ def _read_ts(path: Path) -> Raw:
     return Raw(list(x), np.asarray(y), str(path))
 
 
-@dataclass(frozen=True)
-class _Scan:
-    """What the text of one .ts file says of its series, without parsing their values."""
-
-    count: int  # N series
-    channels: frozenset[int]  # C of each series (one value in a well-formed file)
-    lengths: tuple[int, int]  # the shortest and longest series' L
-    labels: frozenset[str]
-
-
 def peek(cfg: DataConfig) -> DataShape | None:
     """`cfg.name`'s series shape [L, C] (L the longest, as `load_ucr` pads to it), classes and
-    split sizes from its .ts files' text: data.path's, aeon's bundled copy or its download cache.
-    None where there are no files yet (a set aeon has still to download) or their text is not
-    what the archive writes; loading then reads or refuses them."""
-    for folder in _folders(cfg):
-        files = [folder / f"{cfg.name}_{split}.ts" for split in SPLITS]
-        if not all(path.is_file() for path in files):
-            continue
-        try:
-            train, test = (_scan(path) for path in files)
-        except (OSError, UnicodeDecodeError, ValueError):
-            return None
-        channels = train.channels | test.channels
-        if len(channels) != 1 or not train.count:
-            return None
-        shortest = min(train.lengths[0], test.lengths[0])
-        longest = max(train.lengths[1], test.lengths[1])
-        return DataShape(
-            (longest, *channels), len(train.labels | test.labels), train.count, test.count,
-            dtype="float32", padded=shortest != longest,
-        )  # fmt: skip
-    return None
+    split sizes, read by aeon as `load_ucr` reads them: data.path's files or aeon's bundled copy.
+    None for a set aeon has still to download, which only loading may do."""
+    if not cfg.path and cfg.name.removesuffix("_nmv").removesuffix("_eq") not in BUNDLED:
+        return None
+    return _shape(cfg.name, cfg.path)
 
 
-def _folders(cfg: DataConfig) -> list[Path]:
-    """Where `cfg.name`'s .ts files are: data.path, else aeon's bundled data and its download
-    cache (found without importing aeon, which takes a second)."""
-    if cfg.path:
-        return [Path(cfg.path).expanduser()]
-    spec = importlib.util.find_spec("aeon")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    datasets = Path(spec.submodule_search_locations[0]) / "datasets"
-    return [datasets / "data" / cfg.name, datasets / "local_data" / cfg.name]
-
-
-def _scan(path: Path) -> _Scan:
-    """Count a .ts file's series, channels, lengths and labels. ValueError where the text before
-    `@data` is not a header of `@` lines with `@classLabel true` and no time stamps (which this
-    count does not read): not a file of the archive's format, which the loader then names."""
-    count, channels, shortest, longest, labels, in_data = 0, set(), 0, 0, set(), False
-    labelled = False
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            lower = line.lower()
-            if not in_data:
-                if not lower.startswith("@") or lower.startswith("@timestamps true"):
-                    raise ValueError(f"{path}: {line}")
-                labelled = labelled or lower.startswith("@classlabel true")
-                in_data = lower.startswith("@data")
-                if in_data and not labelled:
-                    raise ValueError(f"{path}: no @classLabel true before @data")
-                continue
-            *dims, label = line.split(":")  # channel 1 : channel 2 : ... : class label
-            length = dims[0].count(",") + 1 if dims else 0
-            count, shortest = count + 1, min(shortest or length, length)
-            longest = max(longest, length)
-            channels.add(len(dims))
-            labels.add(label.strip())
-    return _Scan(count, frozenset(channels), (shortest, longest), frozenset(labels))
+@functools.cache  # the pre-flight asks once per sweep point, and aeon reads in milliseconds
+def _shape(name: str, path: str | None) -> DataShape:
+    train, test = _read_folder(name, path) if path else _read_archive(name)
+    lengths = [s.shape[1] for raw in (train, test) for s in raw.series]
+    classes = {str(v) for raw in (train, test) for v in raw.labels}
+    return DataShape(
+        (max(lengths), _channels(train, test)), len(classes), len(train.series), len(test.series),
+        dtype="float32", padded=min(lengths) != max(lengths),
+    )  # fmt: skip
 
 
 def _first_line(error: Exception) -> str:
