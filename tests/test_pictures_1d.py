@@ -334,3 +334,21 @@ def test_padded_series_are_pictured_masked_and_without_their_padding(tmp_path):
     wrong = series.wrong_figure([pics.example(k) for k in range(len(pics.probs))], pics.labels,
                                 pics.probs, pics.class_names, 4)  # fmt: skip
     assert all(len(ax.lines[0].get_xdata()) < 29 for ax in _panels(wrong))
+
+
+def test_a_net_that_opens_with_a_residual_block_draws_its_first_kernel(tmp_path):
+    """ResNet-1D's first conv lives in its first block: the filters are res1/conv1's."""
+    cfg = ModelConfig(
+        name="res_small",
+        layers=[{"residual": [{"conv": 4, "kernel": 5}, {"norm": "batch"}, "relu",
+                              {"conv": 4, "kernel": 3}, {"norm": "batch"}]},
+                "relu", "global_pool"],
+    )  # fmt: skip
+    data = gunpoint()
+    model, model_vars = _untrained(cfg, data.image_shape)
+    trained = TrainedModel(cfg, model, model_vars)
+    probs = predict_probs(model, model_vars, data.test.images, data.mean, data.std)
+    pics = pictures.run_pictures(trained, data, probs, records=[])
+    assert pics.kernel_layer == "res1/conv1"
+    np.testing.assert_array_equal(pics.kernel, model_vars["params"]["res1"]["conv1"]["kernel"])
+    assert set(pictures.draw_run(pics, tmp_path)) == ALL_PICTURES

@@ -26,7 +26,9 @@ Glossary: `N` images, `H, W` spatial, `L` length, `C` channels, `K` classes, `F`
 """
 
 import dataclasses
+import functools
 import math
+import operator
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,8 +479,11 @@ def run_pictures(
         title = model.config.name + ("" if maps else " (no conv-like submodule: no feature maps)")
     else:
         arch = model.layers()
-        first = arch.convs[0].name
-        kernel = np.asarray(model.variables["params"][first]["kernel"])
+        path = _first_conv(arch.layers)
+        first = "/".join(path)
+        kernel = np.asarray(
+            functools.reduce(operator.getitem, path, model.variables["params"])["kernel"]
+        )
         length = None if test.lengths is None else int(test.lengths[image_index])
         maps, title = feature_maps(model, image, data.mean, data.std, length), _title(arch)
     cam, skipped = _class_activations(model, data, probs)
@@ -500,6 +505,16 @@ def run_pictures(
         skipped=skipped,
         lengths=test.lengths,
     )
+
+
+def _first_conv(layers: tuple) -> tuple[str, ...]:
+    """The parameter path of the first conv, inside a residual block too: ("res1", "conv1")."""
+    for layer in layers:
+        if isinstance(layer, Conv):
+            return (layer.name,)
+        if isinstance(layer, Residual) and (inner := _first_conv(layer.layers)):
+            return (layer.name, *inner)
+    return ()
 
 
 def _class_activations(
