@@ -352,3 +352,10 @@ def test_a_net_that_opens_with_a_residual_block_draws_its_first_kernel(tmp_path)
     assert pics.kernel_layer == "res1/conv1"
     np.testing.assert_array_equal(pics.kernel, model_vars["params"]["res1"]["conv1"]["kernel"])
     assert set(pictures.draw_run(pics, tmp_path)) == ALL_PICTURES
+
+
+def test_a_wide_first_layer_shows_its_first_filters_only():
+    wide = np.random.default_rng(1).normal(size=(8, 12, 128))  # FCN on JapaneseVowels: [k, C, F]
+    fig = series.filters_figure(wide)
+    assert len(_panels(fig)) == series.SHOWN_FILTERS
+    assert f"the first {series.SHOWN_FILTERS} of 128 learned filters" in fig.texts[0].get_text()

@@ -51,11 +51,15 @@ def _legend(fig: Figure, ax, channels: int, loc: str = "outside lower center") -
 # --- first-layer filters ----------------------------------------------------------------------
 
 
+SHOWN_FILTERS = 32  # more panels of C curves each make a PNG of megabytes and show no more
+
+
 def filters_figure(kernel: np.ndarray, layer: str = "conv1") -> Figure:
-    """`kernel` [k, C, F] as F small panels of C curves over the k taps, one weight scale for
-    all (the dotted line is 0)."""
+    """`kernel` [k, C, F] as small panels of C curves over the k taps, its first
+    `SHOWN_FILTERS` filters, one weight scale for all (the dotted line is 0)."""
     kernel = np.asarray(kernel, np.float32)
-    k, c, f = kernel.shape
+    k, c, total = kernel.shape
+    f = min(total, SHOWN_FILTERS)
     rows, cols = grid(f, 8)
     fig = Figure(figsize=(cols * 1.5 + 1.0, rows * 1.2 + 0.9), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).ravel()
@@ -73,7 +77,8 @@ def filters_figure(kernel: np.ndarray, layer: str = "conv1") -> Figure:
         ax.set_label(PANEL)
     _legend(fig, axes[0], c)
     fig.suptitle(
-        f"{layer}: {f} learned filters, kernel {k}x{c}x{f}: weight against tap (0..{k - 1}), "
+        f"{layer}: {'' if f == total else 'the first '}{f} of {total} learned filters, kernel "
+        f"{k}x{c}x{total}: weight against tap (0..{k - 1}), "
         f"{'a curve per input channel' if c > 1 else 'one input channel'}, one scale for all",
         fontsize=10,
     )
